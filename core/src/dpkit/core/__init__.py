@@ -1,0 +1,1 @@
+"""dpkit.core: the device-plugin engine."""

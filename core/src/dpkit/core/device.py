@@ -1,0 +1,172 @@
+"""What a vendor tells the core about a device, and what a container needs to use it.
+
+A vendor hands the core whole snapshots of these immutable values; the core diffs them, serves
+them to the kubelet and merges the container specs on Allocate.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from dpkit.core.validation import (
+    check_annotation_key,
+    check_cdi_name,
+    check_container_path,
+    check_device_id,
+    check_env_name,
+    check_host_path,
+    check_permissions,
+)
+
+
+class Health(enum.StrEnum):
+    """The two health strings the kubelet understands."""
+
+    HEALTHY = "Healthy"
+    UNHEALTHY = "Unhealthy"
+
+
+def _frozen(mapping: Mapping[str, str] | None) -> Mapping[str, str]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True)
+class DeviceNode:
+    """A device node the container gets; ``container_path`` defaults to ``host_path``."""
+
+    host_path: str
+    container_path: str = ""
+    permissions: str = "rw"
+
+    def __post_init__(self) -> None:
+        check_host_path(self.host_path)
+        if not self.container_path:
+            object.__setattr__(self, "container_path", self.host_path)
+        check_container_path(self.container_path)
+        check_permissions(self.permissions)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path bind-mounted into the container, read-only unless said otherwise."""
+
+    host_path: str
+    container_path: str = ""
+    read_only: bool = True
+
+    def __post_init__(self) -> None:
+        check_host_path(self.host_path)
+        if not self.container_path:
+            object.__setattr__(self, "container_path", self.host_path)
+        check_container_path(self.container_path)
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What a container needs to use some devices.
+
+    Every field is validated on construction, so nothing unchecked from sysfs, NVML or a
+    request can reach the kubelet.
+    """
+
+    devices: tuple[DeviceNode, ...] = ()
+    mounts: tuple[Mount, ...] = ()
+    env: Mapping[str, str] = field(default_factory=lambda: _frozen(None))
+    annotations: Mapping[str, str] = field(default_factory=lambda: _frozen(None))
+    cdi_devices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "devices", tuple(self.devices))
+        object.__setattr__(self, "mounts", tuple(self.mounts))
+        object.__setattr__(self, "cdi_devices", tuple(self.cdi_devices))
+        object.__setattr__(self, "env", _frozen(self.env))
+        object.__setattr__(self, "annotations", _frozen(self.annotations))
+        for name in self.env:
+            check_env_name(name)
+        for key in self.annotations:
+            check_annotation_key(key)
+        for cdi in self.cdi_devices:
+            check_cdi_name(cdi)
+
+    def merge(self, other: ContainerSpec) -> ContainerSpec:
+        """Union of two specs.
+
+        Device nodes and mounts are de-duplicated by container path (the first wins); env
+        values that differ for one name are joined with commas, the way device lists such as
+        ``NVIDIA_VISIBLE_DEVICES`` or ``PCI_RESOURCE_*`` are written.
+        """
+        return merge_specs((self, other))
+
+    def __hash__(self) -> int:
+        return hash((self.devices, self.mounts, tuple(sorted(self.env.items())), self.cdi_devices))
+
+
+def merge_specs(specs: Iterable[ContainerSpec]) -> ContainerSpec:
+    """Merge many specs in order; see :meth:`ContainerSpec.merge`."""
+    devices: dict[str, DeviceNode] = {}
+    mounts: dict[str, Mount] = {}
+    env: dict[str, list[str]] = {}
+    annotations: dict[str, str] = {}
+    cdi: dict[str, None] = {}
+    for spec in specs:
+        for node in spec.devices:
+            devices.setdefault(node.container_path, node)
+        for mount in spec.mounts:
+            mounts.setdefault(mount.container_path, mount)
+        for name, value in spec.env.items():
+            values = env.setdefault(name, [])
+            for part in value.split(",") if value else [value]:
+                if part not in values:
+                    values.append(part)
+        for key, value in spec.annotations.items():
+            annotations.setdefault(key, value)
+        for name in spec.cdi_devices:
+            cdi[name] = None
+    return ContainerSpec(
+        devices=tuple(devices.values()),
+        mounts=tuple(mounts.values()),
+        env={name: ",".join(values) for name, values in env.items()},
+        annotations=annotations,
+        cdi_devices=tuple(cdi),
+    )
+
+
+@dataclass(frozen=True)
+class Device:
+    """One schedulable unit of a resource.
+
+    ``id`` is what the kubelet sees and must stay stable across restarts. ``reason`` says why
+    an unhealthy device is unhealthy; ``attributes`` are facts shown by ``status``/``discover``
+    and used for node labels (model, memory, PCI address...).
+    """
+
+    id: str
+    health: Health = Health.HEALTHY
+    numa_nodes: tuple[int, ...] = ()
+    spec: ContainerSpec = field(default_factory=ContainerSpec)
+    reason: str = ""
+    attributes: Mapping[str, str] = field(default_factory=lambda: _frozen(None))
+
+    def __post_init__(self) -> None:
+        check_device_id(self.id)
+        object.__setattr__(self, "health", Health(self.health))
+        object.__setattr__(self, "numa_nodes", tuple(sorted({int(n) for n in self.numa_nodes})))
+        object.__setattr__(self, "attributes", _frozen({str(k): str(v) for k, v in self.attributes.items()}))
+
+    @property
+    def healthy(self) -> bool:
+        return self.health is Health.HEALTHY
+
+    def with_health(self, health: Health, reason: str = "") -> Device:
+        """A copy with another health (and the reason for it)."""
+        return Device(self.id, health, self.numa_nodes, self.spec, reason, self.attributes)
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.health, self.numa_nodes, self.spec, self.reason))
+
+
+# A vendor's whole view of the node: resource name -> its devices.
+Snapshot = Mapping[str, tuple[Device, ...]]

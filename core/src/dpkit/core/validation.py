@@ -1,0 +1,116 @@
+"""Checks applied to every value before it reaches the kubelet or a container spec.
+
+Nothing read from sysfs, NVML, a config file or a request is trusted: IDs, paths, env names
+and resource names are checked here, and a failure raises :class:`ValidationError` naming the
+bad value.
+"""
+
+from __future__ import annotations
+
+import re
+
+from dpkit.core.errors import ValidationError
+
+MAX_DEVICE_ID = 63
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
+_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_CDI_KIND = re.compile(r"^[a-z0-9][-a-z0-9.]*[a-z0-9]?/[A-Za-z0-9][-A-Za-z0-9_.]*$")
+_CDI_DEVICE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.:]*$")
+_PERMISSIONS = re.compile(r"^(?!.*(.).*\1)[rwm]{1,3}$")
+
+
+def check_device_id(device_id: str) -> str:
+    """Device IDs are what the kubelet checkpoints: short, printable, no path separators."""
+    if not isinstance(device_id, str) or not device_id:
+        raise ValidationError(f"device ID must be a non-empty string, got {device_id!r}")
+    if len(device_id) > MAX_DEVICE_ID:
+        raise ValidationError(f"device ID {device_id!r} is longer than {MAX_DEVICE_ID} characters")
+    if not _DEVICE_ID.match(device_id):
+        raise ValidationError(
+            f"device ID {device_id!r} may hold only letters, digits, '.', '_', ':' and '-'"
+        )
+    return device_id
+
+
+def check_resource_name(name: str) -> str:
+    """An extended resource name as the kubelet's registration accepts it.
+
+    ``domain/name`` with a DNS-subdomain domain outside ``kubernetes.io`` and a qualified name
+    of at most 63 characters (the kubelet's ``IsExtendedResourceName``).
+    """
+    if not isinstance(name, str) or "/" not in name:
+        raise ValidationError(
+            f"resource name {name!r} must be domain-prefixed, like 'example.com/widget'"
+        )
+    domain, _, short = name.partition("/")
+    if "/" in short:
+        raise ValidationError(f"resource name {name!r} has more than one '/'")
+    if len(domain) > 253 or not _DNS_SUBDOMAIN.match(domain):
+        raise ValidationError(f"resource name {name!r}: {domain!r} is not a DNS subdomain")
+    if domain == "kubernetes.io" or domain.endswith(".kubernetes.io"):
+        raise ValidationError(
+            f"resource name {name!r}: the kubernetes.io domain is reserved for native resources"
+        )
+    if domain.startswith("requests."):
+        raise ValidationError(f"resource name {name!r}: the 'requests.' prefix is reserved for quota")
+    if not short or len(short) > 63 or not _QUALIFIED_NAME.match(short):
+        raise ValidationError(
+            f"resource name {name!r}: {short!r} must be 1-63 alphanumerics, '-', '_' or '.'"
+        )
+    return name
+
+
+def check_env_name(name: str) -> str:
+    if not isinstance(name, str) or not _ENV_NAME.match(name):
+        raise ValidationError(f"environment variable name {name!r} is not a valid identifier")
+    return name
+
+
+def _check_path(path: str, what: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValidationError(f"{what} {path!r} must be an absolute path")
+    if "\x00" in path or "\n" in path:
+        raise ValidationError(f"{what} {path!r} contains a control character")
+    if any(part == ".." for part in path.split("/")):
+        raise ValidationError(f"{what} {path!r} must not contain '..'")
+    return path
+
+
+def check_host_path(path: str) -> str:
+    return _check_path(path, "host path")
+
+
+def check_container_path(path: str) -> str:
+    return _check_path(path, "container path")
+
+
+def check_permissions(permissions: str) -> str:
+    """cgroup device permissions: some of r, w, m, each once."""
+    if not isinstance(permissions, str) or not _PERMISSIONS.match(permissions):
+        raise ValidationError(f"device permissions {permissions!r} must be a combination of 'r', 'w', 'm'")
+    return permissions
+
+
+def check_annotation_key(key: str) -> str:
+    prefix, _, name = key.rpartition("/")
+    if prefix and not _DNS_SUBDOMAIN.match(prefix):
+        raise ValidationError(f"annotation key {key!r}: prefix {prefix!r} is not a DNS subdomain")
+    if not name or len(name) > 63 or not _QUALIFIED_NAME.match(name):
+        raise ValidationError(f"annotation key {key!r} is not a qualified name")
+    return key
+
+
+def check_cdi_name(name: str) -> str:
+    """A fully qualified CDI device name: ``vendor.com/class=device``."""
+    kind, eq, device = name.partition("=")
+    if not eq or not _CDI_KIND.match(kind) or not _CDI_DEVICE.match(device):
+        raise ValidationError(f"CDI device name {name!r} must look like 'vendor.com/class=device'")
+    return name
+
+
+def socket_name_for(resource: str) -> str:
+    """The plugin socket file name for a resource: unique and safe as a path component."""
+    return "dpkit-" + re.sub(r"[^A-Za-z0-9.-]", "_", resource) + ".sock"

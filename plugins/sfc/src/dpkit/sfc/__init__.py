@@ -1,0 +1,1 @@
+"""dpkit vendor package: sfc."""
