@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 from dpkit.core.validation import (
     check_annotation_key,
@@ -29,8 +28,26 @@ class Health(enum.StrEnum):
     UNHEALTHY = "Unhealthy"
 
 
+class FrozenMap(dict[str, str]):
+    """A read-only, hashable, picklable str -> str mapping (specs travel over the event bus)."""
+
+    def _readonly(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("FrozenMap is read-only")
+
+    __setitem__ = __delitem__ = _readonly  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def __reduce__(self) -> tuple[type[FrozenMap], tuple[dict[str, str]]]:
+        return (FrozenMap, (dict(self),))
+
+
 def _frozen(mapping: Mapping[str, str] | None) -> Mapping[str, str]:
-    return MappingProxyType(dict(mapping or {}))
+    if isinstance(mapping, FrozenMap):
+        return mapping
+    return FrozenMap(mapping or {})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,71 @@
+"""Client side of the read-only control socket, and the ``dpkit status`` table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from dpkit.core.errors import DpkitError
+
+
+def query(state_dir: str | Path, command: str = "status", timeout: float = 3.0) -> dict[str, Any]:
+    """Ask a running manager; raises DpkitError when nothing answers in ``timeout`` seconds."""
+    path = Path(state_dir) / "control.sock"
+    if not path.exists():
+        raise DpkitError(f"no control socket at {path}: is `dpkit run` running with this state_dir?")
+    context: zmq.Context[Any] = zmq.Context()
+    sock = context.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
+    sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+    try:
+        sock.connect(f"ipc://{path}")
+        sock.send(json.dumps({"cmd": command}).encode())
+        reply: dict[str, Any] = json.loads(sock.recv())
+    except zmq.Again:
+        raise DpkitError(f"the manager at {path} did not answer within {timeout:g}s") from None
+    finally:
+        sock.close(0)
+        context.term()
+    if not reply.get("ok"):
+        raise DpkitError(str(reply.get("error", "control request failed")))
+    return reply
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A table for people; ``--json`` gives the same data to machines."""
+    lines = [
+        f"vendor {status['vendor']}  pid {status['pid']}  up {status['uptime_s']}s  "
+        f"kubelet {'present' if status['kubelet']['present'] else 'ABSENT'} "
+        f"(restarts seen: {status['kubelet']['restarts_seen']})",
+    ]
+    for res in status["resources"]:
+        reg = "registered" if res["registered"] else "NOT registered"
+        lines.append("")
+        lines.append(f"{res['name']}: {res['allocatable']}/{res['capacity']} allocatable, {reg} "
+                     f"({res['registrations']}x), streams {res['streams']}, allocations {res['allocations']}")
+        if res["last_error"]:
+            lines.append(f"  last error: {res['last_error']}")
+        holders = res.get("holders", {})
+        width = max([len(d["id"]) for d in res["devices"]] + [6])
+        lines.append(f"  {'DEVICE':<{width}}  {'HEALTH':<9}  {'NUMA':<5}  {'HELD BY':<24}  REASON")
+        for dev in res["devices"]:
+            numa = ",".join(str(n) for n in dev["numa"]) or "-"
+            lines.append(f"  {dev['id']:<{width}}  {dev['health']:<9}  {numa:<5}  "
+                         f"{holders.get(dev['id'], '-'):<24}  {dev['reason']}".rstrip())
+    if status.get("probes"):
+        lines.append("")
+        for probe in status["probes"]:
+            state = "SILENT" if probe["silent"] else ("alive" if probe["alive"] else "starting")
+            lines.append(f"probe {probe['name']}: {state}, pid {probe['pid']}, heartbeats {probe['heartbeats']}, "
+                         f"restarts {probe['restarts']}")
+    if status.get("errors"):
+        lines.append("")
+        lines.append("recent warnings and errors:")
+        for err in status["errors"][-10:]:
+            lines.append(f"  [{err['level']}] {err['msg']}" + "".join(
+                f" {k}={v}" for k, v in err.items() if k not in ("ts", "level", "msg")))
+    return "\n".join(lines)

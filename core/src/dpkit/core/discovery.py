@@ -1,0 +1,45 @@
+"""``dpkit discover``: what a vendor would advertise, and why anything is not advertised."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpkit.core.events import validate_snapshot
+from dpkit.core.validation import check_resource_name
+from dpkit.core.vendor import Vendor
+
+
+def explain(vendor: Vendor) -> dict[str, Any]:
+    """Run discovery once, without a kubelet, and collect the vendor's own explanations."""
+    errors: list[str] = []
+    try:
+        raw = vendor.discover()
+    except Exception as exc:  # a discovery failure is exactly what this command must show
+        raw, errors = {}, [f"discovery failed: {type(exc).__name__}: {exc}"]
+    snapshot, problems = validate_snapshot(raw, check_resource_name)
+    errors += problems
+    try:
+        findings = list(vendor.explain())
+    except Exception as exc:
+        findings, errors = [], [*errors, f"explain failed: {type(exc).__name__}: {exc}"]
+    resources = []
+    for name, devices in sorted(snapshot.items()):
+        resources.append({
+            "name": name,
+            "healthy": sum(1 for d in devices if d.healthy),
+            "devices": [
+                {"id": d.id, "health": str(d.health), "reason": d.reason,
+                 "numa": ",".join(str(n) for n in d.numa_nodes), "attributes": dict(d.attributes)}
+                for d in devices
+            ],
+        })
+    return {
+        "vendor": vendor.name,
+        "resources": resources,
+        "findings": [
+            {"subject": f.subject, "advertised": f.advertised, "reason": f.reason,
+             "resource": f.resource, "hint": f.hint}
+            for f in findings
+        ],
+        "errors": errors,
+    }

@@ -1,0 +1,66 @@
+"""Structured logging: human lines by default, one JSON object per line with ``--log-json``.
+
+Call sites pass context as ``extra={"fields": {...}}`` (or use :func:`kv`) so both formats
+carry the same facts: resource, device, reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+LOGGER_NAME = "dpkit"
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(f"{LOGGER_NAME}.{name}")
+
+
+def kv(**fields: Any) -> dict[str, Mapping[str, Any]]:
+    """``log.info("msg", extra=kv(resource=r))``: structured fields for either format."""
+    return {"fields": fields}
+
+
+def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
+    value = getattr(record, "fields", None)
+    return value if isinstance(value, Mapping) else {}
+
+
+class HumanFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        if extra:
+            line += f" [{extra}]"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in _fields(record).items() if k not in entry})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(fmt: str = "human", level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure the ``dpkit`` logger tree once, for the CLI."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
+    root = logging.getLogger(LOGGER_NAME)
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

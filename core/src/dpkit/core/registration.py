@@ -1,0 +1,233 @@
+"""Keeping resources registered with the kubelet, across kubelet absences and restarts.
+
+The kubelet announces itself by (re)creating ``kubelet.sock`` in the plugin directory; a kubelet
+restart also wipes the directory, deleting our sockets. An inotify watch on the directory turns
+both into an immediate reconcile, so no busy polling is needed: each reconcile restarts any
+server whose socket vanished and registers every resource not registered with the current
+kubelet socket. While the kubelet is absent, retries back off up to ``backoff_max`` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from inotify_simple import INotify
+from inotify_simple import flags as inflags
+
+from dpkit.core.api.v1beta1 import api_pb2, api_pb2_grpc
+from dpkit.core.logs import get_logger, kv
+from dpkit.core.server import ResourceServer
+
+log = get_logger("registration")
+
+VERSION = "v1beta1"
+_WATCH = (
+    inflags.CREATE
+    | inflags.DELETE
+    | inflags.MOVED_TO
+    | inflags.MOVED_FROM
+    | inflags.DELETE_SELF
+    | inflags.MOVE_SELF
+    | inflags.ATTRIB
+)
+SAFETY_INTERVAL = 5.0  # a cheap reconcile even without events, in case inotify is not delivered
+
+
+def register(kubelet_socket: Path, server: ResourceServer, timeout: float = 5.0) -> None:
+    """One Register call; raises grpc.RpcError or OSError on failure."""
+    if not kubelet_socket.exists():
+        raise FileNotFoundError(f"kubelet socket {kubelet_socket} does not exist")
+    with grpc.insecure_channel(f"unix://{kubelet_socket}") as channel:
+        stub = api_pb2_grpc.RegistrationStub(channel)
+        stub.Register(
+            api_pb2.RegisterRequest(
+                version=VERSION,
+                endpoint=server.socket_path.name,
+                resource_name=server.resource,
+                options=server.options,
+            ),
+            timeout=timeout,
+        )
+
+
+def _socket_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_ctime_ns)
+
+
+@dataclass
+class RegistrationState:
+    registered_with: tuple[int, int] | None = None  # identity of kubelet.sock we registered with
+    registrations: int = 0
+    last_error: str = ""
+    last_registered: float = 0.0
+
+
+class KubeletLink:
+    """Owns the registration of a set of resource servers with one kubelet plugin directory."""
+
+    def __init__(
+        self,
+        plugin_dir: str | Path,
+        kubelet_socket: str | Path,
+        *,
+        backoff_max: float = 5.0,
+        on_event: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.plugin_dir = Path(plugin_dir)
+        self.kubelet_socket = self.plugin_dir / kubelet_socket
+        self.backoff_max = backoff_max
+        self.on_event = on_event  # (kind, resource) for metrics: "registered", "kubelet_restart", ...
+        self.servers: dict[str, ResourceServer] = {}
+        self.state: dict[str, RegistrationState] = {}
+        self.kubelet_restarts = 0
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._kick_r, self._kick_w = os.pipe()
+        self._thread: threading.Thread | None = None
+        self._backoff = 0.1
+        self._next_retry: float | None = None
+        self._last_kubelet: tuple[int, int] | None = None
+
+    # -- membership ----------------------------------------------------------------------
+    def add(self, server: ResourceServer) -> None:
+        with self._lock:
+            self.servers[server.resource] = server
+            self.state.setdefault(server.resource, RegistrationState())
+        self.kick()
+
+    def remove(self, resource: str) -> ResourceServer | None:
+        with self._lock:
+            self.state.pop(resource, None)
+            return self.servers.pop(resource, None)
+
+    def kick(self) -> None:
+        """Ask the watch thread to reconcile now."""
+        try:
+            os.write(self._kick_w, b"x")
+        except OSError:
+            pass
+
+    # -- thread --------------------------------------------------------------------------
+    def start(self) -> None:
+        self.plugin_dir.mkdir(parents=True, exist_ok=True)
+        self._last_kubelet = _socket_identity(self.kubelet_socket)
+        self._thread = threading.Thread(target=self._run, name="kubelet-link", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.kick()
+        if self._thread is not None:
+            self._thread.join(5)
+        for fd in (self._kick_r, self._kick_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _watch(self, inotify: INotify) -> int | None:
+        try:
+            self.plugin_dir.mkdir(parents=True, exist_ok=True)
+            return int(inotify.add_watch(str(self.plugin_dir), _WATCH))
+        except OSError as exc:
+            log.warning("cannot watch plugin directory", extra=kv(dir=str(self.plugin_dir), error=str(exc)))
+            return None
+
+    def _run(self) -> None:
+        import select
+
+        with INotify() as inotify:
+            wd = self._watch(inotify)
+            while not self._stop.is_set():
+                try:
+                    self.reconcile()
+                except Exception:  # never let the watch thread die
+                    log.exception("reconcile failed")
+                timeout = SAFETY_INTERVAL
+                if self._next_retry is not None:
+                    timeout = max(0.0, min(timeout, self._next_retry - time.monotonic()))
+                readable, _, _ = select.select([inotify.fileno(), self._kick_r], [], [], timeout)
+                if self._kick_r in readable:
+                    os.read(self._kick_r, 4096)
+                if inotify.fileno() in readable:
+                    events = inotify.read(timeout=0)
+                    if any(e.mask & (inflags.DELETE_SELF | inflags.MOVE_SELF | inflags.IGNORED) for e in events):
+                        log.warning("plugin directory removed; recreating it and watching again")
+                        wd = None
+                if wd is None:
+                    wd = self._watch(inotify)
+
+    # -- the reconcile step --------------------------------------------------------------
+    def reconcile(self) -> None:
+        """Restart servers whose socket vanished; register everything not registered with this kubelet."""
+        kubelet = _socket_identity(self.kubelet_socket)
+        if kubelet is not None and self._last_kubelet is not None and kubelet != self._last_kubelet:
+            self.kubelet_restarts += 1
+            log.info("kubelet restart detected (kubelet.sock recreated); re-registering")
+            if self.on_event:
+                self.on_event("kubelet_restart", "")
+        if kubelet is not None:
+            self._last_kubelet = kubelet
+        with self._lock:
+            items = list(self.servers.items())
+        failed = False
+        for resource, server in items:
+            state = self.state.setdefault(resource, RegistrationState())
+            if not server.socket_present():
+                log.info("plugin socket missing; restarting server", extra=kv(resource=resource))
+                try:
+                    server.restart()
+                except Exception as exc:
+                    state.last_error = f"restart failed: {exc}"
+                    log.error("server restart failed", extra=kv(resource=resource, error=str(exc)))
+                    failed = True
+                    continue
+                state.registered_with = None
+            if kubelet is None:
+                state.registered_with = None
+                missing = f"kubelet socket {self.kubelet_socket} not present; waiting for the kubelet"
+                if state.last_error != missing:  # log once per absence, not once per retry
+                    log.warning(missing, extra=kv(resource=resource))
+                state.last_error = missing
+                failed = True
+                continue
+            if state.registered_with == kubelet:
+                continue
+            try:
+                register(self.kubelet_socket, server)
+            except (grpc.RpcError, OSError) as exc:
+                detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)  # type: ignore[attr-defined]
+                state.last_error = f"kubelet registration failed: {detail}"
+                log.warning(
+                    "registration failed; will retry",
+                    extra=kv(resource=resource, error=detail, retry_in=round(self._backoff, 2)),
+                )
+                failed = True
+                continue
+            state.registered_with = kubelet
+            state.registrations += 1
+            state.last_error = ""
+            state.last_registered = time.time()
+            log.info("registered with the kubelet", extra=kv(resource=resource, endpoint=server.socket_path.name))
+            if self.on_event:
+                self.on_event("registered", resource)
+        if failed:
+            self._next_retry = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, self.backoff_max)
+        else:
+            self._next_retry = None
+            self._backoff = 0.1
+
+    def registered(self, resource: str) -> bool:
+        state = self.state.get(resource)
+        return bool(state and state.registered_with is not None)

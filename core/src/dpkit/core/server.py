@@ -1,0 +1,338 @@
+"""One resource's DevicePlugin gRPC server on a unix socket in the kubelet's plugin directory.
+
+The server holds the resource's current device list. ListAndWatch sends the whole list at once,
+then the newest list after every change; each stream waits on its own, so a slow or vanished
+kubelet connection never delays another. Allocate checks every ID before asking the vendor for
+the container spec.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+
+from dpkit.core.allocation import is_valid_choice, pack_numa
+from dpkit.core.api.v1beta1 import api_pb2, api_pb2_grpc
+from dpkit.core.device import ContainerSpec, Device
+from dpkit.core.errors import ValidationError
+from dpkit.core.logs import get_logger, kv
+from dpkit.core.validation import socket_name_for
+from dpkit.core.vendor import Vendor
+
+log = get_logger("server")
+
+
+class RpcObserver(Protocol):
+    """Receives one call per RPC served (the metrics module implements it)."""
+
+    def rpc(self, resource: str, method: str, seconds: float, ok: bool) -> None: ...
+
+
+@dataclass
+class ServerStats:
+    allocations: int = 0
+    allocate_errors: int = 0
+    list_and_watch_sends: int = 0
+    open_streams: int = 0
+    last_error: str = ""
+    allocated_ids: dict[str, float] = field(default_factory=dict)  # id -> time of last Allocate
+
+
+def spec_to_response(spec: ContainerSpec, cdi_only: bool = False) -> api_pb2.ContainerAllocateResponse:
+    """The kubelet's view of a container spec (CDI names only when ``cdi_only``)."""
+    response = api_pb2.ContainerAllocateResponse()
+    response.cdi_devices.extend(api_pb2.CDIDevice(name=n) for n in spec.cdi_devices)
+    response.annotations.update(spec.annotations)
+    if cdi_only:
+        return response
+    response.envs.update(spec.env)
+    response.mounts.extend(
+        api_pb2.Mount(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
+        for m in spec.mounts
+    )
+    response.devices.extend(
+        api_pb2.DeviceSpec(container_path=d.container_path, host_path=d.host_path, permissions=d.permissions)
+        for d in spec.devices
+    )
+    return response
+
+
+def device_to_proto(device: Device) -> api_pb2.Device:
+    proto = api_pb2.Device(ID=device.id, health=str(device.health))
+    if device.numa_nodes:
+        proto.topology.nodes.extend(api_pb2.NUMANode(ID=n) for n in device.numa_nodes)
+    return proto
+
+
+class ResourceServer(api_pb2_grpc.DevicePluginServicer):
+    """Serves one extended resource; the manager feeds it device lists through :meth:`update`."""
+
+    def __init__(
+        self,
+        resource: str,
+        vendor: Vendor,
+        plugin_dir: str | Path,
+        *,
+        observer: RpcObserver | None = None,
+        cdi_spec: Callable[[str, Sequence[Device]], ContainerSpec] | None = None,
+        cdi_allocate: bool = False,
+    ) -> None:
+        self.resource = resource
+        self.vendor = vendor
+        self.plugin_dir = Path(plugin_dir)
+        self.socket_path = self.plugin_dir / socket_name_for(resource)
+        self.observer = observer
+        self.cdi_spec = cdi_spec
+        self.cdi_allocate = cdi_allocate
+        self.stats = ServerStats()
+        self._devices: dict[str, Device] = {}
+        self._version = 0
+        self._changed = threading.Condition()
+        self._server: grpc.Server | None = None
+        self._stopping = False
+        self._generation = 0  # bumped on every (re)start so old streams end
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        with self._changed:
+            return tuple(self._devices.values())
+
+    def update(self, devices: Sequence[Device]) -> bool:
+        """Replace the device list; streams are woken only when something the kubelet sees changed."""
+        new = {d.id: d for d in devices}
+        with self._changed:
+            before = [(d.id, d.health, d.numa_nodes) for d in self._devices.values()]
+            after = [(d.id, d.health, d.numa_nodes) for d in new.values()]
+            self._devices = new
+            if before == after:
+                return False
+            self._version += 1
+            self._changed.notify_all()
+            return True
+
+    @property
+    def options(self) -> api_pb2.DevicePluginOptions:
+        return api_pb2.DevicePluginOptions(
+            pre_start_required=self.vendor.overrides("pre_start"),
+            get_preferred_allocation_available=True,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind the socket (mode 0600, created privately then moved into place) and serve."""
+        self.plugin_dir.mkdir(parents=True, exist_ok=True)
+        with self._changed:
+            self._stopping = False
+            self._generation += 1
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"grpc-{self.resource}"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        api_pb2_grpc.add_DevicePluginServicer_to_server(self, server)
+        # Bind in a private 0700 directory, tighten the mode, then rename into the plugin dir,
+        # so the socket is never reachable with looser permissions.
+        private = Path(tempfile.mkdtemp(prefix=".dpkit-bind-", dir=self.plugin_dir))
+        try:
+            staged = private / "s.sock"
+            if server.add_insecure_port(f"unix://{staged}") == 0:
+                raise OSError(f"cannot bind a unix socket in {self.plugin_dir}")
+            server.start()
+            os.chmod(staged, 0o600)
+            os.replace(staged, self.socket_path)
+        except BaseException:
+            server.stop(0)
+            raise
+        finally:
+            try:
+                private.rmdir()
+            except OSError:
+                pass
+        self._server = server
+        log.info("serving", extra=kv(resource=self.resource, socket=str(self.socket_path)))
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        if self._server is not None:
+            self._server.stop(grace=0.5).wait(2)
+            self._server = None
+        try:
+            self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def restart(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=0).wait(2)
+            self._server = None
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def socket_present(self) -> bool:
+        return self.socket_path.exists()
+
+    # -- RPCs ----------------------------------------------------------------------------
+    def _observe(self, method: str, started: float, ok: bool) -> None:
+        if self.observer is not None:
+            self.observer.rpc(self.resource, method, time.perf_counter() - started, ok)
+
+    def GetDevicePluginOptions(self, request: api_pb2.Empty, context: Any) -> api_pb2.DevicePluginOptions:
+        return self.options
+
+    def ListAndWatch(self, request: api_pb2.Empty, context: grpc.ServicerContext) -> Iterator[api_pb2.ListAndWatchResponse]:
+        with self._changed:
+            generation = self._generation
+            self.stats.open_streams += 1
+        context.add_callback(self._wake)
+        sent = -1
+        try:
+            while True:
+                with self._changed:
+                    while (
+                        self._version == sent
+                        and not self._stopping
+                        and self._generation == generation
+                        and context.is_active()
+                    ):
+                        self._changed.wait(timeout=5.0)
+                    if self._stopping or self._generation != generation or not context.is_active():
+                        return
+                    sent = self._version
+                    devices = list(self._devices.values())
+                started = time.perf_counter()
+                yield api_pb2.ListAndWatchResponse(devices=[device_to_proto(d) for d in devices])
+                self.stats.list_and_watch_sends += 1
+                self._observe("ListAndWatch", started, True)
+        finally:
+            with self._changed:
+                self.stats.open_streams -= 1
+
+    def _wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def _lookup(self, ids: Sequence[str], context: grpc.ServicerContext, *, need_healthy: bool) -> list[Device]:
+        with self._changed:
+            current = dict(self._devices)
+        unknown = [i for i in ids if i not in current]
+        if unknown:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{self.resource}: unknown device ID(s) {', '.join(unknown)}",
+            )
+        duplicates = sorted({i for i in ids if list(ids).count(i) > 1})
+        if duplicates:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{self.resource}: device ID(s) requested twice: {', '.join(duplicates)}",
+            )
+        devices = [current[i] for i in ids]
+        if need_healthy:
+            sick = [d for d in devices if not d.healthy]
+            if sick:
+                detail = "; ".join(f"{d.id} ({d.reason or 'unhealthy'})" for d in sick)
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.resource}: unhealthy device(s) {detail}")
+        return devices
+
+    def Allocate(self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext) -> api_pb2.AllocateResponse:
+        started = time.perf_counter()
+        ok = False
+        try:
+            response = api_pb2.AllocateResponse()
+            for container in request.container_requests:
+                devices = self._lookup(list(container.devices_ids), context, need_healthy=True)
+                try:
+                    spec = self.vendor.container_spec(self.resource, devices)
+                    if self.cdi_spec is not None:
+                        spec = spec.merge(self.cdi_spec(self.resource, devices))
+                except ValidationError as exc:
+                    self._fail(context, grpc.StatusCode.INTERNAL, f"{self.resource}: container spec rejected: {exc}")
+                except Exception as exc:
+                    log.exception("vendor container_spec failed", extra=kv(resource=self.resource))
+                    self._fail(context, grpc.StatusCode.INTERNAL, f"{self.resource}: vendor failed: {exc}")
+                response.container_responses.append(spec_to_response(spec, cdi_only=self.cdi_allocate))
+                now = time.time()
+                for d in devices:
+                    self.stats.allocated_ids[d.id] = now
+            self.stats.allocations += 1
+            ok = True
+            return response
+        finally:
+            if not ok:
+                self.stats.allocate_errors += 1
+            self._observe("Allocate", started, ok)
+
+    def _fail(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        self.stats.last_error = message
+        context.abort(code, message)
+
+    def GetPreferredAllocation(
+        self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext
+    ) -> api_pb2.PreferredAllocationResponse:
+        started = time.perf_counter()
+        ok = False
+        try:
+            response = api_pb2.PreferredAllocationResponse()
+            for container in request.container_requests:
+                available = self._lookup(list(container.available_deviceIDs), context, need_healthy=False)
+                must = self._lookup(list(container.must_include_deviceIDs), context, need_healthy=False)
+                size = container.allocation_size
+                if size < 0:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"allocation_size {size} is negative")
+                choice = self._vendor_choice(available, must, size)
+                response.container_responses.append(api_pb2.ContainerPreferredAllocationResponse(deviceIDs=choice))
+            ok = True
+            return response
+        finally:
+            self._observe("GetPreferredAllocation", started, ok)
+
+    def _vendor_choice(self, available: list[Device], must: list[Device], size: int) -> list[str]:
+        avail_ids = [d.id for d in available]
+        must_ids = [d.id for d in must]
+        if self.vendor.overrides("preferred_allocation"):
+            try:
+                answer = self.vendor.preferred_allocation(self.resource, available, must, size)
+            except Exception:
+                log.exception("vendor preferred_allocation failed; using NUMA packing", extra=kv(resource=self.resource))
+                answer = None
+            if answer is not None:
+                answer = list(answer)
+                if is_valid_choice(answer, avail_ids, must_ids, size):
+                    # must-include IDs first, as the kubelet expects them honoured
+                    return must_ids + [i for i in answer if i not in set(must_ids)]
+                log.warning(
+                    "vendor preferred allocation is not a valid choice; using NUMA packing",
+                    extra=kv(resource=self.resource, answer=answer, size=size),
+                )
+        return pack_numa(available, must, size)
+
+    def PreStartContainer(
+        self, request: api_pb2.PreStartContainerRequest, context: grpc.ServicerContext
+    ) -> api_pb2.PreStartContainerResponse:
+        started = time.perf_counter()
+        ok = False
+        try:
+            devices = self._lookup(list(request.devices_ids), context, need_healthy=False)
+            try:
+                self.vendor.pre_start(self.resource, devices)
+            except Exception as exc:
+                log.exception("vendor pre_start failed", extra=kv(resource=self.resource))
+                self._fail(context, grpc.StatusCode.INTERNAL, f"{self.resource}: pre-start failed: {exc}")
+            ok = True
+            return api_pb2.PreStartContainerResponse()
+        finally:
+            self._observe("PreStartContainer", started, ok)
