@@ -1,0 +1,300 @@
+"""The core against the kubelet emulator, over real gRPC on real unix sockets."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from scripted_vendor import RES, BadPreferenceVendor, PreStartVendor, ScriptedVendor, widget
+
+from dpkit.core.api.v1beta1 import api_pb2, api_pb2_grpc
+from dpkit.core.device import Device, Health
+from dpkit.core.kubelet import Kubelet
+
+
+def registered(kubelet: Kubelet, resource: str = RES, allocatable: int | None = None):  # type: ignore[no-untyped-def]
+    return lambda k: k.registered(resource) and k.updates(resource) > 0 and (
+        allocatable is None or k.allocatable(resource) == allocatable
+    )
+
+
+def test_registers_and_streams_devices_with_topology(kubelet, run_manager):
+    manager = run_manager(ScriptedVendor())
+    assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+    devices = kubelet.devices(RES)
+    assert sorted(devices) == ["w0", "w1", "w2", "w3"]
+    assert devices["w2"].numa == (1,)
+    assert all(d.health == "Healthy" for d in devices.values())
+    ep = kubelet.endpoints[RES]
+    assert ep.options.get_preferred_allocation_available
+    assert not ep.options.pre_start_required
+    assert manager.status()["resources"][0]["registered"] is True
+
+
+def test_plugin_socket_is_private(kubelet, run_manager, plugin_dir):
+    run_manager(ScriptedVendor())
+    assert kubelet.wait_for(registered(kubelet), 10)
+    sock = plugin_dir / "dpkit-example.com_widget.sock"
+    assert stat.S_ISSOCK(sock.stat().st_mode)
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert not list(plugin_dir.glob(".dpkit-bind-*")), "staging directories must not be left behind"
+
+
+def test_health_change_reaches_every_stream(kubelet, run_manager, plugin_dir):
+    vendor = ScriptedVendor()
+    run_manager(vendor)
+    assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+    channel = grpc.insecure_channel(f"unix://{plugin_dir / 'dpkit-example.com_widget.sock'}")
+    stub = api_pb2_grpc.DevicePluginStub(channel)
+    streams = [stub.ListAndWatch(api_pb2.Empty(), timeout=20) for _ in range(3)]
+    firsts = [next(s) for s in streams]
+    assert all(len(f.devices) == 4 for f in firsts)
+    # One client vanishes; the others must still be served.
+    streams[0].cancel()
+    vendor.set_health("w1", Health.UNHEALTHY, "ECC error")
+    for stream in streams[1:]:
+        update = next(stream)
+        health = {d.ID: d.health for d in update.devices}
+        assert health["w1"] == "Unhealthy" and health["w0"] == "Healthy"
+    assert kubelet.wait_for(lambda k: k.allocatable(RES) == 3, 10)
+    channel.close()
+    vendor.set_health("w1", Health.HEALTHY)
+    assert kubelet.wait_for(lambda k: k.allocatable(RES) == 4, 10)
+
+
+def test_rapid_changes_coalesce_to_the_final_list(kubelet, run_manager):
+    vendor = ScriptedVendor()
+    run_manager(vendor)
+    assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+    for _ in range(50):
+        vendor.set_health("w0", Health.UNHEALTHY, "flap")
+        vendor.set_health("w0", Health.HEALTHY)
+    vendor.set_health("w3", Health.UNHEALTHY, "final")
+    assert kubelet.wait_for(
+        lambda k: k.devices(RES).get("w3") is not None and k.devices(RES)["w3"].health == "Unhealthy"
+        and k.devices(RES)["w0"].health == "Healthy", 10)
+    assert kubelet.updates(RES) < 103, "every change sent separately: no coalescing"
+
+
+def test_hotplug_adds_and_removes_devices_and_resources(kubelet, run_manager, plugin_dir):
+    vendor = ScriptedVendor()
+    manager = run_manager(vendor)
+    assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+    gadget = "example.com/gadget"
+    vendor.push({RES: tuple(widget(i) for i in range(5)), gadget: (Device("g0"),)})
+    assert kubelet.wait_for(lambda k: k.capacity(RES) == 5 and k.registered(gadget) and k.capacity(gadget) == 1, 10)
+    vendor.push({RES: (widget(0),)})
+    assert kubelet.wait_for(lambda k: k.capacity(RES) == 1, 10)
+    assert kubelet.wait_for(lambda k: not k.registered(gadget), 10)
+    assert gadget not in manager.servers
+    assert not (plugin_dir / "dpkit-example.com_gadget.sock").exists()
+
+
+def test_allocate_rejects_unknown_unhealthy_and_duplicate_ids(kubelet, run_manager):
+    vendor = ScriptedVendor()
+    run_manager(vendor)
+    assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+    stub = kubelet.stub(RES)
+
+    def allocate(*ids: str):  # type: ignore[no-untyped-def]
+        return stub.Allocate(api_pb2.AllocateRequest(container_requests=[
+            api_pb2.ContainerAllocateRequest(devices_ids=list(ids))]), timeout=5)
+
+    with pytest.raises(grpc.RpcError) as err:
+        allocate("w0", "nope-1", "nope-2")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nope-1" in err.value.details() and "nope-2" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        allocate("w0", "w0")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "w0" in err.value.details()
+    vendor.set_health("w2", Health.UNHEALTHY, "thermal trip")
+    assert kubelet.wait_for(lambda k: k.allocatable(RES) == 3, 10)
+    with pytest.raises(grpc.RpcError) as err:
+        allocate("w2")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "w2" in err.value.details() and "thermal trip" in err.value.details()
+    # The server survives bad input and still serves a good request.
+    assert allocate("w0").container_responses[0].envs["WIDGETS"] == "w0"
+
+
+def test_allocate_answers_each_container_with_merged_specs(kubelet, run_manager):
+    run_manager(ScriptedVendor())
+    assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+    response = kubelet.stub(RES).Allocate(api_pb2.AllocateRequest(container_requests=[
+        api_pb2.ContainerAllocateRequest(devices_ids=["w0", "w1"]),
+        api_pb2.ContainerAllocateRequest(devices_ids=["w3"]),
+    ]), timeout=5)
+    first, second = response.container_responses
+    assert first.envs["WIDGETS"] == "w0,w1"
+    assert sorted(d.container_path for d in first.devices) == ["/dev/w0", "/dev/w1"]
+    assert all(d.permissions == "rw" and d.host_path == "/dev/null" for d in first.devices)
+    assert second.envs["WIDGETS"] == "w3" and [d.container_path for d in second.devices] == ["/dev/w3"]
+
+
+def test_emulated_kubelet_allocation_prefers_one_numa_node(kubelet, run_manager):
+    vendor = ScriptedVendor(snapshot={RES: (widget(0, 0), widget(1, 1), widget(2, 0), widget(3, 1), widget(4, 1))})
+    run_manager(vendor)
+    assert kubelet.wait_for(registered(kubelet, allocatable=5), 10)
+    ids, response = kubelet.allocate(RES, 2, pod="p1")
+    assert sorted(ids) == ["w0", "w2"], "best fit: the NUMA node with exactly two free devices"
+    ids, _ = kubelet.allocate(RES, 3, pod="p2")
+    assert sorted(ids) == ["w1", "w3", "w4"]
+    assert response.envs["WIDGETS"] == "w0,w2"
+
+
+def test_preferred_allocation_must_include_first_and_invalid_vendor_answer_falls_back(kubelet, run_manager):
+    run_manager(BadPreferenceVendor())
+    assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+    answer = kubelet.stub(RES).GetPreferredAllocation(api_pb2.PreferredAllocationRequest(container_requests=[
+        api_pb2.ContainerPreferredAllocationRequest(
+            available_deviceIDs=["w0", "w1", "w2", "w3"], must_include_deviceIDs=["w3"], allocation_size=2)
+    ]), timeout=5)
+    ids = list(answer.container_responses[0].deviceIDs)
+    assert ids[0] == "w3" and len(ids) == 2
+    assert ids[1] == "w2", "the rest comes from w3's NUMA node"
+    with pytest.raises(grpc.RpcError) as err:
+        kubelet.stub(RES).GetPreferredAllocation(api_pb2.PreferredAllocationRequest(container_requests=[
+            api_pb2.ContainerPreferredAllocationRequest(available_deviceIDs=["bogus"], allocation_size=1)
+        ]), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bogus" in err.value.details()
+
+
+def test_pre_start_hook_runs_when_the_vendor_has_one(kubelet, run_manager):
+    vendor = PreStartVendor()
+    run_manager(vendor)
+    assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+    assert kubelet.endpoints[RES].options.pre_start_required
+    ids, _ = kubelet.allocate(RES, 1)
+    assert vendor.pre_started == [(RES, tuple(ids))]
+    with pytest.raises(grpc.RpcError) as err:
+        kubelet.stub(RES).PreStartContainer(api_pb2.PreStartContainerRequest(devices_ids=["w3"]), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INTERNAL and "w3 refuses" in err.value.details()
+
+
+def test_kubelet_absent_then_present(short_tmp, plugin_dir, run_manager, caplog):
+    caplog.set_level("WARNING", logger="dpkit")
+    manager = run_manager(ScriptedVendor(), register_backoff_max=0.5)
+    # No kubelet: the plugin serves its socket and waits, saying why.
+    assert manager.servers[RES].socket_present()
+    deadline = time.monotonic() + 5
+    while "not present" not in manager.status()["resources"][0]["last_error"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "kubelet socket" in manager.status()["resources"][0]["last_error"]
+    assert any("waiting for the kubelet" in r.getMessage() for r in caplog.records)
+    with Kubelet(plugin_dir) as kubelet:
+        assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+
+
+def test_kubelet_restart_wipes_dir_and_plugin_reregisters_fast(kubelet, run_manager, plugin_dir):
+    manager = run_manager(ScriptedVendor())
+    assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+    for _ in range(3):
+        started = time.monotonic()
+        kubelet.restart()
+        assert not kubelet.registered(RES)
+        assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+        elapsed = time.monotonic() - started
+        assert elapsed < 5, f"re-registration took {elapsed:.2f}s"  # the bench holds the 1 s target
+    assert sorted(kubelet.devices(RES)) == ["w0", "w1", "w2", "w3"]
+    assert manager.link.kubelet_restarts >= 3
+    ids, _ = kubelet.allocate(RES, 1)
+    assert ids
+
+
+def test_our_socket_deleted_alone_is_recreated(kubelet, run_manager, plugin_dir):
+    run_manager(ScriptedVendor())
+    assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+    sock = plugin_dir / "dpkit-example.com_widget.sock"
+    first = len(kubelet.registrations)
+    sock.unlink()
+    assert kubelet.wait_for(lambda k: len(k.registrations) > first and k.registered(RES), 10)
+    assert sock.exists()
+
+
+def test_stale_socket_from_a_killed_plugin_is_removed(short_tmp, plugin_dir, run_manager):
+    import socket
+
+    plugin_dir.mkdir(parents=True)
+    stale = plugin_dir / "dpkit-example.com_old.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()  # bound, never listening: what a SIGKILLed server leaves
+    (plugin_dir / ".dpkit-bind-x").mkdir()
+    run_manager(ScriptedVendor())
+    assert not stale.exists()
+    assert not (plugin_dir / ".dpkit-bind-x").exists()
+
+
+def test_invalid_resource_name_is_refused_with_a_clear_error(kubelet, run_manager, caplog):
+    caplog.set_level("ERROR", logger="dpkit")
+    vendor = ScriptedVendor(snapshot={"gpu": (Device("a"),), "kubernetes.io/gpu": (Device("b"),), RES: (widget(0),)})
+    manager = run_manager(vendor)
+    assert kubelet.wait_for(registered(kubelet, allocatable=1), 10)
+    assert list(manager.servers) == [RES]
+    messages = " ".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
+    assert "'gpu' must be domain-prefixed" in messages
+    assert "kubernetes.io domain is reserved" in messages
+
+
+def test_discovery_failure_is_logged_not_fatal(kubelet, run_manager, caplog):
+    caplog.set_level("ERROR", logger="dpkit")
+    vendor = ScriptedVendor()
+    vendor.discover_error = OSError("driver went away")
+    manager = run_manager(vendor)
+    assert manager.servers == {}
+    assert any("driver went away" in str(getattr(r, "fields", "")) for r in caplog.records)
+    vendor.discover_error = None
+    vendor.push({RES: (widget(0),)})
+    assert kubelet.wait_for(registered(kubelet, allocatable=1), 10)
+
+
+def test_a_blocked_stream_does_not_delay_others(kubelet, run_manager, plugin_dir):
+    """A client that opened ListAndWatch and never reads must not hold up the kubelet's stream."""
+    many = {RES: tuple(Device(f"dev-{i:05d}") for i in range(5000))}
+    vendor = ScriptedVendor(snapshot=many)
+    run_manager(vendor)
+    assert kubelet.wait_for(lambda k: k.capacity(RES) == 5000, 20)
+    channel = grpc.insecure_channel(f"unix://{plugin_dir / 'dpkit-example.com_widget.sock'}")
+    stuck = api_pb2_grpc.DevicePluginStub(channel).ListAndWatch(api_pb2.Empty())
+    for i in range(20):  # flood updates the stuck client never reads
+        vendor.set_health(f"dev-{i:05d}", Health.UNHEALTHY, "x")
+    assert kubelet.wait_for(lambda k: k.allocatable(RES) == 4980, 20)
+    stuck.cancel()
+    channel.close()
+
+
+def test_server_runs_concurrent_allocations(kubelet, run_manager):
+    run_manager(ScriptedVendor(snapshot={RES: tuple(widget(i) for i in range(32))}))
+    assert kubelet.wait_for(registered(kubelet, allocatable=32), 10)
+    stub = kubelet.stub(RES)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            for _ in range(20):
+                r = stub.Allocate(api_pb2.AllocateRequest(container_requests=[
+                    api_pb2.ContainerAllocateRequest(devices_ids=[f"w{i}"])]), timeout=5)
+                assert r.container_responses[0].envs["WIDGETS"] == f"w{i}"
+        except BaseException as exc:  # collected and re-raised in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+
+
+def test_state_dir_and_control_socket_are_private(run_manager, short_tmp: Path):
+    run_manager(ScriptedVendor())
+    state = short_tmp / "st"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    for name in ("control.sock", "events.sock"):
+        assert stat.S_IMODE((state / name).stat().st_mode) == 0o600
+    assert os.stat(state / "control.sock").st_uid == os.getuid()
