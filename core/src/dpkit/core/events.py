@@ -133,6 +133,14 @@ class EventBus:
         self.poller.register(self._inproc, zmq.POLLIN)
         self.poller.register(self._ipc, zmq.POLLIN)
 
+    def wake(self) -> None:
+        """Wake the consumer's poll at once (used on stop); safe from any thread."""
+        sock = self.context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 100)
+        sock.connect(self.inproc_address)
+        sock.send_pyobj(("wake",))
+        sock.close()
+
     def sink(self, source: str) -> BusSink:
         return BusSink(self.context, self.inproc_address, source)
 

@@ -100,10 +100,13 @@ class Manager:
         self._ready.set()
 
     def stop(self) -> None:
-        """Stop cleanly: probes ended, servers stopped, our sockets removed."""
+        """Stop cleanly: probes ended, servers stopped, our sockets removed. Idempotent."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._stop_vendor_threads()
         if self._loop is not None:
+            self.bus.wake()
             self._loop.join(5)
         self.link.stop()
         for resource in list(self.servers):
@@ -127,6 +130,7 @@ class Manager:
     def request_reload(self) -> None:
         """Called from a SIGHUP handler: the loop thread re-reads config and rediscovers."""
         self._reload_requested.set()
+        self.bus.wake()
 
     def _start_vendor_threads(self) -> None:
         self._watch_stop = threading.Event()

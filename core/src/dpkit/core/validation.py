@@ -28,7 +28,7 @@ def check_device_id(device_id: str) -> str:
         raise ValidationError(f"device ID must be a non-empty string, got {device_id!r}")
     if len(device_id) > MAX_DEVICE_ID:
         raise ValidationError(f"device ID {device_id!r} is longer than {MAX_DEVICE_ID} characters")
-    if not _DEVICE_ID.match(device_id):
+    if not _DEVICE_ID.fullmatch(device_id):
         raise ValidationError(
             f"device ID {device_id!r} may hold only letters, digits, '.', '_', ':' and '-'"
         )
@@ -48,7 +48,7 @@ def check_resource_name(name: str) -> str:
     domain, _, short = name.partition("/")
     if "/" in short:
         raise ValidationError(f"resource name {name!r} has more than one '/'")
-    if len(domain) > 253 or not _DNS_SUBDOMAIN.match(domain):
+    if len(domain) > 253 or not _DNS_SUBDOMAIN.fullmatch(domain):
         raise ValidationError(f"resource name {name!r}: {domain!r} is not a DNS subdomain")
     if domain == "kubernetes.io" or domain.endswith(".kubernetes.io"):
         raise ValidationError(
@@ -56,7 +56,7 @@ def check_resource_name(name: str) -> str:
         )
     if domain.startswith("requests."):
         raise ValidationError(f"resource name {name!r}: the 'requests.' prefix is reserved for quota")
-    if not short or len(short) > 63 or not _QUALIFIED_NAME.match(short):
+    if not short or len(short) > 63 or not _QUALIFIED_NAME.fullmatch(short):
         raise ValidationError(
             f"resource name {name!r}: {short!r} must be 1-63 alphanumerics, '-', '_' or '.'"
         )
@@ -64,7 +64,7 @@ def check_resource_name(name: str) -> str:
 
 
 def check_env_name(name: str) -> str:
-    if not isinstance(name, str) or not _ENV_NAME.match(name):
+    if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
         raise ValidationError(f"environment variable name {name!r} is not a valid identifier")
     return name
 
@@ -89,16 +89,16 @@ def check_container_path(path: str) -> str:
 
 def check_permissions(permissions: str) -> str:
     """cgroup device permissions: some of r, w, m, each once."""
-    if not isinstance(permissions, str) or not _PERMISSIONS.match(permissions):
+    if not isinstance(permissions, str) or not _PERMISSIONS.fullmatch(permissions):
         raise ValidationError(f"device permissions {permissions!r} must be a combination of 'r', 'w', 'm'")
     return permissions
 
 
 def check_annotation_key(key: str) -> str:
     prefix, _, name = key.rpartition("/")
-    if prefix and not _DNS_SUBDOMAIN.match(prefix):
+    if prefix and not _DNS_SUBDOMAIN.fullmatch(prefix):
         raise ValidationError(f"annotation key {key!r}: prefix {prefix!r} is not a DNS subdomain")
-    if not name or len(name) > 63 or not _QUALIFIED_NAME.match(name):
+    if not name or len(name) > 63 or not _QUALIFIED_NAME.fullmatch(name):
         raise ValidationError(f"annotation key {key!r} is not a qualified name")
     return key
 
@@ -106,7 +106,7 @@ def check_annotation_key(key: str) -> str:
 def check_cdi_name(name: str) -> str:
     """A fully qualified CDI device name: ``vendor.com/class=device``."""
     kind, eq, device = name.partition("=")
-    if not eq or not _CDI_KIND.match(kind) or not _CDI_DEVICE.match(device):
+    if not eq or not _CDI_KIND.fullmatch(kind) or not _CDI_DEVICE.fullmatch(device):
         raise ValidationError(f"CDI device name {name!r} must look like 'vendor.com/class=device'")
     return name
 

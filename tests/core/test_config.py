@@ -1,0 +1,71 @@
+"""Config validation: every error names the file or variable, the key and what was expected."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpkit.core.config import Config, load_config
+from dpkit.core.errors import ConfigError
+from dpkit.core.sim import SimulatedVendor
+
+
+def write(tmp_path, text: str):  # type: ignore[no-untyped-def]
+    path = tmp_path / "dpkit.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file():
+    config = load_config(None, environ={})
+    assert config == Config()
+    assert str(config.kubelet_socket_path) == "/var/lib/kubelet/device-plugins/kubelet.sock"
+
+
+def test_file_and_env_overrides(tmp_path):
+    path = write(tmp_path, "plugin_dir: /x\nlog_format: json\nprobe_heartbeat_timeout: 3\nvendor: {a: 1}\n")
+    config = load_config(path, environ={"DPKIT_PLUGIN_DIR": "/y", "DPKIT_CDI_ALLOCATE": "true"})
+    assert config.plugin_dir == "/y" and config.log_format == "json"
+    assert config.probe_heartbeat_timeout == 3.0 and config.cdi_allocate is True
+    assert config.vendor == {"a": 1} and config.source == str(path)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("plugin_dir: [1]\n", "key 'plugin_dir': expected a string, got list"),
+    ("log_format: xml\n", "key 'log_format': expected one of human, json, got 'xml'"),
+    ("probe_heartbeat_timeout: -1\n", "key 'probe_heartbeat_timeout': expected a positive number"),
+    ("probe_heartbeat_timeout: soon\n", "key 'probe_heartbeat_timeout': expected a number of seconds"),
+    ("cdi_allocate: maybe\n", "key 'cdi_allocate': expected true or false"),
+    ("plugn_dir: /x\n", "unknown key 'plugn_dir'"),
+    ("vendor: [1, 2]\n", "key 'vendor': expected a mapping"),
+    ("- a\n- b\n", "expected a mapping of settings at the top level"),
+    ("plugin_dir: [unclosed\n", "not valid YAML at line"),
+])
+def test_malformed_files_name_file_and_key(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert str(path) in str(err.value)
+    assert message in str(err.value)
+
+
+def test_bad_env_override_names_the_variable(tmp_path):
+    with pytest.raises(ConfigError, match="environment DPKIT_REGISTER_BACKOFF_MAX: key 'register_backoff_max'"):
+        load_config(None, environ={"DPKIT_REGISTER_BACKOFF_MAX": "fast"})
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.yaml", environ={})
+
+
+def test_empty_file_means_defaults(tmp_path):
+    assert load_config(write(tmp_path, ""), environ={}).plugin_dir == Config().plugin_dir
+
+
+def test_sim_vendor_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key"):
+        SimulatedVendor({"devics_file": "x"})
+    bad = tmp_path / "d.yaml"
+    bad.write_text("resources:\n  example.com/w:\n    - {id: 'has space'}\n")
+    with pytest.raises(ConfigError, match=r"resources.example.com/w\[0\].*has space"):
+        SimulatedVendor({"devices_file": str(bad)})

@@ -1,0 +1,77 @@
+"""Out-of-process probes: heartbeats, a hung probe marks devices Unhealthy and is restarted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from scripted_vendor import RES, ProbedVendor
+
+from dpkit.core.events import decode_probe_message
+from dpkit.core.vendor import Probe
+
+TESTS = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def probe_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the probe child imports its target by module name, like a vendor package's probe
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+
+
+def test_hung_probe_marks_devices_unhealthy_and_is_restarted(kubelet, run_manager, short_tmp):
+    flag = short_tmp / "hang"
+    probe = Probe("stuck-driver", "scripted_vendor:hanging_probe", {"hang_flag": str(flag)}, heartbeat_timeout=0.6)
+    manager = run_manager(ProbedVendor(probe=probe))
+    assert kubelet.wait_for(lambda k: k.allocatable(RES) == 4, 10)
+    state = manager.probes.probes["stuck-driver"]
+    assert kubelet.wait_for(lambda k: state.beats > 0, 15), "probe never sent a heartbeat"
+    first_pid = state.process.pid
+    flag.touch()  # the probe's next call hangs forever
+    assert kubelet.wait_for(lambda k: k.allocatable(RES) == 0, 15)
+    reasons = {d["reason"] for d in manager.status()["resources"][0]["devices"]}
+    assert reasons == {"health probe stuck-driver stopped responding"}
+    flag.unlink()  # the restarted probe will beat again
+    assert kubelet.wait_for(lambda k: k.allocatable(RES) == 4, 20)
+    assert state.restarts >= 1
+    assert state.process is not None and state.process.pid != first_pid
+    status = manager.status()["probes"][0]
+    assert status["restarts"] >= 1 and status["silent"] is False
+
+
+def test_probe_health_reports_reach_the_kubelet(kubelet, run_manager):
+    probe = Probe("xid-watch", "scripted_vendor:reporting_probe", heartbeat_timeout=5)
+    manager = run_manager(ProbedVendor(probe=probe))
+    assert kubelet.wait_for(lambda k: k.devices(RES).get("w1") is not None
+                            and k.devices(RES)["w1"].health == "Unhealthy", 15)
+    device = next(d for d in manager.status()["resources"][0]["devices"] if d["id"] == "w1")
+    assert device["reason"] == "probe saw an XID 79"
+    assert kubelet.allocatable(RES) == 3
+
+
+def test_probe_stops_with_the_manager(run_manager):
+    probe = Probe("xid-watch", "scripted_vendor:reporting_probe", heartbeat_timeout=5)
+    manager = run_manager(ProbedVendor(probe=probe))
+    proc = manager.probes.probes["xid-watch"].process
+    assert proc is not None
+    manager.stop()
+    assert proc.poll() is not None, "probe process outlived its manager"
+
+
+@pytest.mark.parametrize("raw", [
+    b"not json", b"{}", b'{"type": "health", "probe": "p"}', b'{"type": "heartbeat", "probe": "unknown"}',
+    b'{"type": "health", "probe": "p", "resource": "r", "id": "../../etc", "health": "Healthy"}',
+    b'{"type": "health", "probe": "p", "resource": "r", "id": "a", "health": "Sick"}',
+    b'{"type": "launch-missiles", "probe": "p"}',
+])
+def test_malformed_probe_messages_are_dropped(raw, caplog):
+    caplog.set_level("WARNING", logger="dpkit")
+    assert decode_probe_message(raw, {"p": object()}) is None
+    assert any("malformed probe message" in r.getMessage() for r in caplog.records)
+
+
+def test_valid_probe_message_decodes():
+    event = decode_probe_message(
+        b'{"type": "health", "probe": "p", "resource": "r/x", "id": "GPU-1", "health": "Unhealthy", "reason": "XID 48"}',
+        {"p": object()})
+    assert event == ("health", "probe:p", "r/x", "GPU-1", "Unhealthy", "XID 48")
