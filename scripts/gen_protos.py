@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import filecmp
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -30,13 +29,16 @@ def generate(out_root: Path) -> None:
     include = Path(protoc.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as raw:
         for proto, package in PROTOS.items():
+            plugin = Path(sys.executable).parent / "protoc-gen-mypy_grpc"  # from mypy-protobuf
             args = [
                 "protoc",
+                f"--plugin=protoc-gen-mypy_grpc={plugin}",
                 f"-I{PROTO_ROOT}",
                 f"-I{include}",
                 f"--python_out={raw}",
                 f"--pyi_out={raw}",
                 f"--grpc_python_out={raw}",
+                f"--mypy_grpc_out={raw}",
                 str(PROTO_ROOT / proto),
             ]
             if protoc.main(args) != 0:
@@ -46,7 +48,7 @@ def generate(out_root: Path) -> None:
             dest.mkdir(parents=True, exist_ok=True)
             (dest / "__init__.py").write_text('"""Generated from proto/' + proto + ' by scripts/gen_protos.py."""\n')
             dotted = ".".join(Path(proto).parent.parts)
-            for name in ("api_pb2.py", "api_pb2.pyi", "api_pb2_grpc.py"):
+            for name in ("api_pb2.py", "api_pb2.pyi", "api_pb2_grpc.py", "api_pb2_grpc.pyi"):
                 text = (src / name).read_text()
                 # protoc writes absolute imports named after the proto path; make them package-relative.
                 text = re.sub(rf"^from {re.escape(dotted)} import api_pb2", "from . import api_pb2", text, flags=re.M)

@@ -27,7 +27,8 @@ class ScriptedVendor(Vendor):
 
     def __init__(self, config: Mapping[str, Any] | None = None, snapshot: Snapshot | None = None) -> None:
         super().__init__(config)
-        self.current: dict[str, tuple[Device, ...]] = dict(snapshot or {RES: tuple(widget(i, i // 2) for i in range(4))})
+        default = {RES: tuple(widget(i, i // 2) for i in range(4))}
+        self.current: dict[str, tuple[Device, ...]] = dict(snapshot or default)
         self.sink: EventSink | None = None
         self.sink_ready = threading.Event()
         self.pre_started: list[tuple[str, tuple[str, ...]]] = []

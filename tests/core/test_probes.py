@@ -72,6 +72,7 @@ def test_malformed_probe_messages_are_dropped(raw, caplog):
 
 def test_valid_probe_message_decodes():
     event = decode_probe_message(
-        b'{"type": "health", "probe": "p", "resource": "r/x", "id": "GPU-1", "health": "Unhealthy", "reason": "XID 48"}',
+        b'{"type": "health", "probe": "p", "resource": "r/x", "id": "GPU-1", "health": "Unhealthy",'
+        b' "reason": "XID 48"}',
         {"p": object()})
     assert event == ("health", "probe:p", "r/x", "GPU-1", "Unhealthy", "XID 48")

@@ -34,7 +34,7 @@ class FrozenMap(dict[str, str]):
     def _readonly(self, *args: object, **kwargs: object) -> None:
         raise TypeError("FrozenMap is read-only")
 
-    __setitem__ = __delitem__ = _readonly  # type: ignore[assignment]
+    __setitem__ = __delitem__ = _readonly
     clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
 
     def __hash__(self) -> int:  # type: ignore[override]

@@ -21,7 +21,8 @@ def _kubelet_reachable(path: Path) -> Check:
     try:
         sock.connect(str(path))
     except OSError as exc:
-        return Check(name, False, f"{path}: {exc.strerror or exc}", "the kubelet is not accepting connections; check its logs")
+        return Check(name, False, f"{path}: {exc.strerror or exc}",
+                     "the kubelet is not accepting connections; check its logs")
     finally:
         sock.close()
     return Check(name, True, f"{path} accepts connections")

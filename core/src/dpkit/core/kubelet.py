@@ -206,7 +206,7 @@ class Kubelet:
             options = stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=5)
         except grpc.RpcError as exc:
             channel.close()
-            self._reject(f"cannot reach plugin at {socket}: {exc.code().name}")  # type: ignore[attr-defined]
+            self._reject(f"cannot reach plugin at {socket}: {exc.code().name}")
         endpoint = Endpoint(request.resource_name, socket, options, channel, stub)
         with self._cond:
             old = self.endpoints.get(request.resource_name)
@@ -218,7 +218,9 @@ class Kubelet:
             if old.stream is not None:
                 old.stream.cancel()
             old.channel.close()
-        threading.Thread(target=self._follow, args=(endpoint,), name=f"law-{request.resource_name}", daemon=True).start()
+        follower = threading.Thread(target=self._follow, args=(endpoint,), name=f"law-{request.resource_name}",
+                                    daemon=True)
+        follower.start()
         log.debug("plugin registered", extra=kv(resource=request.resource_name, endpoint=request.endpoint))
 
     def _reject(self, message: str) -> None:

@@ -53,7 +53,9 @@ class _ErrorKeeper(logging.Handler):
 class Manager:
     """Lifecycle owner for one vendor: discovery, servers, registration, probes, control socket."""
 
-    def __init__(self, vendor: Vendor, config: Config, *, vendor_factory: Callable[[Mapping[str, Any]], Vendor] | None = None) -> None:
+    def __init__(
+        self, vendor: Vendor, config: Config, *, vendor_factory: Callable[[Mapping[str, Any]], Vendor] | None = None
+    ) -> None:
         self.vendor = vendor
         self.config = config
         self.vendor_factory = vendor_factory

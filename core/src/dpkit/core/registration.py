@@ -206,7 +206,7 @@ class KubeletLink:
             try:
                 register(self.kubelet_socket, server)
             except (grpc.RpcError, OSError) as exc:
-                detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)  # type: ignore[attr-defined]
+                detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
                 state.last_error = f"kubelet registration failed: {detail}"
                 log.warning(
                     "registration failed; will retry",

@@ -193,7 +193,9 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
     def GetDevicePluginOptions(self, request: api_pb2.Empty, context: Any) -> api_pb2.DevicePluginOptions:
         return self.options
 
-    def ListAndWatch(self, request: api_pb2.Empty, context: grpc.ServicerContext) -> Iterator[api_pb2.ListAndWatchResponse]:
+    def ListAndWatch(
+        self, request: api_pb2.Empty, context: grpc.ServicerContext
+    ) -> Iterator[api_pb2.ListAndWatchResponse]:
         with self._changed:
             generation = self._generation
             self.stats.open_streams += 1
@@ -307,7 +309,8 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
             try:
                 answer = self.vendor.preferred_allocation(self.resource, available, must, size)
             except Exception:
-                log.exception("vendor preferred_allocation failed; using NUMA packing", extra=kv(resource=self.resource))
+                log.exception("vendor preferred_allocation failed; using NUMA packing",
+                              extra=kv(resource=self.resource))
                 answer = None
             if answer is not None:
                 answer = list(answer)
