@@ -207,7 +207,7 @@ class Manager:
         while not self._stop.is_set():
             assert self.probes is not None
             known = self.probes.probes
-            timeout = 1.0
+            timeout = 30.0  # every event wakes the poll; the timeout only serves probe deadlines
             deadline = self.probes.next_deadline()
             if deadline is not None:
                 timeout = max(0.0, min(timeout, deadline - time.monotonic()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,13 +49,17 @@ class ServerStats:
 
 
 def spec_to_response(spec: ContainerSpec, cdi_only: bool = False) -> api_pb2.ContainerAllocateResponse:
-    """The kubelet's view of a container spec (CDI names only when ``cdi_only``)."""
+    """The kubelet's view of a container spec.
+
+    With ``cdi_only`` device nodes and mounts are left to the CDI names; env stays, because CDI
+    cannot merge device-list variables across devices (see :mod:`dpkit.core.cdi`).
+    """
     response = api_pb2.ContainerAllocateResponse()
     response.cdi_devices.extend(api_pb2.CDIDevice(name=n) for n in spec.cdi_devices)
     response.annotations.update(spec.annotations)
+    response.envs.update(spec.env)
     if cdi_only:
         return response
-    response.envs.update(spec.env)
     response.mounts.extend(
         api_pb2.Mount(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
         for m in spec.mounts
@@ -219,6 +224,10 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                 yield api_pb2.ListAndWatchResponse(devices=[device_to_proto(d) for d in devices])
                 self.stats.list_and_watch_sends += 1
                 self._observe("ListAndWatch", started, True)
+        except Exception:
+            log.exception("ListAndWatch stream failed", extra=kv(resource=self.resource))
+            self._observe("ListAndWatch", time.perf_counter(), False)
+            raise
         finally:
             with self._changed:
                 self.stats.open_streams -= 1
@@ -236,7 +245,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{self.resource}: unknown device ID(s) {', '.join(unknown)}",
             )
-        duplicates = sorted({i for i in ids if list(ids).count(i) > 1})
+        duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
         if duplicates:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
