@@ -298,3 +298,15 @@ def test_state_dir_and_control_socket_are_private(run_manager, short_tmp: Path):
     for name in ("control.sock", "events.sock"):
         assert stat.S_IMODE((state / name).stat().st_mode) == 0o600
     assert os.stat(state / "control.sock").st_uid == os.getuid()
+
+
+def test_plugin_dir_removed_entirely_then_kubelet_returns(kubelet, run_manager, plugin_dir):
+    import shutil
+
+    run_manager(ScriptedVendor())
+    assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+    kubelet.stop()
+    shutil.rmtree(plugin_dir)  # harsher than a kubelet restart: the directory itself goes
+    kubelet.start()
+    assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+    assert (plugin_dir / "dpkit-example.com_widget.sock").exists()
