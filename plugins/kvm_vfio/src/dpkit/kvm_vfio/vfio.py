@@ -1,0 +1,168 @@
+"""PCI passthrough through VFIO: selected functions, their IOMMU groups, health and container spec.
+
+Each selected PCI function is one device (ID = its PCI address), carrying its IOMMU group and
+NUMA node. A function is Healthy only when it is bound to ``vfio-pci``, its group is viable
+(every member bound to ``vfio-pci``, ``pci-stub`` or nothing, as the kernel requires), the group
+node exists and its group serves a single resource. Everything else is listed Unhealthy with the
+reason, so ``status`` and ``discover`` say what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from dpkit.core.device import ContainerSpec, Device, DeviceNode, Health
+from dpkit.core.errors import ValidationError
+from dpkit.core.validation import check_resource_name
+from dpkit.core.vendor import Finding
+from dpkit.kvm_vfio.config import Selector
+from dpkit.kvm_vfio.names import default_resource_name, device_name, pci_resource_env
+from dpkit.kvm_vfio.sysfs import PciFunction, driver_of, group_members
+
+VFIO_DRIVER = "vfio-pci"
+#: drivers the kernel tolerates on the other members of a group handed to VFIO ("" = unbound)
+VIABLE_DRIVERS = ("vfio-pci", "pci-stub", "")
+PERMISSIONS = "mrw"  # what KubeVirt gives VFIO nodes
+
+BIND_HINT = "bind it to vfio-pci (e.g. driverctl set-override {address} vfio-pci)"
+IOMMU_HINT = "enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on (or amd_iommu=on) iommu=pt"
+
+
+@dataclass
+class VfioScan:
+    """The outcome of one scan: devices per resource and notes for ``dpkit discover``."""
+
+    resources: dict[str, list[Device]] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    function: PciFunction
+    resource: str
+
+
+def scan(
+    functions: Sequence[PciFunction], selectors: Sequence[Selector], sys_root: str, dev_root: str,
+    pci_ids: str = "",
+) -> VfioScan:
+    """Match ``functions`` against ``selectors`` and build every selected function's device."""
+    result = VfioScan()
+    names = _resource_names(selectors, pci_ids, result)
+    candidates = _select(functions, selectors, names, result)
+    group_resources: dict[str, set[str]] = {}
+    for c in candidates:
+        if c.function.iommu_group:
+            group_resources.setdefault(c.function.iommu_group, set()).add(c.resource)
+    for c in candidates:
+        device = _device(c, sys_root, dev_root, group_resources, pci_ids)
+        result.resources[c.resource].append(device)
+        if not device.healthy:
+            result.findings.append(Finding(c.function.address, False, f"listed Unhealthy: {device.reason}",
+                                          c.resource, _hint(device.reason, c.function.address)))
+    return result
+
+
+def _resource_names(selectors: Sequence[Selector], pci_ids: str, result: VfioScan) -> dict[int, str]:
+    """Selector index -> its resource (registered even with no device); invalid ones are skipped."""
+    names: dict[int, str] = {}
+    for index, selector in enumerate(selectors):
+        name = selector.resource_name or default_resource_name(selector.vendor, selector.device, pci_ids)
+        try:
+            check_resource_name(name)
+        except ValidationError as exc:
+            result.findings.append(Finding(f"selector {selector.vendor}:{selector.device}", False,
+                                           f"derived {exc}", "", "set resource_name in the selector"))
+            continue
+        names[index] = name
+        result.resources.setdefault(name, [])
+    return names
+
+
+def _select(
+    functions: Iterable[PciFunction], selectors: Sequence[Selector], names: dict[int, str], result: VfioScan
+) -> list[_Candidate]:
+    """The functions some selector picks (the first matching selector wins)."""
+    chosen: list[_Candidate] = []
+    matched: set[int] = set()
+    for function in functions:
+        for index, selector in enumerate(selectors):
+            if selector.matches(function.vendor, function.device, function.pci_class, function.address):
+                if index in names:
+                    chosen.append(_Candidate(function, names[index]))
+                matched.add(index)
+                break
+    for index, selector in enumerate(selectors):
+        if index not in matched:
+            what = f"{selector.vendor}:{selector.device}"
+            limits = (f" class {selector.pci_class}" if selector.pci_class else "") + (
+                f" at {', '.join(selector.addresses)}" if selector.addresses else "")
+            result.findings.append(Finding(f"selector {what}{limits}", False, "no PCI function matches",
+                                           names.get(index, ""), "check the IDs with lspci -nn"))
+    return chosen
+
+
+def _device(c: _Candidate, sys_root: str, dev_root: str, group_resources: dict[str, set[str]],
+            pci_ids: str) -> Device:
+    f = c.function
+    attributes = {"pci_address": f.address, "vendor": f.vendor, "device": f.device, "class": f.pci_class,
+                  "driver": f.driver or "none", "iommu_group": f.iommu_group or "none"}
+    name = device_name(f.vendor, f.device, pci_ids)
+    if name:
+        attributes["name"] = name
+    numa = () if f.numa_node is None else (f.numa_node,)
+    problem = _problem(f, sys_root, dev_root, group_resources)
+    try:
+        spec = container_spec(f, c.resource, dev_root) if f.iommu_group else ContainerSpec()
+        return Device(f.address, Health.UNHEALTHY if problem else Health.HEALTHY, numa, spec, problem, attributes)
+    except ValidationError as exc:
+        return Device(f.address, Health.UNHEALTHY, numa, ContainerSpec(), f"invalid device data: {exc}",
+                      attributes)
+
+
+def _problem(f: PciFunction, sys_root: str, dev_root: str, group_resources: dict[str, set[str]]) -> str:
+    """Why this function cannot be handed to a VM ("" when it can)."""
+    if f.driver != VFIO_DRIVER:
+        bound = f"bound to {f.driver}" if f.driver else "not bound to any driver"
+        return f"{bound}, not {VFIO_DRIVER}"
+    if not f.iommu_group:
+        return "has no IOMMU group (the IOMMU is disabled)"
+    others = [(m, driver_of(sys_root, m)) for m in group_members(sys_root, f.iommu_group) if m != f.address]
+    blockers = [f"{m} ({d})" for m, d in others if d not in VIABLE_DRIVERS]
+    if blockers:
+        return (f"IOMMU group {f.iommu_group} is not viable: {', '.join(blockers)} "
+                f"{'is' if len(blockers) == 1 else 'are'} not bound to {VFIO_DRIVER}")
+    resources = group_resources.get(f.iommu_group, set())
+    if len(resources) > 1:
+        return (f"IOMMU group {f.iommu_group} is split between resources {', '.join(sorted(resources))}; "
+                "a group can only go to one VM")
+    for node in ("vfio/vfio", f"vfio/{f.iommu_group}"):
+        if not os.path.exists(os.path.join(dev_root, node)):
+            return f"{os.path.join(dev_root, node)} does not exist"
+    return ""
+
+
+def container_spec(f: PciFunction, resource: str, dev_root: str) -> ContainerSpec:
+    """VFIO nodes for the function's group (plus iommufd nodes when offered) and KubeVirt's env."""
+    nodes = ["vfio/vfio", f"vfio/{f.iommu_group}"]
+    if f.vfio_cdev and os.path.exists(os.path.join(dev_root, "iommu")) and \
+            os.path.exists(os.path.join(dev_root, "vfio/devices", f.vfio_cdev)):
+        nodes += ["iommu", f"vfio/devices/{f.vfio_cdev}"]
+    return ContainerSpec(
+        devices=tuple(DeviceNode(os.path.join(dev_root, n), f"/dev/{n}", PERMISSIONS) for n in nodes),
+        env={pci_resource_env(resource): f.address},
+    )
+
+
+def _hint(reason: str, address: str) -> str:
+    if "IOMMU is disabled" in reason:
+        return IOMMU_HINT
+    if "not viable" in reason:
+        return "bind every device of the group to vfio-pci (or unbind them), or move the card to another slot"
+    if reason.startswith(("bound to", "not bound")):
+        return BIND_HINT.format(address=address)
+    if "does not exist" in reason:
+        return "load vfio-pci and check the host's /dev is what dev_root points at"
+    return ""

@@ -1,0 +1,56 @@
+"""Real pyudev and sysfs reads over fake device trees (umockdev), driven by testbed uevents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import umock
+from kvm_vfio.fakehost import FakeHost
+
+pytestmark = umock.skip_unless_available()
+HERE = Path(__file__).parent
+GPU = "nvidia.com/TU104GL_Tesla_T4"
+UEVENT_TARGET_MS = 100
+LIMIT_MS = 1000  # generous so a loaded CI box cannot flake; the measured figure is printed (-s)
+
+
+def _gpu(address: str, driver: str, numa: int) -> umock.MockDevice:
+    return umock.MockDevice(
+        f"/devices/pci0000:00/{address}",
+        {"SUBSYSTEM": "pci", "PCI_SLOT_NAME": address, "DRIVER": driver, "PCI_ID": "10DE:1EB8"},
+        {"vendor": "0x10de", "device": "0x1eb8" if address != "0000:3b:00.1" else "0x10f8",
+         "class": "0x030200" if address != "0000:3b:00.1" else "0x040300", "numa_node": str(numa)},
+        {"driver": f"../../../bus/pci/drivers/{driver}"},
+    )
+
+
+def test_discovery_reads_the_fake_sysfs(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path / "unused-sys", tmp_path / "dev")
+    host.add_node("kvm")
+    host.vfio_nodes("7", "9")
+    devices = [_gpu("0000:3b:00.0", "vfio-pci", 0), _gpu("0000:3b:00.1", "snd_hda_intel", 0),
+               _gpu("0000:5e:00.0", "vfio-pci", 1)]
+    report = umock.run_device_file(devices, HERE / "umock_discover_child.py", tmp_path, args=[str(host.dev)])
+    resources = {r["name"]: r for r in report["resources"]}
+    gpus = {d["id"]: d for d in resources["nvidia.com/10DE_1EB8"]["devices"]}
+    assert set(gpus) == {"0000:3b:00.0", "0000:5e:00.0"}  # the audio function is not selected
+    assert gpus["0000:5e:00.0"]["health"] == "Healthy" and gpus["0000:5e:00.0"]["numa"] == "1"
+    assert gpus["0000:3b:00.0"]["health"] == "Unhealthy"
+    assert "0000:3b:00.1 (snd_hda_intel)" in gpus["0000:3b:00.0"]["reason"]
+    assert resources["devices.kubevirt.io/kvm"]["healthy"] == 2
+    assert report["errors"] == []
+
+
+def test_uevents_change_the_advertised_list_quickly(tmp_path: Path, short_tmp: Path) -> None:
+    result = umock.run_wrapped(HERE / "umock_watch_child.py", tmp_path, args=[str(short_tmp)])
+    assert result["listening"] and result["initial"]
+    assert result["initial_numa"] == [[0]]
+    assert result["add_health"] == "Unhealthy"  # appeared before any driver bound it
+    assert result["seen_without_uevent"] is False  # the timer is an hour away: only uevents explain changes
+    assert result["rebind_reason"] == "bound to nvidia, not vfio-pci"
+    steps = ("add", "bind", "rebind", "remove", "kvm_gone", "kvm_back")
+    latencies = {step: result[step]["ms"] for step in steps}
+    print(f"uevent -> kubelet latency (ms, target {UEVENT_TARGET_MS}): {latencies}")
+    for step in steps:
+        assert result[step]["ok"], f"{step}: the kubelet never saw the change"
+        assert result[step]["ms"] < LIMIT_MS, f"{step} took {result[step]['ms']} ms"
