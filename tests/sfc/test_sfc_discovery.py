@@ -176,14 +176,14 @@ def test_garbage_nic_is_served_with_findings(host: Any, make_vendor: Any) -> Non
 def test_invalid_library_path_becomes_a_finding(host: Any, make_vendor: Any, monkeypatch: Any) -> None:
     """A spec the core's validation refuses turns into 'Onload not usable', never a crash."""
     from dpkit.core.errors import ValidationError
-    from dpkit.sfc import vendor as vendor_module
+    from dpkit.sfc import onload
 
     def refuse(*args: Any) -> Any:
         raise ValidationError("host path 'x' must be an absolute path")
 
     host.add_nic("0000:03:00.0")
     host.install_onload()
-    monkeypatch.setattr(vendor_module.onload, "container_spec", refuse)
+    monkeypatch.setattr(onload, "container_spec", refuse)
     vendor = make_vendor(onload={"required": True})
     [device] = vendor.discover()[RESOURCE]
     assert not device.healthy and "must be an absolute path" in device.reason

@@ -30,6 +30,8 @@ from dpkit.sfc.sysfs import PciFunction, read_function, read_text, read_version,
 from dpkit.sfc.udev import Udev
 
 log = get_logger("sfc")
+#: seconds after a uevent before a second, settling discovery
+SETTLE_DELAY = 0.2
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -73,6 +75,11 @@ class SfcVendor(Vendor):
             except (ImportError, OSError) as exc:  # no libudev in the image: poll sysfs instead
                 self._udev_error = f"libudev unavailable ({exc}); polling sysfs every {self.poll_interval:g} s"
                 log.warning(self._udev_error)
+
+    @property
+    def source(self) -> str:
+        """How devices are found and watched: through udev, or by walking and polling a sysfs tree."""
+        return "udev" if self._udev is not None else f"sysfs walk of {self.settings.sys_root}"
 
     # -- discovery -----------------------------------------------------------------------
     def _scan(self) -> tuple[list[PciFunction], list[Finding]]:
@@ -239,9 +246,12 @@ class SfcVendor(Vendor):
 
     # -- watch ---------------------------------------------------------------------------
     def watch(self, sink: EventSink, stop: threading.Event) -> None:
-        """Re-discover on every relevant uevent (and every ``resync_interval`` anyway).
+        """Re-discover on every relevant uevent, once more shortly after, and every ``resync_interval``.
 
-        Without udev (a test tree, or no libudev in the image) this polls instead.
+        The kernel announces a removal while the sysfs directory still exists, and a bound
+        driver creates its netdev a moment after the ``bind`` event, so one discovery right
+        at the event can see a half-done change: the second one, ``SETTLE_DELAY`` later,
+        sees the result. Without udev (a test tree, or no libudev in the image) this polls.
         """
         if self._udev is None:
             super().watch(sink, stop)
@@ -250,14 +260,21 @@ class SfcVendor(Vendor):
         last = self.discover()  # catch what changed between the first discovery and the monitor start
         sink.snapshot(last)
         resync_at = time.monotonic() + self.settings.resync_interval
+        settle_at: float | None = None
         while not stop.is_set():
-            events = monitor.wait(max(0.0, resync_at - time.monotonic()), stop)
+            due = resync_at if settle_at is None else min(resync_at, settle_at)
+            events = monitor.wait(max(0.0, due - time.monotonic()), stop)
             if stop.is_set():
                 return
-            if not events and time.monotonic() < resync_at:
-                continue
-            for action, subsystem, path in events:
-                log.debug("uevent", extra=kv(action=action, subsystem=subsystem, path=path))
+            now = time.monotonic()
+            if events:
+                for action, subsystem, path in events:
+                    log.debug("uevent", extra=kv(action=action, subsystem=subsystem, path=path))
+                settle_at = now + SETTLE_DELAY
+            elif now < due:
+                continue  # only irrelevant events (virtual interfaces)
+            elif settle_at is not None and now >= settle_at:
+                settle_at = None
             current = self.discover()
             resync_at = time.monotonic() + self.settings.resync_interval
             if current != last:
