@@ -159,10 +159,10 @@ def testbed_dir() -> Path:
 
 def testbed() -> Any:
     """A ``UMockdev.Testbed`` for this process (needs ``umockdev-wrapper``); sets ``UMOCKDEV_DIR``."""
-    import gi
+    import gi  # type: ignore[import-untyped]
 
     gi.require_version("UMockdev", "1.0")
-    from gi.repository import UMockdev
+    from gi.repository import UMockdev  # type: ignore[import-untyped]
 
     tb = UMockdev.Testbed.new()
     # g_setenv does not reach os.environ: publish the root for testbed_dir() and children.

@@ -126,6 +126,8 @@ def test_group_with_a_device_on_another_driver_is_not_viable(host: FakeHost) -> 
     host.add_pci("0000:3b:00.1", device="10f8", pci_class="040300", driver="snd_hda_intel", group="7")
     host.add_pci("0000:3b:00.2", device="1ad8", pci_class="0c0330", driver="", group="7")  # unbound: fine
     host.add_pci("0000:3b:00.3", device="1ad9", pci_class="0c8000", driver="pci-stub", group="7")  # fine
+    host.add_pci("0000:00:01.0", vendor="8086", device="1901", pci_class="060400", driver="pcieport", group="7")
+    host.add_pci("0000:3b:00.4", device="1ada", driver="mlx5_vfio_pci", group="7")  # a VFIO variant driver
     host.vfio_nodes("7")
     (device,) = vendor(host, pci_host_devices=[T4]).discover()[GPU]
     assert not device.healthy

@@ -22,7 +22,7 @@ def main() -> None:
         path = umock.add_device(tb, "pci", "0000:00:04.0", attributes={"vendor": "0x10de"},
                                 properties={"PCI_SLOT_NAME": "0000:00:04.0"})
         umock.uevent(tb, path, "change")
-        events = []
+        events: list[list[str]] = []
         while len(events) < 2 and select.select([monitor], [], [], 5.0)[0]:
             event = monitor.poll(timeout=0)
             if event is not None:

@@ -2,9 +2,10 @@
 
 Each selected PCI function is one device (ID = its PCI address), carrying its IOMMU group and
 NUMA node. A function is Healthy only when it is bound to ``vfio-pci``, its group is viable
-(every member bound to ``vfio-pci``, ``pci-stub`` or nothing, as the kernel requires), the group
-node exists and its group serves a single resource. Everything else is listed Unhealthy with the
-reason, so ``status`` and ``discover`` say what to fix.
+(every other member bound to a VFIO driver, to one that leaves DMA alone -- ``pci-stub``,
+``pcieport`` -- or to none, as the kernel requires), the group node exists and the group serves a
+single resource. Everything else is listed Unhealthy with the reason, so ``status`` and
+``discover`` say what to fix.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from dpkit.kvm_vfio.names import default_resource_name, device_name, pci_resourc
 from dpkit.kvm_vfio.sysfs import PciFunction, driver_of, group_members
 
 VFIO_DRIVER = "vfio-pci"
-#: drivers the kernel tolerates on the other members of a group handed to VFIO ("" = unbound)
-VIABLE_DRIVERS = ("vfio-pci", "pci-stub", "")
+#: drivers the kernel tolerates on the other members of a group handed to VFIO ("" = unbound):
+#: they claim no DMA (``driver_managed_dma``); VFIO variant drivers end in ``vfio_pci``.
+VIABLE_DRIVERS = ("vfio-pci", "pci-stub", "pcieport", "")
 PERMISSIONS = "mrw"  # what KubeVirt gives VFIO nodes
 
 BIND_HINT = "bind it to vfio-pci (e.g. driverctl set-override {address} vfio-pci)"
@@ -130,7 +132,7 @@ def _problem(f: PciFunction, sys_root: str, dev_root: str, group_resources: dict
     if not f.iommu_group:
         return "has no IOMMU group (the IOMMU is disabled)"
     others = [(m, driver_of(sys_root, m)) for m in group_members(sys_root, f.iommu_group) if m != f.address]
-    blockers = [f"{m} ({d})" for m, d in others if d not in VIABLE_DRIVERS]
+    blockers = [f"{m} ({d})" for m, d in others if d not in VIABLE_DRIVERS and not d.endswith("vfio_pci")]
     if blockers:
         return (f"IOMMU group {f.iommu_group} is not viable: {', '.join(blockers)} "
                 f"{'is' if len(blockers) == 1 else 'are'} not bound to {VFIO_DRIVER}")
