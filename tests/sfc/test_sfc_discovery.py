@@ -41,11 +41,12 @@ def test_plain_nics_without_onload(host: Any, make_vendor: Any) -> None:
 
 def test_onload_spec(host: Any, make_vendor: Any) -> None:
     host.add_nic("0000:03:00.0")
+    host.add_nic("0000:03:00.1")
     host.install_onload()
     (host.dev / "sfc_char").unlink()  # only the nodes that exist are given
     vendor = make_vendor(onload={"preload": True, "env": {"EF_POLL_USEC": 100000, "EF_X": "1,1"},
                                  "container_library_path": "/opt/onload/usr/lib64"})
-    [device] = vendor.discover()[RESOURCE]
+    device, other = vendor.discover()[RESOURCE]
     spec = device.spec
     assert [(n.host_path, n.container_path, n.permissions) for n in spec.devices] == [
         (f"{host.dev}/onload", "/dev/onload", "rw"), (f"{host.dev}/onload_epoll", "/dev/onload_epoll", "rw")]
@@ -57,9 +58,11 @@ def test_onload_spec(host: Any, make_vendor: Any) -> None:
     assert all(m.read_only for m in spec.mounts)
     assert spec.env["LD_PRELOAD"] == "/opt/onload/usr/lib64/libonload.so"
     assert device.attributes["onload"] == "yes" and device.attributes["onload_version"] == "8.1.2.26"
-    # the merged spec keeps an EF_ value verbatim (plain merging would collapse "1,1")
-    merged = vendor.container_spec(RESOURCE, [device])
+    # EF_ values stay verbatim in the device spec and the merged one (plain merging collapses "1,1")
+    assert spec.env["EF_X"] == "1,1"
+    merged = vendor.container_spec(RESOURCE, [device, other])
     assert merged.env["EF_X"] == "1,1" and merged.env["EF_POLL_USEC"] == "100000"
+    assert merged.env["SFC_INTERFACES"] == "ens3f0,ens3f1" and len(merged.devices) == 2
     onload = next(f for f in vendor.explain() if f.subject == "onload")
     assert onload.advertised and "8.1.2.26" in onload.reason
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,3 +47,39 @@ def test_failing_enumeration_falls_back_to_the_walk(host: Any, make_vendor: Any)
     vendor = make_vendor()
     vendor._udev = BrokenUdev()
     assert [d.id for d in vendor.discover()["solarflare.com/sfc"]] == ["0000:03:00.0"]
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.snapshots: list[Any] = []
+        self.event = threading.Event()
+
+    def snapshot(self, snapshot: Any) -> None:
+        self.snapshots.append(snapshot)
+        self.event.set()
+
+    def health(self, *args: Any) -> None:
+        raise AssertionError("the sfc vendor reports whole snapshots")
+
+
+def test_monitor_refused_falls_back_to_polling(host: Any, make_vendor: Any) -> None:
+    class NoMonitor:
+        def pci_paths(self) -> Any:
+            raise OSError("no udev here")
+
+        def monitor(self) -> Any:
+            raise PermissionError("netlink socket refused")
+
+    host.add_nic("0000:03:00.0")
+    vendor = make_vendor()  # resync_interval 0.05 s
+    vendor._udev = NoMonitor()
+    sink, stop = RecordingSink(), threading.Event()
+    thread = threading.Thread(target=vendor.watch, args=(sink, stop), daemon=True)
+    thread.start()
+    try:
+        assert sink.event.wait(5), "no snapshot from the polling fallback"
+        assert [d.id for d in sink.snapshots[0]["solarflare.com/sfc"]] == ["0000:03:00.0"]
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not thread.is_alive()

@@ -176,11 +176,13 @@ class SfcVendor(Vendor):
         health = Health.UNHEALTHY if reasons else Health.HEALTHY
         reason = "; ".join(reasons)
         try:
-            spec = merge_specs((ContainerSpec(env={
+            env = {
                 "SFC_INTERFACES": ",".join(names),
                 "SFC_PCI_ADDRESSES": function.address,
                 f"PCIDEVICE_{_env_suffix(resource)}": function.address,
-            }), onload_spec))
+                **onload_spec.env,
+            }
+            spec = ContainerSpec(devices=onload_spec.devices, mounts=onload_spec.mounts, env=env)
             devices = tuple(Device(i, health, numa, spec, reason, {**attributes, "slot": f"{n + 1}/{len(ids)}"})
                             for n, i in enumerate(ids))
         except ValidationError as exc:
@@ -256,7 +258,13 @@ class SfcVendor(Vendor):
         if self._udev is None:
             super().watch(sink, stop)
             return
-        monitor = self._udev.monitor()
+        try:
+            monitor = self._udev.monitor()
+        except Exception as exc:  # netlink refused (sandbox, seccomp): still see changes, later
+            log.warning("cannot open a udev monitor; polling instead",
+                        extra=kv(error=str(exc), interval=self.poll_interval))
+            super().watch(sink, stop)
+            return
         last = self.discover()  # catch what changed between the first discovery and the monitor start
         sink.snapshot(last)
         resync_at = time.monotonic() + self.settings.resync_interval
