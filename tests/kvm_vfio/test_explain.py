@@ -69,6 +69,7 @@ def test_discover_explains_an_inaccessible_kvm(short_tmp: Path) -> None:
     with os.fdopen(read) as pipe:
         reason = pipe.read()
     assert reason.startswith(f"all 1000 slots Unhealthy: {host.dev / 'kvm'} is not accessible: Permission denied")
+    assert "run the plugin privileged" in reason
 
 
 def test_dpkit_discover_command_runs_the_vendor(host: FakeHost, tmp_path: Path) -> None:

@@ -38,6 +38,16 @@ SHARED_NODES = (
 )
 
 
+ACCESS_HINT = "run the plugin privileged (or allow the node in its device cgroup) and check the node's mode"
+
+
+def hint_for(node: SharedNode, problem: str) -> str:
+    """How to fix ``problem``: load the module when the node is missing, else grant access."""
+    if not problem:
+        return ""
+    return node.hint if problem.endswith("does not exist") else ACCESS_HINT
+
+
 def node_problem(path: str) -> str:
     """Why the node cannot be used ("" when it opens read-write)."""
     try:

@@ -19,7 +19,7 @@ from dpkit.core.vendor import Check, EventSink, Finding, Vendor
 from dpkit.kvm_vfio import watch as uevents
 from dpkit.kvm_vfio.allocation import prefer_groups
 from dpkit.kvm_vfio.config import parse_config
-from dpkit.kvm_vfio.shared import SHARED_NODES, node_problem, slots
+from dpkit.kvm_vfio.shared import SHARED_NODES, hint_for, node_problem, slots
 from dpkit.kvm_vfio.sysfs import iommu_groups, read_functions
 from dpkit.kvm_vfio.vfio import IOMMU_HINT, scan
 
@@ -69,13 +69,13 @@ class KvmVfioVendor(Vendor):
                 self._seen.add(node.name)
             elif not node.always and node.name not in self._seen:
                 findings.append(Finding(host_path, False, f"{problem}; advertised once it appears",
-                                        node.resource, node.hint))
+                                        node.resource, hint_for(node, problem)))
                 continue
             snapshot[node.resource] = slots(node, counts[node.name], host_path, problem)
             findings.append(Finding(host_path, not problem,
                                     f"all {counts[node.name]} slots Unhealthy: {problem}" if problem
                                     else f"{counts[node.name]} shared slots", node.resource,
-                                    node.hint if problem else ""))
+                                    hint_for(node, problem)))
         return snapshot, findings
 
     def _vfio(self) -> tuple[dict[str, tuple[Device, ...]], list[Finding]]:
@@ -142,7 +142,7 @@ class KvmVfioVendor(Vendor):
         kvm = os.path.join(s.dev_root, "kvm")
         problem = node_problem(kvm)
         checks = [Check("/dev/kvm usable", not problem, problem or f"{kvm} opens read-write",
-                        SHARED_NODES[0].hint if problem else "")]
+                        hint_for(SHARED_NODES[0], problem))]
         if s.selectors:
             groups = iommu_groups(s.sys_root)
             checks.append(Check("IOMMU enabled", bool(groups), f"{len(groups)} IOMMU groups", IOMMU_HINT))
