@@ -1,33 +1,131 @@
-"""``dpkit doctor``: one line per check, each failure with a fix hint."""
+"""``dpkit doctor``: one line per check, each failure with a fix hint.
+
+The core checks what every vendor needs (config, plugin directory, kubelet and pod-resources
+sockets, the CDI / NFD / metrics settings, discovery, and that every device node a container
+would get exists and is accessible). Vendors add their own through :meth:`Vendor.doctor`,
+built from the helpers below (kernel module loaded, IOMMU on, driver bound, library
+loadable), which take a ``sys_root`` so they can be tested on a fake sysfs tree.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
+import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from dpkit.core.config import Config
+from dpkit.core.device import DeviceNode
 from dpkit.core.errors import DpkitError
-from dpkit.core.vendor import Check, load_vendor_class
+from dpkit.core.vendor import Check, Vendor, load_vendor_class
+
+MAX_LISTED = 5  # problems named in one line; the rest are counted
 
 
-def _kubelet_reachable(path: Path) -> Check:
-    name = "kubelet socket reachable"
+def _listing(problems: list[str]) -> str:
+    more = f" (+{len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+    return "; ".join(problems[:MAX_LISTED]) + more
+
+
+# -- helpers for vendor checks ------------------------------------------------------------------
+def check_socket(name: str, path: str | Path, hint: str) -> Check:
+    """A unix socket that accepts connections."""
+    path = Path(path)
     if not path.exists():
-        return Check(name, False, f"{path} does not exist",
-                     "is the kubelet running, and is /var/lib/kubelet/device-plugins mounted into the pod?")
+        return Check(name, False, f"{path} does not exist", hint)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(1.0)
     try:
         sock.connect(str(path))
     except OSError as exc:
-        return Check(name, False, f"{path}: {exc.strerror or exc}",
-                     "the kubelet is not accepting connections; check its logs")
+        return Check(name, False, f"{path}: {exc.strerror or exc}", hint)
     finally:
         sock.close()
     return Check(name, True, f"{path} accepts connections")
 
 
+def check_writable_dir(name: str, path: str | Path, hint: str) -> Check:
+    """A directory we can create files in (or create, when its parent allows)."""
+    path = Path(path)
+    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("/"))
+    ok = probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+    detail = f"{path} is writable" if ok and probe == path else (
+        f"{path} can be created" if ok else f"{probe} is {'not writable' if probe.is_dir() else 'not a directory'}")
+    return Check(name, ok, detail, "" if ok else hint)
+
+
+def check_kernel_module(module: str, *, sys_root: str | Path = "/sys", hint: str = "") -> Check:
+    """A kernel module is loaded (``/sys/module/<name>`` exists)."""
+    ok = (Path(sys_root) / "module" / module).is_dir()
+    return Check(f"kernel module {module} loaded", ok, f"{module} is {'loaded' if ok else 'not loaded'}",
+                 "" if ok else hint or f"load it: modprobe {module}")
+
+
+def check_iommu(*, sys_root: str | Path = "/sys") -> Check:
+    """The IOMMU is on: there are IOMMU units or IOMMU groups."""
+    root = Path(sys_root)
+    units = sorted(p.name for p in (root / "class" / "iommu").glob("*"))
+    groups = list((root / "kernel" / "iommu_groups").glob("*"))
+    ok = bool(units or groups)
+    detail = f"{len(groups)} IOMMU groups, units: {', '.join(units) or '-'}" if ok else "no IOMMU groups"
+    return Check("IOMMU enabled", ok, detail, "" if ok else
+                 "enable VT-d / AMD-Vi in the firmware and boot with intel_iommu=on (or amd_iommu=on) iommu=pt")
+
+
+def check_driver_bound(pci_address: str, driver: str, *, sys_root: str | Path = "/sys") -> Check:
+    """A PCI function is bound to ``driver`` (``/sys/bus/pci/devices/<addr>/driver``)."""
+    name = f"{pci_address} bound to {driver}"
+    device = Path(sys_root) / "bus" / "pci" / "devices" / pci_address
+    if not device.exists():
+        return Check(name, False, f"no PCI device {pci_address}", "check the address with lspci -D")
+    link = device / "driver"
+    bound = os.path.basename(os.readlink(link)) if link.is_symlink() else ""
+    if bound == driver:
+        return Check(name, True, f"bound to {driver}")
+    return Check(name, False, f"bound to {bound or 'no driver'}",
+                 f"echo {driver} > {device}/driver_override; "
+                 + (f"echo {pci_address} > {link}/unbind; " if bound else "")
+                 + f"echo {pci_address} > /sys/bus/pci/drivers_probe")
+
+
+def check_library_loadable(library: str, *, hint: str = "") -> Check:
+    """A shared library loads (``dlopen``), e.g. ``libnvidia-ml.so.1`` for NVML."""
+    try:
+        ctypes.CDLL(library)
+    except OSError as exc:
+        return Check(f"{library} loadable", False, str(exc),
+                     hint or f"install the package providing {library} or mount the driver's libraries")
+    return Check(f"{library} loadable", True, "loaded")
+
+
+def check_device_nodes(nodes: Iterable[DeviceNode], name: str = "device nodes present and accessible") -> Check:
+    """Each host device node exists, is a char or block device, and allows what its permissions ask."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    for node in nodes:
+        if node.host_path in seen:
+            continue
+        seen.add(node.host_path)
+        try:
+            mode = os.stat(node.host_path).st_mode
+        except OSError as exc:
+            problems.append(f"{node.host_path}: {exc.strerror or exc}")
+            continue
+        if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+            problems.append(f"{node.host_path}: not a device node")
+            continue
+        wanted = (os.R_OK if "r" in node.permissions else 0) | (os.W_OK if "w" in node.permissions else 0)
+        if wanted and not os.access(node.host_path, wanted):
+            problems.append(f"{node.host_path}: no {node.permissions} access")
+    if problems:
+        return Check(name, False, _listing(problems),
+                     "load the driver that creates the nodes, and mount /dev into the plugin pod")
+    return Check(name, True, f"{len(seen)} device node(s) ok" if seen else "no device nodes to check")
+
+
+# -- the core's checks --------------------------------------------------------------------------
 def core_checks(config: Config, config_error: str) -> list[Check]:
     checks = [
         Check("config valid", not config_error, config_error or f"{config.source} loaded",
@@ -38,7 +136,67 @@ def core_checks(config: Config, config_error: str) -> list[Check]:
     checks.append(Check("plugin directory writable", writable,
                         f"{plugin_dir} {'is writable' if writable else 'is missing or not writable'}",
                         "mount the host's /var/lib/kubelet/device-plugins read-write into the pod"))
-    checks.append(_kubelet_reachable(config.kubelet_socket_path))
+    checks.append(check_socket("kubelet socket reachable", config.kubelet_socket_path,
+                               "is the kubelet running, and is /var/lib/kubelet/device-plugins mounted into the pod?"))
+    checks.append(check_writable_dir("state directory usable", config.state_dir,
+                                     "state_dir must be a writable local directory (an emptyDir is fine)"))
+    if config.pod_resources_socket:
+        checks.append(check_socket("pod-resources socket reachable", config.pod_resources_socket,
+                                   "mount the host's /var/lib/kubelet/pod-resources into the pod (needed for "
+                                   "'HELD BY' in dpkit status), or set pod_resources_socket: '' to skip it"))
+    if config.cdi_allocate and not config.cdi_dir:
+        checks.append(Check("CDI settings", False, "cdi_allocate is true but cdi_dir is empty",
+                            "set cdi_dir: /var/run/cdi, or cdi_allocate: false"))
+    if config.cdi_dir:
+        checks.append(check_writable_dir("CDI spec directory writable", config.cdi_dir,
+                                         f"mount the host's {config.cdi_dir} read-write into the pod"))
+    if config.nfd_features_dir:
+        checks.append(check_writable_dir("NFD features directory writable", config.nfd_features_dir,
+                                         f"mount the host's {config.nfd_features_dir} read-write into the pod"))
+    if config.metrics_address:
+        from dpkit.core.metrics import parse_address
+
+        try:
+            host, port = parse_address(config.metrics_address)
+            checks.append(Check("metrics address valid", True, f"{host}:{port}"))
+        except DpkitError as exc:
+            checks.append(Check("metrics address valid", False, str(exc), "use host:port, e.g. 0.0.0.0:9400"))
+    return checks
+
+
+def vendor_checks(vendor: Vendor) -> list[Check]:
+    """Discovery runs, every device node a container would get is usable, then the vendor's own checks."""
+    checks: list[Check] = []
+    try:
+        snapshot = dict(vendor.discover())
+    except Exception as exc:
+        checks.append(Check(f"vendor {vendor.name} discovery", False, f"{type(exc).__name__}: {exc}",
+                            f"run `dpkit discover {vendor.name}` for details"))
+        snapshot = {}
+    else:
+        total = sum(len(d) for d in snapshot.values())
+        sick = [f"{d.id} ({d.reason or 'unhealthy'})" for devs in snapshot.values() for d in devs if not d.healthy]
+        detail = f"{total} device(s) in {len(snapshot)} resource(s)"
+        if sick:
+            detail += f"; unhealthy: {_listing(sick)}"
+        checks.append(Check(f"vendor {vendor.name} discovery", True, detail))
+    nodes: list[DeviceNode] = []
+    spec_errors: list[str] = []
+    for resource, devices in snapshot.items():
+        for device in devices:
+            try:
+                nodes.extend(vendor.container_spec(resource, [device]).devices)
+            except Exception as exc:
+                spec_errors.append(f"{device.id}: {exc}")
+    if spec_errors:
+        checks.append(Check("container specs valid", False, _listing(spec_errors),
+                            "a vendor bug or bad hardware data; see the plugin's log"))
+    if snapshot:
+        checks.append(check_device_nodes(nodes))
+    try:
+        checks.extend(vendor.doctor())
+    except Exception as exc:
+        checks.append(Check(f"vendor {vendor.name} checks", False, f"{type(exc).__name__}: {exc}"))
     return checks
 
 
@@ -52,9 +210,7 @@ def run_checks(vendor_name: str, config: Config, config_error: str = "") -> list
         return checks
     checks.append(Check(f"vendor {vendor_name} loads", True, type(vendor).__module__))
     try:
-        checks.extend(vendor.doctor())
-    except Exception as exc:
-        checks.append(Check(f"vendor {vendor_name} checks", False, f"{type(exc).__name__}: {exc}"))
+        checks.extend(vendor_checks(vendor))
     finally:
         vendor.close()
     return checks

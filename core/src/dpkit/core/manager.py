@@ -271,7 +271,7 @@ class Manager:
         server = ResourceServer(
             resource, self.vendor, self.config.plugin_dir,
             observer=next((o for o in self.observers if hasattr(o, "rpc")), None),
-            cdi_spec=None,
+            cdi_spec=cdi.cdi_spec if cdi is not None and self.config.cdi_allocate else None,
             cdi_allocate=bool(self.config.cdi_allocate and cdi is not None),
         )
         try:
@@ -382,6 +382,10 @@ class Manager:
                     for d in devices
                 ],
             })
+        extra = {k: v for o in self.observers for k, v in (_call(o, "status_fields", self) or {}).items()}
+        holders = extra.get("pod_resources", {}).get("holders", {})  # which pod holds which device
+        for entry in resources:
+            entry["holders"] = holders.get(entry["name"], {})
         return {
             "vendor": self.vendor.name,
             "pid": os.getpid(),
@@ -395,7 +399,7 @@ class Manager:
             "probes": [p.as_status(now) for p in (self.probes.probes.values() if self.probes else [])],
             "reloads": self.reloads,
             "errors": list(self.errors.entries),
-            **{k: v for o in self.observers for k, v in (_call(o, "status_fields", self) or {}).items()},
+            **extra,
         }
 
     def _answer_control(self) -> None:

@@ -3,18 +3,86 @@
 An observer is any object with some of ``on_devices(manager)``, ``rpc(resource, method,
 seconds, ok)``, ``on_link_event(kind, resource)``, ``on_probe_event(kind, probe)``,
 ``status_fields(manager)`` and ``close()``; the manager calls what exists.
+
+=========================  ==========================================  =====================
+config key                 integration                                 module
+=========================  ==========================================  =====================
+``pod_resources_socket``   which pod/container holds each device       :mod:`podresources`
+``cdi_dir``                CDI spec files (+ ``cdi_allocate``)         :mod:`cdi`
+``nfd_features_dir``       node-feature-discovery label file           :mod:`labels`
+``metrics_address``        Prometheus endpoint                         :mod:`metrics`
+=========================  ==========================================  =====================
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from dpkit.core.errors import ConfigError
+from dpkit.core.logs import get_logger, kv
 
 if TYPE_CHECKING:
     from dpkit.core.manager import Manager
 
+log = get_logger("observers")
+
 
 def attach_observers(manager: Manager) -> list[Any]:
-    """Attach the integrations the config enables; returns them (for tests)."""
+    """Attach the integrations the config enables, before ``manager.start()``; returns them.
+
+    Raises :class:`ConfigError` naming the key when the settings contradict each other or an
+    address is malformed.
+    """
+    from dpkit.core.cdi import CdiWriter
+    from dpkit.core.labels import NodeLabelWriter
+    from dpkit.core.metrics import Metrics
+    from dpkit.core.podresources import PodResourcesView
+
+    config = manager.config
+    if config.cdi_allocate and not config.cdi_dir:
+        raise ConfigError(f"{config.source}: key 'cdi_allocate' is true but 'cdi_dir' is empty; "
+                          "set cdi_dir (usually /var/run/cdi) or turn cdi_allocate off")
     attached: list[Any] = []
+    view = PodResourcesView(config.pod_resources_socket) if config.pod_resources_socket else None
+    if view is not None:
+        attached.append(view)
+    if config.cdi_dir:
+        attached.append(CdiWriter(manager, config.cdi_dir))
+    if config.nfd_features_dir:
+        attached.append(NodeLabelWriter(config.nfd_features_dir))
+    if config.metrics_address:
+        attached.append(Metrics(manager, config.metrics_address, pod_view=view))
     manager.observers.extend(attached)
     return attached
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text`` so readers see the old or the new file, never a torn one.
+
+    The temporary file is hidden (leading dot, no ``.json``), so neither the CDI cache nor
+    NFD's local source picks it up half-written.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)  # the umask must not make it unreadable for the runtime
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove a file we wrote; a failure is logged, never raised (shutdown must go on)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove file", extra=kv(file=str(path), error=exc.strerror or str(exc)))
