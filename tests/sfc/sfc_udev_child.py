@@ -98,7 +98,7 @@ def wait_reason(manager: Manager, device: str, expected: str, timeout: float = 5
         time.sleep(0.01)
 
 
-def watch_mode() -> None:
+def watch_mode(source: str) -> None:
     tb = umock.testbed()
     sys_dir = umock.testbed_dir() / "sys"
     a, b = "0000:03:00.0", "0000:03:00.1"
@@ -107,7 +107,8 @@ def watch_mode() -> None:
     a_path, a_net = f"/sys{BRIDGE}/{a}", f"/sys{BRIDGE}/{a}/net/ens3f0"
     short = Path(tempfile.mkdtemp(prefix="dpk-sfc-", dir="/tmp"))
     kubelet = Kubelet(short / "dp").start()
-    vendor = SfcVendor({"dev_root": str(short), "onload": {"library_path": str(short)}, "resync_interval": 3600})
+    vendor = SfcVendor({"dev_root": str(short), "onload": {"library_path": str(short)}, "resync_interval": 3600,
+                         "udev_source": source})
     manager = Manager(vendor, Config(plugin_dir=str(short / "dp"), state_dir=str(short / "st")))
     try:
         manager.start()
@@ -182,7 +183,7 @@ if __name__ == "__main__":
     if mode == "enumerate":
         enumerate_mode(sys.argv[2])
     elif mode == "watch":
-        watch_mode()
+        watch_mode(sys.argv[2])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -7,9 +7,12 @@ The devices live in a sysfs-shaped temp tree, so changes are found by polling (r
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from dpkit.core.cli import main as dpkit_main
@@ -76,6 +79,16 @@ def test_pools_register_separately_and_slots_share_health(host: Any, kubelet: Ku
     assert kubelet.allocatable(RESOURCE) == 1
 
 
+@pytest.fixture
+def cli_logging() -> Iterator[None]:
+    """The CLI points the dpkit logger at pytest's captured stderr; put it back afterwards."""
+    logger = logging.getLogger("dpkit")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.mark.usefixtures("cli_logging")
 def test_cli_discover_and_doctor(host: Any, tmp_path: Path, capsys: Any) -> None:
     host.add_nic("0000:03:00.0")
     host.add_nic("0000:03:00.1", {}, driver="vfio-pci")
@@ -94,6 +107,7 @@ def test_cli_discover_and_doctor(host: Any, tmp_path: Path, capsys: Any) -> None
     assert "[FAIL] onload libraries" in out
 
 
+@pytest.mark.usefixtures("cli_logging")
 def test_bad_vendor_config_is_a_clean_cli_error(tmp_path: Path, capsys: Any) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"vendor": {"pools": [{"resource": "bad"}]}}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,8 +113,12 @@ def read_interface(path: Path, problems: list[str]) -> NetInterface | None:
     )
 
 
-def read_function(path: Path | str) -> PciFunction | None:
-    """Everything we need from one PCI function's sysfs directory; None when it is not one."""
+def read_function(path: Path | str, gone: Collection[str] = ()) -> PciFunction | None:
+    """Everything we need from one PCI function's sysfs directory; None when it is not one.
+
+    Interfaces whose sysfs path is in ``gone`` (a remove uevent arrived, the directory may
+    linger for a moment) are left out.
+    """
     path = Path(path)
     address = path.name.lower()
     if not PCI_ADDRESS.match(address):
@@ -126,6 +131,8 @@ def read_function(path: Path | str) -> PciFunction | None:
     except OSError:
         names = []
     for name in names:
+        if str(path / "net" / name) in gone:
+            continue
         interface = read_interface(path / "net" / name, problems)
         if interface is not None:
             interfaces.append(interface)

@@ -12,8 +12,7 @@ import os
 import re
 import stat
 import threading
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,9 @@ from dpkit.sfc.config import SfcConfig, parse_config
 from dpkit.sfc.pools import assign, slot_ids
 from dpkit.sfc.sysfs import PciFunction, read_function, read_text, read_version, walk_pci
 from dpkit.sfc.udev import Udev
+from dpkit.sfc.watch import follow_uevents
 
 log = get_logger("sfc")
-#: seconds after a uevent before a second, settling discovery
-SETTLE_DELAY = 0.2
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -82,8 +80,11 @@ class SfcVendor(Vendor):
         return "udev" if self._udev is not None else f"sysfs walk of {self.settings.sys_root}"
 
     # -- discovery -----------------------------------------------------------------------
-    def _scan(self) -> tuple[list[PciFunction], list[Finding]]:
-        """Our vendor's PCI functions, and findings about everything odd on the way."""
+    def _scan(self, gone: Collection[str]) -> tuple[list[PciFunction], list[Finding]]:
+        """Our vendor's PCI functions, and findings about everything odd on the way.
+
+        ``gone``: sysfs paths a remove uevent announced, skipped even if still present.
+        """
         findings: list[Finding] = []
         if self._udev is not None:
             try:
@@ -95,10 +96,12 @@ class SfcVendor(Vendor):
             paths = walk_pci(self.settings.sys_root)
         functions = []
         for path in paths:
+            if str(path) in gone:
+                continue
             vendor_id = (read_text(path / "vendor") or "").lower()
             if vendor_id not in self.settings.vendor_ids:
                 continue
-            function = read_function(path)
+            function = read_function(path, gone)
             if function is None:
                 findings.append(Finding(subject=path.name[:80], advertised=False,
                                         reason="not a valid PCI address; ignored"))
@@ -107,8 +110,11 @@ class SfcVendor(Vendor):
         return functions, findings
 
     def discover(self) -> Snapshot:
+        return self._discover(frozenset())
+
+    def _discover(self, gone: Collection[str]) -> Snapshot:
         with self._lock:
-            functions, findings = self._scan()
+            functions, findings = self._scan(gone)
             state = onload.detect(self.settings.onload, self.settings.dev_root, self.settings.sys_root)
             onload_spec, onload_problem = self._onload_spec(state)
             snapshot: dict[str, list[Device]] = {r: [] for r in self.settings.resources}
@@ -125,8 +131,8 @@ class SfcVendor(Vendor):
                 findings.extend(self._function_findings(function, resource, devices))
             for address, known in self._known.items():
                 if address not in seen:
-                    gone = tuple(d.with_health(Health.UNHEALTHY, "removed from the host") for d in known.devices)
-                    snapshot.setdefault(known.resource, []).extend(gone)
+                    removed = tuple(d.with_health(Health.UNHEALTHY, "removed from the host") for d in known.devices)
+                    snapshot.setdefault(known.resource, []).extend(removed)
                     findings.append(Finding(subject=address, advertised=True, resource=known.resource,
                                             reason="removed from the host; listed Unhealthy until it returns"))
             findings.append(self._onload_finding(state, onload_problem))
@@ -248,12 +254,10 @@ class SfcVendor(Vendor):
 
     # -- watch ---------------------------------------------------------------------------
     def watch(self, sink: EventSink, stop: threading.Event) -> None:
-        """Re-discover on every relevant uevent, once more shortly after, and every ``resync_interval``.
+        """Re-discover on uevents (see :func:`~dpkit.sfc.watch.follow_uevents`).
 
-        The kernel announces a removal while the sysfs directory still exists, and a bound
-        driver creates its netdev a moment after the ``bind`` event, so one discovery right
-        at the event can see a half-done change: the second one, ``SETTLE_DELAY`` later,
-        sees the result. Without udev (a test tree, or no libudev in the image) this polls.
+        Without udev (a test tree, no libudev in the image, netlink refused) this polls every
+        ``resync_interval`` seconds instead.
         """
         if self._udev is None:
             super().watch(sink, stop)
@@ -265,29 +269,7 @@ class SfcVendor(Vendor):
                         extra=kv(error=str(exc), interval=self.poll_interval))
             super().watch(sink, stop)
             return
-        last = self.discover()  # catch what changed between the first discovery and the monitor start
-        sink.snapshot(last)
-        resync_at = time.monotonic() + self.settings.resync_interval
-        settle_at: float | None = None
-        while not stop.is_set():
-            due = resync_at if settle_at is None else min(resync_at, settle_at)
-            events = monitor.wait(max(0.0, due - time.monotonic()), stop)
-            if stop.is_set():
-                return
-            now = time.monotonic()
-            if events:
-                for action, subsystem, path in events:
-                    log.debug("uevent", extra=kv(action=action, subsystem=subsystem, path=path))
-                settle_at = now + SETTLE_DELAY
-            elif now < due:
-                continue  # only irrelevant events (virtual interfaces)
-            elif settle_at is not None and now >= settle_at:
-                settle_at = None
-            current = self.discover()
-            resync_at = time.monotonic() + self.settings.resync_interval
-            if current != last:
-                sink.snapshot(current)
-                last = current
+        follow_uevents(monitor, self._discover, sink, stop, self.settings.resync_interval)
 
     # -- allocation ----------------------------------------------------------------------
     def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
