@@ -155,7 +155,7 @@ class KvmVfioVendor(Vendor):
                                 "modprobe vfio; mount the host's /dev into the plugin pod"))
         monitor = uevents.open_monitor(s.uevent_source)
         checks.append(Check("uevent monitor", monitor is not None,
-                            f"listening to {s.uevent_source} uevents" if monitor else "cannot open",
+                            f"listening to {s.uevent_source} uevents" if monitor is not None else "cannot open",
                             "run the plugin pod with hostNetwork: true (uevents are per network namespace)"))
         return checks
 
