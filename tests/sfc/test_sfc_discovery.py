@@ -230,3 +230,13 @@ def test_registered_as_entry_point() -> None:
     from dpkit.core.vendor import load_vendor_class
 
     assert load_vendor_class("sfc") is SfcVendor
+
+
+def test_odd_entries_under_bus_pci_are_ignored(host: Any, make_vendor: Any) -> None:
+    odd = host.sys / "bus" / "pci" / "devices" / "not-an-address"
+    odd.mkdir()
+    (odd / "vendor").write_text("0x1924\n")
+    host.add_nic("0000:03:00.0")
+    vendor = make_vendor()
+    assert [d.id for d in vendor.discover()[RESOURCE]] == ["0000:03:00.0"]
+    assert any(f.subject == "not-an-address" and "not a valid PCI address" in f.reason for f in vendor.explain())
