@@ -111,9 +111,9 @@ class ContainerSpec:
     def merge(self, other: ContainerSpec) -> ContainerSpec:
         """Union of two specs.
 
-        Device nodes and mounts are de-duplicated by container path (the first wins); env
-        values that differ for one name are joined with commas, the way device lists such as
-        ``NVIDIA_VISIBLE_DEVICES`` or ``PCI_RESOURCE_*`` are written.
+        Device nodes and mounts are de-duplicated by container path (the first wins); distinct
+        env values for one name are joined with commas in order, the way device lists such as
+        ``NVIDIA_VISIBLE_DEVICES`` or ``PCI_RESOURCE_*`` are written; equal values appear once.
         """
         return merge_specs((self, other))
 
@@ -135,9 +135,8 @@ def merge_specs(specs: Iterable[ContainerSpec]) -> ContainerSpec:
             mounts.setdefault(mount.container_path, mount)
         for name, value in spec.env.items():
             values = env.setdefault(name, [])
-            for part in value.split(",") if value else [value]:
-                if part not in values:
-                    values.append(part)
+            if value not in values:  # whole values: "1,1" from one device stays as written
+                values.append(value)
         for key, value in spec.annotations.items():
             annotations.setdefault(key, value)
         for name in spec.cdi_devices:
