@@ -107,6 +107,10 @@ class NodeLabelWriter:
             for problem in refused:
                 log.error("node label refused", extra=kv(problem=problem))
         self.refused = refused
+        if not labels:  # nothing to say: no file rather than an empty one
+            self.close()
+            self.labels, self.last_error = {}, ""
+            return
         text = render(labels, vendor.name)
         if len(text.encode()) > MAX_FILE_BYTES:
             self._fail(f"{len(labels)} labels take {len(text.encode())} bytes; NFD reads at most {MAX_FILE_BYTES}")

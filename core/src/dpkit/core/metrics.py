@@ -74,6 +74,8 @@ class Metrics:
         self.pod_view = pod_view
         self.host, port = parse_address(address)
         self.registry = CollectorRegistry(auto_describe=False)
+        # first, so the error counter a scrape bumps is exported in that same scrape
+        self.registry.register(_StateCollector(self))
         self.allocations = Counter("dpkit_allocations", "Successful Allocate calls.", ["resource"],
                                    registry=self.registry)
         self.rpc_errors = Counter("dpkit_rpc_errors", "Failed device-plugin RPCs (Allocate, ListAndWatch, "
@@ -93,13 +95,11 @@ class Metrics:
                                       "falling silent or dying.", ["probe"], registry=self.registry)
         self.vendor_errors = Counter("dpkit_vendor_metric_errors", "Vendor metric samples dropped, or "
                                      "metric_samples() calls that failed.", registry=self.registry)
-        self.registry.register(_StateCollector(self))
         self.reserved = {"dpkit_allocations", "dpkit_rpc_errors", "dpkit_rpc_duration_seconds",
                          "dpkit_list_and_watch_updates", "dpkit_registrations", "dpkit_kubelet_restarts",
                          "dpkit_probe_heartbeats", "dpkit_probe_restarts", "dpkit_vendor_metric_errors",
                          *_StateCollector.NAMES}
         self._devices: dict[str, tuple[Device, ...]] = {}
-        self._silent: dict[str, bool] = {}
         self._vendor_problems: set[str] = set()
         self.error = ""
         self.port = port
@@ -140,7 +140,6 @@ class Metrics:
     def on_devices(self, manager: Manager) -> None:
         """Keep an immutable copy for scrapes, which run on the HTTP server's threads."""
         self._devices = {r: tuple(manager.effective.get(r, {}).values()) for r in manager.servers}
-        self._silent = {p.probe.name: p.silent for p in (manager.probes.probes.values() if manager.probes else ())}
 
     def status_fields(self, manager: Manager) -> dict[str, Any]:
         return {"metrics": {"address": f"{self.host}:{self.port}", "serving": self._server is not None,
@@ -217,8 +216,9 @@ class _StateCollector:
         yield from (count, healthy, registered)
         silent = GaugeMetricFamily("dpkit_probe_silent", "1 while a health probe is silent (its devices are "
                                    "marked Unhealthy).", labels=["probe"])
-        for probe, is_silent in sorted(m._silent.items()):
-            silent.add_metric([probe], 1 if is_silent else 0)
+        states = list(manager.probes.probes.values()) if manager.probes is not None else []  # a copy: thread-safe
+        for state in sorted(states, key=lambda s: s.probe.name):
+            silent.add_metric([state.probe.name], 1 if state.silent else 0)
         yield silent
         if m.pod_view is not None:
             yield from self._holders(m.pod_view, devices)
