@@ -111,3 +111,16 @@ def test_pack_numa_answer_is_always_valid():
 
 def test_socket_names_are_safe_path_components():
     assert socket_name_for("cex.s390.ibm.com/set_1") == "dpkit-cex.s390.ibm.com_set_1.sock"
+
+
+def test_status_and_discover_fold_alike_devices():
+    from dpkit.core.control import collapse
+
+    devices = [{"id": f"kvm{i}", "health": "Healthy", "numa": [], "reason": "", "attributes": {}} for i in range(1000)]
+    devices[500] = {**devices[500], "health": "Unhealthy", "reason": "gone"}
+    devices += [{"id": "x", "health": "Healthy", "numa": [0], "reason": "", "attributes": {}}]
+    rows = collapse(devices, {"kvm7": "default/vm"})
+    assert [(first, last, count) for first, last, count, _ in rows] == [
+        ("kvm0", "kvm6", 7), ("kvm7", "kvm7", 1), ("kvm8", "kvm499", 492), ("kvm500", "kvm500", 1),
+        ("kvm501", "kvm999", 499), ("x", "x", 1)]
+    assert sum(count for _, _, count, _ in rows) == len(devices)

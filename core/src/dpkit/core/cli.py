@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dpkit.core.config import Config, load_config
+from dpkit.core.control import collapse
 from dpkit.core.errors import DpkitError
 from dpkit.core.logs import get_logger, setup_logging
 from dpkit.core.vendor import Vendor, installed_vendors, load_vendor_class
@@ -83,11 +84,12 @@ def format_discovery(report: dict[str, Any]) -> str:
     lines = [f"vendor {report['vendor']}"]
     for res in report["resources"]:
         lines.append(f"{res['name']}: {res['healthy']}/{len(res['devices'])} healthy")
-        for dev in res["devices"]:
+        for first, last, count, dev in collapse(res["devices"]):
             mark = "+" if dev["health"] == "Healthy" else "!"
             extra = f"  ({dev['reason']})" if dev["reason"] else ""
             attrs = " ".join(f"{k}={v}" for k, v in dev["attributes"].items())
-            lines.append(f"  {mark} {dev['id']:<24} {dev['health']:<9} numa={dev['numa'] or '-'} {attrs}{extra}")
+            name = first if count == 1 else f"{first}..{last} ({count})"
+            lines.append(f"  {mark} {name:<24} {dev['health']:<9} numa={dev['numa'] or '-'} {attrs}{extra}")
     if report["findings"]:
         lines.append("not advertised / notes:")
         for f in report["findings"]:

@@ -35,6 +35,34 @@ def query(state_dir: str | Path, command: str = "status", timeout: float = 3.0) 
     return reply
 
 
+def collapse(
+    devices: list[dict[str, Any]], holders: dict[str, str] | None = None, min_run: int = 4
+) -> list[tuple[str, str, int, dict[str, Any]]]:
+    """Fold runs of devices that look alike (shared slots such as 1000 kvm slots) into one row.
+
+    Returns (first id, last id, count, representative) per row; runs shorter than ``min_run``
+    stay one row per device.
+    """
+    holders = holders or {}
+
+    def look(dev: dict[str, Any]) -> tuple[Any, ...]:
+        return (dev["health"], tuple(dev["numa"]) if isinstance(dev["numa"], list) else dev["numa"],
+                dev["reason"], tuple(sorted(dev.get("attributes", {}).items())), holders.get(dev["id"]))
+
+    rows: list[tuple[str, str, int, dict[str, Any]]] = []
+    run: list[dict[str, Any]] = []
+    for dev in [*devices, None]:
+        if dev is not None and run and look(dev) == look(run[0]):
+            run.append(dev)
+            continue
+        if len(run) >= min_run:
+            rows.append((run[0]["id"], run[-1]["id"], len(run), run[0]))
+        else:
+            rows.extend((d["id"], d["id"], 1, d) for d in run)
+        run = [dev] if dev is not None else []
+    return rows
+
+
 def format_status(status: dict[str, Any]) -> str:
     """A table for people; ``--json`` gives the same data to machines."""
     lines = [
@@ -50,11 +78,13 @@ def format_status(status: dict[str, Any]) -> str:
         if res["last_error"]:
             lines.append(f"  last error: {res['last_error']}")
         holders = res.get("holders", {})
-        width = max([len(d["id"]) for d in res["devices"]] + [6])
+        rows = [(first if count == 1 else f"{first}..{last} ({count})", dev)
+                for first, last, count, dev in collapse(res["devices"], holders)]
+        width = max([len(name) for name, _ in rows] + [6])
         lines.append(f"  {'DEVICE':<{width}}  {'HEALTH':<9}  {'NUMA':<5}  {'HELD BY':<24}  REASON")
-        for dev in res["devices"]:
+        for name, dev in rows:
             numa = ",".join(str(n) for n in dev["numa"]) or "-"
-            lines.append(f"  {dev['id']:<{width}}  {dev['health']:<9}  {numa:<5}  "
+            lines.append(f"  {name:<{width}}  {dev['health']:<9}  {numa:<5}  "
                          f"{holders.get(dev['id'], '-'):<24}  {dev['reason']}".rstrip())
     if status.get("probes"):
         lines.append("")

@@ -310,7 +310,10 @@ class Manager:
             for device in devices:
                 old = before.get(device.id)
                 if old is None:
-                    if before or source != "discover":
+                    if not device.healthy:  # including at start: the reason must reach the log once
+                        log.warning("device unhealthy", extra=kv(resource=resource, device=device.id,
+                                                                  reason=device.reason, source=source))
+                    elif before or source != "discover":
                         log.info("device added", extra=kv(resource=resource, device=device.id, health=device.health))
                 elif old.health != device.health:
                     if device.healthy:
