@@ -1,0 +1,218 @@
+"""Crypto config sets: the ``cex_resources.json`` file of IBM's ``cex-resources-config`` ConfigMap.
+
+The file is accepted unchanged::
+
+    {"cryptoconfigsets": [{"setname": "cca1", "project": "blue", "cexmode": "cca",
+                           "mincexgen": "cex7", "overcommit": 2, "livesysfs": 1,
+                           "apqns": [{"adapter": 1, "domain": 6, "machineid": ""}]}]}
+
+Each set becomes the extended resource ``cex.s390.ibm.com/<setname>``. Every error names the
+file and the key path (``cryptoconfigsets[1].apqns[0].domain``). As in IBM's plugin, an APQN
+may appear once in the whole file unless every occurrence is pinned to a different machine.
+Unknown keys are ignored (IBM's parser ignores them too) but reported, to catch typos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpkit.core.errors import ConfigError, ValidationError
+from dpkit.core.validation import check_resource_name
+
+RESOURCE_DOMAIN = "cex.s390.ibm.com"
+MODES = ("cca", "ep11", "accel")
+MAX_SET_OVERCOMMIT = 1000
+_GEN = re.compile(r"^cex([1-9][0-9]?)$")
+_SET_KEYS = {"setname", "project", "cexmode", "mincexgen", "overcommit", "livesysfs", "apqns"}
+_APQN_KEYS = {"adapter", "domain", "machineid"}
+
+
+@dataclass(frozen=True)
+class ApqnDef:
+    """One APQN of a set; ``machineid`` pins it to one machine ("" = any machine)."""
+
+    adapter: int
+    domain: int
+    machineid: str = ""
+
+    def applies_to(self, machine_id: str | None) -> bool:
+        return not self.machineid or self.machineid == machine_id
+
+
+@dataclass(frozen=True)
+class ConfigSet:
+    """One crypto config set; ``cexmode`` "" accepts any mode, ``mincexgen`` None any generation."""
+
+    setname: str
+    project: str
+    cexmode: str
+    mincexgen: int | None
+    overcommit: int
+    livesysfs: bool
+    apqns: tuple[ApqnDef, ...]
+
+    @property
+    def resource(self) -> str:
+        return f"{RESOURCE_DOMAIN}/{self.setname}"
+
+
+@dataclass(frozen=True)
+class CryptoConfig:
+    """A verified config file: its sets, a digest to notice changes, and ignored keys."""
+
+    sets: tuple[ConfigSet, ...]
+    digest: str
+    source: str
+    ignored: tuple[str, ...] = ()
+
+    def by_resource(self, resource: str) -> ConfigSet | None:
+        return next((s for s in self.sets if s.resource == resource), None)
+
+    def uses_machine_ids(self) -> bool:
+        return any(a.machineid for s in self.sets for a in s.apqns)
+
+
+def _int(where: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{where}: expected an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def _str(where: str, value: Any, *, required: bool = False) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value):
+        raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _parse_apqn(where: str, raw: Any, ignored: list[str]) -> ApqnDef:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected an object with adapter and domain, got {raw!r}")
+    ignored += [f"{where}.{k}" for k in raw if k not in _APQN_KEYS]
+    for key in ("adapter", "domain"):
+        if key not in raw:
+            raise ConfigError(f"{where}.{key}: missing")
+    return ApqnDef(_int(f"{where}.adapter", raw["adapter"], 0, 255),
+                   _int(f"{where}.domain", raw["domain"], 0, 255),
+                   _str(f"{where}.machineid", raw.get("machineid")))
+
+
+def _parse_set(where: str, raw: Any, overcommit: int, livesysfs: bool, ignored: list[str]) -> ConfigSet:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected an object, got {type(raw).__name__}")
+    ignored += [f"{where}.{k}" for k in raw if k not in _SET_KEYS]
+    setname = _str(f"{where}.setname", raw.get("setname"), required=True)
+    try:
+        check_resource_name(f"{RESOURCE_DOMAIN}/{setname}")
+    except ValidationError as exc:
+        raise ConfigError(f"{where}.setname: {setname!r} cannot name a resource: {exc}") from None
+    where = f"{where} ({setname})"
+    cexmode = _str(f"{where}.cexmode", raw.get("cexmode"))
+    if cexmode and cexmode not in MODES:
+        raise ConfigError(f"{where}.cexmode: expected one of {', '.join(MODES)}, got {cexmode!r}")
+    gen_text = _str(f"{where}.mincexgen", raw.get("mincexgen"))
+    match = _GEN.match(gen_text)
+    if gen_text and (match is None or int(match.group(1)) < 4):
+        raise ConfigError(f"{where}.mincexgen: expected 'cex4', 'cex5', ..., got {gen_text!r}")
+    set_overcommit = raw.get("overcommit")
+    if set_overcommit is not None:
+        set_overcommit = _int(f"{where}.overcommit", set_overcommit, -1, MAX_SET_OVERCOMMIT)
+    live_raw = raw.get("livesysfs")
+    if live_raw is None:
+        live = livesysfs
+    elif isinstance(live_raw, bool):
+        live = live_raw
+    else:
+        live = _int(f"{where}.livesysfs", live_raw, 0, 1) == 1
+    apqns_raw = raw.get("apqns") or []
+    if not isinstance(apqns_raw, list):
+        raise ConfigError(f"{where}.apqns: expected a list, got {type(apqns_raw).__name__}")
+    return ConfigSet(
+        setname=setname,
+        project=_str(f"{where}.project", raw.get("project"), required=True),
+        cexmode=cexmode,
+        mincexgen=int(match.group(1)) if match else None,
+        # absent, 0 or negative: the cluster default (IBM: APQN_OVERCOMMIT_LIMIT)
+        overcommit=set_overcommit if set_overcommit and set_overcommit > 0 else overcommit,
+        livesysfs=live,
+        apqns=tuple(_parse_apqn(f"{where}.apqns[{i}]", a, ignored) for i, a in enumerate(apqns_raw)),
+    )
+
+
+def _check_overlaps(sets: tuple[ConfigSet, ...], source: str) -> None:
+    """An APQN twice in the file is an error unless each use is pinned to a different machine."""
+    seen: dict[tuple[int, int], list[tuple[str, str]]] = {}
+    for s in sets:
+        for a in s.apqns:
+            for other_set, other_machine in seen.get((a.adapter, a.domain), []):
+                if not a.machineid or not other_machine or a.machineid == other_machine:
+                    where = "twice in set" if other_set == s.setname else f"in sets {other_set!r} and"
+                    raise ConfigError(
+                        f"{source}: APQN ({a.adapter},{a.domain}) appears {where} {s.setname!r}; "
+                        "sets must not overlap (pin each use to a different machineid, or remove one)")
+            seen.setdefault((a.adapter, a.domain), []).append((s.setname, a.machineid))
+
+
+def parse_crypto_config(text: str, source: str, *, overcommit: int = 1, livesysfs: bool = True) -> CryptoConfig:
+    """Verify a ``cex_resources.json`` text; ``overcommit``/``livesysfs`` fill absent set fields."""
+    try:
+        raw = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a JSON object with 'cryptoconfigsets', got {type(raw).__name__}")
+    sets_raw = raw.get("cryptoconfigsets") or []
+    if not isinstance(sets_raw, list):
+        raise ConfigError(f"{source}: cryptoconfigsets: expected a list, got {type(sets_raw).__name__}")
+    ignored = [k for k in raw if k != "cryptoconfigsets"]
+    sets = tuple(_parse_set(f"{source}: cryptoconfigsets[{i}]", s, overcommit, livesysfs, ignored)
+                 for i, s in enumerate(sets_raw))
+    names = [s.setname for s in sets]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(f"{source}: setname {duplicate!r} is used by more than one set")
+    _check_overlaps(sets, source)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return CryptoConfig(sets, digest, source, tuple(ignored))
+
+
+def read_crypto_config(path: str | Path, *, overcommit: int = 1, livesysfs: bool = True) -> CryptoConfig:
+    """Read and verify the file; a missing or unreadable file names ``vendor.config_file``."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"vendor.config_file: cannot read {path}: {reason}") from None
+    return parse_crypto_config(text, str(path), overcommit=overcommit, livesysfs=livesysfs)
+
+
+def file_digest(path: str | Path) -> str | None:
+    """The digest :func:`parse_crypto_config` would record, or None when unreadable."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def read_machine_id(sysinfo_path: str | Path) -> str | None:
+    """``<Manufacturer>-<Type>-<Sequence Code>`` from /proc/sysinfo, as IBM's machineid field."""
+    try:
+        text = Path(sysinfo_path).read_text(errors="replace")
+    except OSError:
+        return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("Manufacturer", "Type", "Sequence Code") and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    parts = [fields.get(k, "") for k in ("Manufacturer", "Type", "Sequence Code")]
+    return "-".join(parts) if all(parts) else None
