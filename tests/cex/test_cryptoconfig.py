@@ -1,0 +1,165 @@
+"""cex_resources.json: IBM's file accepted unchanged, overlaps refused, every error names its key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dpkit.cex.cryptoconfig import (
+    ApqnDef,
+    file_digest,
+    parse_crypto_config,
+    read_crypto_config,
+    read_machine_id,
+)
+from dpkit.core.errors import ConfigError
+
+# As IBM documents it (appendix: sample CEX resource configuration map), fields and spacing kept.
+IBM_SAMPLE = """
+{
+"cryptoconfigsets":
+[
+    {
+        "setname":   "CCA_for_customer_1",
+        "project":   "customer-1",
+        "cexmode":   "cca",
+        "overcommit": 3,
+        "apqns":
+        [
+            { "adapter": 1, "domain": 6, "machineid": "" },
+            { "adapter": 2, "domain": 6, "machineid": "" }
+        ]
+    },
+    {
+        "setname":   "EP11_for_customer_2",
+        "project":   "customer-2",
+        "cexmode":   "ep11",
+        "mincexgen": "cex7",
+        "livesysfs": 0,
+        "apqns":
+        [
+            { "adapter": 3, "domain": 11, "machineid": "IBM-8561-0000000000012345" },
+            { "adapter": 3, "domain": 11, "machineid": "IBM-8561-00000000000ABCDE" }
+        ]
+    },
+    {
+        "setname":   "Accel",
+        "project":   "customer-3",
+        "cexmode":   "accel",
+        "apqns": []
+    }
+]
+}
+"""
+
+
+def test_ibm_sample_is_accepted_unchanged() -> None:
+    config = parse_crypto_config(IBM_SAMPLE, "cex_resources.json", overcommit=2, livesysfs=True)
+    cca, ep11, accel = config.sets
+    assert [s.resource for s in config.sets] == [
+        "cex.s390.ibm.com/CCA_for_customer_1", "cex.s390.ibm.com/EP11_for_customer_2", "cex.s390.ibm.com/Accel"]
+    assert (cca.cexmode, cca.overcommit, cca.livesysfs, cca.mincexgen) == ("cca", 3, True, None)
+    assert cca.apqns == (ApqnDef(1, 6), ApqnDef(2, 6))
+    # absent overcommit takes the cluster default; livesysfs 0 switches live sysfs off for the set
+    assert (ep11.overcommit, ep11.livesysfs, ep11.mincexgen) == (2, False, 7)
+    assert ep11.apqns[0].applies_to("IBM-8561-0000000000012345")
+    assert not ep11.apqns[0].applies_to("IBM-8561-00000000000ABCDE")
+    assert accel.apqns == ()
+    assert config.uses_machine_ids() and config.ignored == ()
+    assert config.by_resource("cex.s390.ibm.com/Accel") is accel
+
+
+def _sets(*sets: dict[str, Any]) -> str:
+    return json.dumps({"cryptoconfigsets": list(sets)})
+
+
+def _set(name: str = "s1", **fields: Any) -> dict[str, Any]:
+    return {"setname": name, "project": "p", "apqns": [{"adapter": 1, "domain": 5}], **fields}
+
+
+def test_overlapping_sets_are_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"APQN \(1,5\) appears in sets 's1' and 's2'"):
+        parse_crypto_config(_sets(_set("s1"), _set("s2")), "f.json")
+    twice = _set("s1", apqns=[{"adapter": 1, "domain": 5}, {"adapter": 1, "domain": 5}])
+    with pytest.raises(ConfigError, match="twice in set"):
+        parse_crypto_config(_sets(twice), "f.json")
+    pinned_and_free = _set("s2", apqns=[{"adapter": 1, "domain": 5, "machineid": "IBM-1-2"}])
+    with pytest.raises(ConfigError, match="must not overlap"):
+        parse_crypto_config(_sets(_set("s1"), pinned_and_free), "f.json")
+
+
+def test_one_apqn_pinned_to_different_machines_may_serve_two_sets() -> None:
+    a = _set("s1", apqns=[{"adapter": 1, "domain": 5, "machineid": "IBM-8561-1"}])
+    b = _set("s2", apqns=[{"adapter": 1, "domain": 5, "machineid": "IBM-8561-2"}])
+    assert len(parse_crypto_config(_sets(a, b), "f.json").sets) == 2
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"cryptoconfigsets": [', r"f.json: not valid JSON at line 1"),
+    ("[1, 2]", r"f.json: expected a JSON object"),
+    ('{"cryptoconfigsets": {"a": 1}}', r"cryptoconfigsets: expected a list"),
+    (_sets("nope"), r"cryptoconfigsets\[0\]: expected an object"),
+    (_sets(_set(apqns=[{"adapter": 256, "domain": 5}])), r"apqns\[0\].adapter: expected an integer from 0 to 255"),
+    (_sets(_set(apqns=[{"adapter": 1, "domain": "5"}])), r"apqns\[0\].domain: expected an integer"),
+    (_sets(_set(apqns=[{"adapter": 1}])), r"apqns\[0\].domain: missing"),
+    (_sets(_set(apqns=[{"adapter": 1, "domain": 5, "machineid": 7}])), r"apqns\[0\].machineid"),
+    (_sets(_set(apqns={"adapter": 1})), r"\(s1\).apqns: expected a list"),
+    (_sets(_set(cexmode="fips")), r"\(s1\).cexmode: expected one of cca, ep11, accel"),
+    (_sets(_set(mincexgen="cex3")), r"\(s1\).mincexgen"),
+    (_sets(_set(mincexgen="7")), r"\(s1\).mincexgen"),
+    (_sets(_set(overcommit=1001)), r"\(s1\).overcommit: expected an integer from -1 to 1000"),
+    (_sets(_set(overcommit=2.5)), r"\(s1\).overcommit"),
+    (_sets(_set(livesysfs=2)), r"\(s1\).livesysfs"),
+    (_sets(_set(project="")), r"\(s1\).project: expected a non-empty string"),
+    (_sets(_set(name="Bad Name")), r"cryptoconfigsets\[0\].setname: 'Bad Name' cannot name a resource"),
+    (_sets({"project": "p"}), r"cryptoconfigsets\[0\].setname: expected a non-empty string"),
+    (_sets(_set("s1"), _set("s1", apqns=[])), r"setname 's1' is used by more than one set"),
+])
+def test_every_error_names_file_and_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_crypto_config(text, "f.json")
+
+
+def test_empty_or_setless_files_mean_no_resources() -> None:
+    for text in ("", "{}", "null", '{"cryptoconfigsets": null}'):
+        assert parse_crypto_config(text, "f.json").sets == ()
+
+
+def test_unknown_keys_are_ignored_and_reported() -> None:
+    config = parse_crypto_config(json.dumps({"version": 2, "cryptoconfigsets": [
+        _set(overcomit=3, apqns=[{"adapter": 1, "domain": 5, "domian": 6}])]}), "f.json")
+    assert config.ignored == ("version", "f.json: cryptoconfigsets[0].overcomit",
+                              "f.json: cryptoconfigsets[0] (s1).apqns[0].domian")
+    assert config.sets[0].overcommit == 1
+
+
+def test_overcommit_zero_or_negative_means_the_default() -> None:
+    config = parse_crypto_config(_sets(_set("a", overcommit=0), _set("b", overcommit=-1, apqns=[])), "f", overcommit=4)
+    assert [s.overcommit for s in config.sets] == [4, 4]
+
+
+def test_reading_the_file_and_its_digest(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.json"
+    with pytest.raises(ConfigError, match=r"vendor.config_file: cannot read .*missing.json"):
+        read_crypto_config(missing)
+    assert file_digest(missing) is None
+    path = tmp_path / "cex_resources.json"
+    path.write_text(IBM_SAMPLE)
+    config = read_crypto_config(path)
+    assert config.digest == file_digest(path) and config.source == str(path)
+    path.write_text(IBM_SAMPLE + " ")
+    assert file_digest(path) != config.digest
+
+
+def test_machine_id_comes_from_sysinfo(tmp_path: Path) -> None:
+    sysinfo = tmp_path / "sysinfo"
+    sysinfo.write_text("Manufacturer:         IBM\nType:                 8561\nModel:                716\n"
+                       "Sequence Code:        00000000000ABCDE\nPlant:                02\n"
+                       "LPAR Number:          21\n")
+    assert read_machine_id(sysinfo) == "IBM-8561-00000000000ABCDE"
+    sysinfo.write_text("Manufacturer: IBM\nType: 8561\n")
+    assert read_machine_id(sysinfo) is None
+    assert read_machine_id(tmp_path / "absent") is None

@@ -1,0 +1,64 @@
+"""Shadow sysfs: a read-only AP bus view with only the allocated APQNs, built atomically."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from cex.aptree import ApTree, mask
+from dpkit.cex import shadow
+from dpkit.cex.apbus import scan
+
+
+def test_the_shadow_shows_only_the_allocated_apqns(tree: ApTree, tmp_path: Path) -> None:
+    tree.set("01.0005", "request_count", "999")
+    built = shadow.build(tmp_path / "shadow", "apqn-1-5-0", scan(tree.root), [(1, 5), (2, 5)], live=False)
+    assert built.root == tmp_path / "shadow" / "sysfs-apqn-1-5-0" and built.live == ()
+    bus, devices = built.bus_dir, built.devices_dir
+    assert sorted(os.listdir(bus / "devices")) == ["01.0005", "02.0005", "card01", "card02"]
+    assert sorted(os.listdir(devices)) == ["card01", "card02"]
+    assert (bus / "ap_adapter_mask").read_text() == mask({1, 2}) + "\n"
+    assert (bus / "ap_usage_domain_mask").read_text() == mask({5}) + "\n"
+    assert (bus / "ap_control_domain_mask").read_text() == mask(()) + "\n"
+    assert (bus / "ap_domain").read_text() == "5\n"
+    assert (bus / "ap_max_domain_id").read_text() == "84\n"      # copied from the real bus
+    queue = bus / "devices" / "01.0005"                              # relative links resolve inside the tree
+    assert queue.resolve() == devices / "card01" / "01.0005"
+    assert (queue / "request_count").read_text() == "0\n"           # counters start at 0
+    assert (queue / "mkvps").read_text().startswith("AES CUR")
+    assert (devices / "card01" / "type").read_text() == "CEX7C\n"
+    assert (queue / "subsystem").resolve() == bus
+    assert stat.S_IMODE((queue / "online").stat().st_mode) == 0o444
+    assert not (devices / "card01" / "01.0006").exists()            # same card, other domain: hidden
+    assert shadow.keys(tmp_path / "shadow") == ["apqn-1-5-0"]
+
+
+def test_live_sysfs_mounts_the_real_queue_directories(tree: ApTree, tmp_path: Path) -> None:
+    built = shadow.build(tmp_path / "shadow", "apqn-1-5-0", scan(tree.root), [(1, 5)], live=True)
+    assert built.live == ((str(tree.devices / "card01" / "01.0005"), "/sys/devices/ap/card01/01.0005"),)
+
+
+def test_rebuild_replaces_and_remove_deletes(tree: ApTree, tmp_path: Path) -> None:
+    base = tmp_path / "shadow"
+    shadow.build(base, "apqn-1-5-0", scan(tree.root), [(1, 5)], live=False)
+    built = shadow.build(base, "apqn-1-5-0", scan(tree.root), [(1, 6)], live=False)
+    assert sorted(os.listdir(built.bus_dir / "devices")) == ["01.0006", "card01"]
+    assert sorted(os.listdir(base)) == ["sysfs-apqn-1-5-0"]  # no scratch dirs left
+    shadow.remove(base, "apqn-1-5-0")
+    assert not shadow.exists(base, "apqn-1-5-0") and shadow.keys(base) == []
+
+
+def test_bad_requests_leave_nothing_behind(tree: ApTree, tmp_path: Path) -> None:
+    base = tmp_path / "shadow"
+    with pytest.raises(shadow.ShadowError, match=r"not on the AP bus: 09.0005"):
+        shadow.build(base, "apqn-9-5-0", scan(tree.root), [(9, 5)], live=False)
+    with pytest.raises(shadow.ShadowError, match="invalid shadow key"):
+        shadow.build(base, "../../etc", scan(tree.root), [(1, 5)], live=False)
+    assert not base.exists() or os.listdir(base) == []
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(shadow.ShadowError, match="cannot create a shadow sysfs"):
+        shadow.build(blocked / "sub", "apqn-1-5-0", scan(tree.root), [(1, 5)], live=False)
