@@ -1,0 +1,250 @@
+"""Read every GPU (and its MIG devices, NVLinks and PCIe topology) from NVML into plain values.
+
+Each GPU is read in its own guarded call, so one lost or hung GPU never hides the others: it is
+reported from the last good reading with a ``problem`` (and turned Unhealthy downstream). What
+NVML returns is checked here before anything else sees it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pynvml
+
+from dpkit.core.errors import ValidationError
+from dpkit.core.logs import get_logger, kv
+from dpkit.core.validation import check_device_id
+from dpkit.nvidia import hostfiles, nvml
+from dpkit.nvidia.guard import Guard, Hung
+
+log = get_logger("nvidia.gpus")
+UUID = re.compile(r"^(GPU|MIG)-[0-9a-fA-F-]{8,}$")
+MAX_MINOR = 1 << 20
+
+
+@dataclass(frozen=True)
+class MigInfo:
+    """One MIG device: ``index`` is its position under the parent (NVIDIA's ``<gpu>:<index>``)."""
+
+    index: int
+    uuid: str
+    gi: int
+    ci: int
+    profile: str
+    memory_mb: int
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    uuid: str
+    name: str
+    memory: int  # bytes
+    minor: int
+    bus_id: str
+    numa: int | None
+    mig_enabled: bool = False
+    mig_pending: bool = False
+    migs: tuple[MigInfo, ...] = ()
+    nvlinks: tuple[str, ...] = ()  # remote PCI bus IDs, one per active link
+    problem: str = ""  # known GPU that cannot be used now (lost, hung)
+
+
+@dataclass(frozen=True)
+class Issue:
+    """Something read that could not be used, for ``dpkit discover``."""
+
+    subject: str
+    reason: str
+    hint: str = ""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    driver: str
+    cuda: str
+    gpus: tuple[GpuInfo, ...]
+    issues: tuple[Issue, ...] = ()
+    pcie: dict[tuple[str, str], int] = field(default_factory=dict)  # uuid pair -> NVML topology level
+
+
+def mig_profile(gi_slices: int, ci_slices: int, memory_mb: int, total_memory: int) -> str:
+    """NVIDIA's profile name, e.g. ``1g.10gb`` or ``1c.2g.20gb``.
+
+    Memory is rounded the way NVIDIA's go-nvlib does: the MIG device's share of the GPU, rounded
+    up to eighths, times the GPU's memory in GB.
+    """
+    fraction = memory_mb * 1024 * 1024 / total_memory if total_memory else 0.0
+    fraction = math.ceil(fraction * 8) / 8
+    gb = round(fraction * ((total_memory + (1 << 30) - 1) // (1 << 30)))
+    if ci_slices == gi_slices:
+        return f"{gi_slices}g.{gb}gb"
+    return f"{ci_slices}c.{gi_slices}g.{gb}gb"
+
+
+def _uuid(value: Any, what: str) -> str:
+    uuid = nvml.text(value)
+    if not UUID.match(uuid):
+        raise ValidationError(f"{what} UUID {uuid[:80]!r} from NVML is malformed")
+    return check_device_id(uuid)
+
+
+class NodeReader:
+    """Reads the node through NVML; keeps the last good reading of each GPU for lost/hung ones."""
+
+    def __init__(self, library: str, sysfs_root: str, guard: Guard) -> None:
+        self.library = library
+        self.sysfs_root = sysfs_root
+        self.guard = guard
+        self.initialized = False
+        self.known: dict[int, GpuInfo] = {}
+        self._pcie_for: tuple[str, ...] = ()
+        self._pcie: dict[tuple[str, str], int] = {}
+
+    def ensure_init(self) -> None:
+        if not self.initialized:
+            self.guard.call("init", nvml.init, self.library)
+            self.initialized = True
+
+    def close(self) -> None:
+        if self.initialized and not self.guard.stuck():
+            nvml.shutdown()
+        self.initialized = False
+
+    def read(self, topology: bool = True) -> NodeInfo:
+        """The whole node; raises NvmlUnavailable, Hung or NVMLError only when nothing can be read."""
+        self.ensure_init()
+        driver, cuda, count = self.guard.call("system", _read_system)
+        gpus: list[GpuInfo] = []
+        issues: list[Issue] = []
+        for index in range(count):
+            gpu = self._read_one(index, issues)
+            if gpu is not None:
+                gpus.append(gpu)
+        pcie = self._topology(gpus, issues) if topology else {}
+        return NodeInfo(driver, cuda, tuple(gpus), tuple(issues), pcie)
+
+    def _read_one(self, index: int, issues: list[Issue]) -> GpuInfo | None:
+        subject = f"GPU {index}"
+        try:
+            gpu = self.guard.call(f"gpu{index}", _read_gpu, index)
+        except Hung as exc:
+            problem = f"NVML calls for this GPU hang ({exc})"
+        except nvml.NVMLError as exc:
+            if nvml.is_error(exc, "NVML_ERROR_GPU_IS_LOST"):
+                problem = "GPU is lost (NVML_ERROR_GPU_IS_LOST): it fell off the bus or stopped answering"
+            elif nvml.is_error(exc, "NVML_ERROR_RESET_REQUIRED"):
+                problem = "GPU needs a reset (NVML_ERROR_RESET_REQUIRED)"
+            else:
+                problem = f"NVML cannot read this GPU: {nvml.error_name(exc)}"
+        except ValidationError as exc:
+            issues.append(Issue(subject, f"not advertised: {exc}", "check the driver and GPU with nvidia-smi"))
+            return None
+        except Exception as exc:  # an odd answer from the binding must not hide the other GPUs
+            log.exception("reading a GPU failed", extra=kv(index=index))
+            problem = f"reading this GPU failed: {type(exc).__name__}: {exc}"
+        else:
+            numa, numa_problem = hostfiles.numa_node(self.sysfs_root, gpu.bus_id)
+            if numa_problem:
+                issues.append(Issue(f"{subject} ({gpu.uuid})", f"advertised without a NUMA node: {numa_problem}"))
+                log.warning("NUMA node unknown", extra=kv(gpu=gpu.uuid, problem=numa_problem))
+            gpu = replace(gpu, numa=numa)
+            self.known[index] = gpu
+            return gpu
+        last = self.known.get(index)
+        if last is None:
+            issues.append(Issue(subject, f"not advertised: {problem}; its UUID was never read",
+                                "run nvidia-smi; a GPU that is lost needs a reset or a reboot"))
+            return None
+        return replace(last, problem=problem)
+
+    def _topology(self, gpus: list[GpuInfo], issues: list[Issue]) -> dict[tuple[str, str], int]:
+        usable = tuple(g.uuid for g in gpus if not g.problem)
+        if usable == self._pcie_for:
+            return self._pcie
+        try:
+            self._pcie = self.guard.call("topology", _read_pcie, usable)
+            self._pcie_for = usable
+        except (Hung, nvml.NVMLError) as exc:
+            issues.append(Issue("topology", f"PCIe topology unavailable ({exc}); allocation falls back to NUMA"))
+            self._pcie = {}
+        return self._pcie
+
+
+def _read_system() -> tuple[str, str, int]:
+    driver = nvml.text(pynvml.nvmlSystemGetDriverVersion())
+    try:
+        raw = int(pynvml.nvmlSystemGetCudaDriverVersion())
+        cuda = f"{raw // 1000}.{raw % 1000 // 10}"
+    except nvml.NVMLError:
+        cuda = ""
+    return driver, cuda, int(pynvml.nvmlDeviceGetCount())
+
+
+def _read_gpu(index: int) -> GpuInfo:
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    uuid = _uuid(pynvml.nvmlDeviceGetUUID(handle), f"GPU {index}")
+    minor = int(pynvml.nvmlDeviceGetMinorNumber(handle))
+    if not 0 <= minor < MAX_MINOR:
+        raise ValidationError(f"GPU {index} minor number {minor} from NVML is implausible")
+    memory = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+    bus_id = nvml.text(pynvml.nvmlDeviceGetPciInfo(handle).busId)
+    try:
+        current, pending = pynvml.nvmlDeviceGetMigMode(handle)
+    except nvml.NVMLError:  # GPUs without MIG support answer NOT_SUPPORTED
+        current = pending = 0
+    migs = _read_migs(handle, memory) if current else ()
+    return GpuInfo(
+        index=index, uuid=uuid, name=nvml.text(pynvml.nvmlDeviceGetName(handle))[:96], memory=memory,
+        minor=minor, bus_id=bus_id, numa=None, mig_enabled=bool(current), mig_pending=bool(pending),
+        migs=migs, nvlinks=_read_nvlinks(handle),
+    )
+
+
+def _read_migs(handle: Any, total_memory: int) -> tuple[MigInfo, ...]:
+    migs = []
+    for j in range(int(pynvml.nvmlDeviceGetMaxMigDeviceCount(handle))):
+        try:
+            mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, j)
+        except nvml.NVMLError as exc:
+            if nvml.is_error(exc, "NVML_ERROR_NOT_FOUND", "NVML_ERROR_INVALID_ARGUMENT"):
+                continue
+            raise
+        attrs = pynvml.nvmlDeviceGetAttributes(mig)
+        migs.append(MigInfo(
+            index=j,
+            uuid=_uuid(pynvml.nvmlDeviceGetUUID(mig), "MIG device"),
+            gi=int(pynvml.nvmlDeviceGetGpuInstanceId(mig)),
+            ci=int(pynvml.nvmlDeviceGetComputeInstanceId(mig)),
+            profile=mig_profile(attrs.gpuInstanceSliceCount, attrs.computeInstanceSliceCount,
+                                attrs.memorySizeMB, total_memory),
+            memory_mb=int(attrs.memorySizeMB),
+        ))
+    return tuple(migs)
+
+
+def _read_nvlinks(handle: Any) -> tuple[str, ...]:
+    remotes = []
+    for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
+        try:
+            if not pynvml.nvmlDeviceGetNvLinkState(handle, link):
+                continue
+            remote = nvml.text(pynvml.nvmlDeviceGetNvLinkRemotePciInfo(handle, link).busId)
+        except nvml.NVMLError:
+            break  # no (more) links on this GPU
+        if hostfiles.sysfs_bus_id(remote) is not None:
+            remotes.append(remote)
+    return tuple(remotes)
+
+
+def _read_pcie(uuids: tuple[str, ...]) -> dict[tuple[str, str], int]:
+    handles = [pynvml.nvmlDeviceGetHandleByUUID(u) for u in uuids]
+    levels: dict[tuple[str, str], int] = {}
+    for a in range(len(uuids)):
+        for b in range(a + 1, len(uuids)):
+            level = int(pynvml.nvmlDeviceGetTopologyCommonAncestor(handles[a], handles[b]))
+            levels[(uuids[a], uuids[b])] = levels[(uuids[b], uuids[a])] = level
+    return levels
