@@ -156,6 +156,7 @@ class _Written:
     names: frozenset[str]  # device IDs in the file
     left_out: dict[str, str]  # device ID -> why it is not in the file
     raw_only: frozenset[str]  # left-out devices with device nodes or mounts: CDI cannot give them
+    source: tuple[Any, tuple[Device, ...]] = (None, ())  # (vendor, devices) it was built from
 
 
 class CdiWriter:
@@ -239,6 +240,10 @@ class CdiWriter:
     def _sync(self, resource: str, devices: Sequence[Device]) -> None:
         vendor = self.manager.vendor
         path = self.spec_dir / spec_file_name(vendor.name, resource)
+        previous = self.written.get(resource)
+        source = (vendor, tuple(devices))
+        if previous is not None and previous.source[0] is vendor and previous.source[1] == source[1]:
+            return  # health events do not change specs: skip rebuilding (and re-asking the vendor)
         try:
             kind = vendor.cdi_kind(resource)
             specs, broken = self._device_specs(resource, devices)
@@ -251,9 +256,8 @@ class CdiWriter:
                              if i not in specs or specs[i].devices or specs[i].mounts)
         names = frozenset(d["name"] for d in document["devices"])
         text = json.dumps(document, indent=2, sort_keys=True) + "\n" if names else ""
-        previous = self.written.get(resource)
         if previous is not None and previous.text == text and (not text or path.exists()):
-            previous.left_out, previous.raw_only = left_out, raw_only
+            previous.left_out, previous.raw_only, previous.source = left_out, raw_only, source
             return
         try:
             if text:
@@ -264,7 +268,7 @@ class CdiWriter:
         except OSError as exc:
             self._fail(resource, path, f"cannot write {path}: {exc.strerror or exc}")
             return
-        self.written[resource] = _Written(path, kind, text, names, left_out, raw_only)
+        self.written[resource] = _Written(path, kind, text, names, left_out, raw_only, source)
         self.errors.pop(resource, None)
         log.info("CDI spec written" if text else "CDI spec removed: no device to describe",
                  extra=kv(resource=resource, kind=kind, devices=len(names), left_out=len(left_out), file=str(path)))
