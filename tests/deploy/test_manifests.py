@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,37 +16,25 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from deploy.manifests import (
+    DEPLOY,
+    K8S_VERSIONS,
+    NEEDS_DEV,
+    PRIVILEGED,
+    VENDORS,
+    WRITES_SYSFS,
+    Obj,
+    container,
+    dpkit_config_map,
+    mounts,
+    one,
+    package_version,
+    pod,
+    render,
+)
 from dpkit.core.config import load_config
 from dpkit.core.errors import VendorError
 from dpkit.core.vendor import load_vendor_class
-
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-VENDORS = ["nvidia", "sfc", "kvm_vfio", "cex"]
-# Oldest Kubernetes the manifests claim, and the newest schema kubernetes-validate ships.
-K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
-NEEDS_DEV = {"sfc", "kvm_vfio", "cex"}  # nvidia: the NVIDIA runtime injects its nodes
-PRIVILEGED = {"kvm_vfio", "cex"}
-WRITES_SYSFS = {"cex"}
-Obj = dict[str, Any]
-
-
-def renderer() -> list[str] | None:
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"]
-    return None
-
-
-def render(path: Path) -> list[Obj]:
-    cmd = renderer()
-    if cmd is None:
-        pytest.skip("neither kustomize nor kubectl (which has kustomize built in) is installed")
-    result = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    docs: list[Obj] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    return docs
 
 
 @pytest.fixture(scope="module")
@@ -62,45 +47,6 @@ def rendered() -> Callable[[str], list[Obj]]:
         return cache[vendor]
 
     return get
-
-
-def one(objs: list[Obj], kind: str, name_prefix: str = "") -> Obj:
-    found = [o for o in objs if o["kind"] == kind and o["metadata"]["name"].startswith(name_prefix)]
-    assert len(found) == 1, f"expected one {kind} {name_prefix!r}, got {[o['metadata']['name'] for o in found]}"
-    return found[0]
-
-
-def pod(objs: list[Obj]) -> Obj:
-    spec: Obj = one(objs, "DaemonSet")["spec"]["template"]["spec"]
-    return spec
-
-
-def container(objs: list[Obj]) -> Obj:
-    containers: list[Obj] = pod(objs)["containers"]
-    assert [c["name"] for c in containers] == ["dpkit"]
-    return containers[0]
-
-
-def mounts(objs: list[Obj]) -> dict[str, Obj]:
-    """mountPath -> the mount, with its volume under "volume"."""
-    volumes = {v["name"]: v for v in pod(objs)["volumes"]}
-    return {m["mountPath"]: {**m, "volume": volumes[m["name"]]} for m in container(objs)["volumeMounts"]}
-
-
-def package_version(vendor: str) -> str:
-    with (ROOT / "plugins" / vendor / "pyproject.toml").open("rb") as f:
-        return str(tomllib.load(f)["project"]["version"])
-
-
-def dpkit_config_map(objs: list[Obj]) -> Obj:
-    """The ConfigMap behind the --config file the container is started with."""
-    args = container(objs)["args"]
-    config_path = Path(args[args.index("--config") + 1])
-    mount = mounts(objs)[str(config_path.parent)]
-    name = mount["volume"]["configMap"]["name"]
-    cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name)
-    assert config_path.name in cm["data"]
-    return cm
 
 
 def test_every_vendor_has_an_overlay() -> None:

@@ -136,3 +136,13 @@ def test_build_and_push_with_the_wheels_in_the_context(tmp_path: Path) -> None:
     assert {"dpkit_core", "dpkit_sfc", "pyudev", "grpcio"} <= names
     assert not names & {"dpkit_nvidia", "dpkit_cex", "dpkit_kvm_vfio", "nvidia_ml_py"}
     assert f"built {tag}" in result.stdout
+
+
+def test_unusable_package_metadata_names_the_file(tmp_path: Path, build_script: ModuleType) -> None:
+    broken = tmp_path / "pyproject.toml"
+    broken.write_text("[project\nname = 'x'\n")
+    with pytest.raises(build_script.BuildError, match=f"{broken}: cannot read the package metadata"):
+        build_script._project(broken)
+    broken.write_text("[project]\nname = 'x'\ndynamic = ['version']\n")
+    with pytest.raises(build_script.BuildError, match="needs a static name and version"):
+        build_script._project(broken)
