@@ -48,7 +48,7 @@ def test_healthy_node_passes_every_check(kubelet, plugin_dir, short_tmp, capsys)
     assert all(line.startswith("[ok  ]") for line in lines.values())
     for name in ("config valid", "kubelet socket reachable", "pod-resources socket reachable",
                  "CDI spec directory writable", "NFD features directory writable", "metrics address valid",
-                 "vendor sim discovery", "device nodes present and accessible"):
+                 "vendor sim discovery", "container device nodes present and accessible"):
         assert name in lines, out
     assert "fix:" not in out
     assert out.rstrip().endswith(f"{len(lines)} passed, 0 failed")
@@ -64,11 +64,11 @@ def test_every_failure_is_named_with_a_fix_and_exits_1(kubelet, plugin_dir, shor
     code, lines, out = doctor(config, capsys)
     assert code == 1
     for name in ("pod-resources socket reachable", "CDI settings", "NFD features directory writable",
-                 "metrics address valid", "device nodes present and accessible"):
+                 "metrics address valid", "container device nodes present and accessible"):
         assert lines[name].startswith("[FAIL]"), out
         following = out.split(lines[name], 1)[1].splitlines()[1]
         assert following.strip().startswith("fix:"), f"{name} has no fix hint"
-    assert "/dev/dpkit-no-such-node" in lines["device nodes present and accessible"]
+    assert "/dev/dpkit-no-such-node" in lines["container device nodes present and accessible"]
     assert lines["kubelet socket reachable"].startswith("[ok  ]")
 
 

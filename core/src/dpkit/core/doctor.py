@@ -192,7 +192,7 @@ def vendor_checks(vendor: Vendor) -> list[Check]:
         checks.append(Check("container specs valid", False, _listing(spec_errors),
                             "a vendor bug or bad hardware data; see the plugin's log"))
     if snapshot:
-        checks.append(check_device_nodes(nodes))
+        checks.append(check_device_nodes(nodes, "container device nodes present and accessible"))
     try:
         checks.extend(vendor.doctor())
     except Exception as exc:

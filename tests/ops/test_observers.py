@@ -1,0 +1,66 @@
+"""attach_observers wiring and the atomic file writes CDI and NFD rely on."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from dpkit.core.cdi import CdiWriter
+from dpkit.core.labels import NodeLabelWriter
+from dpkit.core.metrics import Metrics
+from dpkit.core.observers import attach_observers, remove_quietly, write_atomic
+from dpkit.core.podresources import PodResourcesView
+
+
+def test_each_key_attaches_its_integration(make_config, short_tmp):
+    bare = SimpleNamespace(config=make_config(pod_resources_socket=""), observers=[])
+    assert attach_observers(bare) == []  # type: ignore[arg-type]
+    full = SimpleNamespace(config=make_config(cdi_dir=str(short_tmp / "cdi"), nfd_features_dir=str(short_tmp / "nfd"),
+                                              metrics_address="127.0.0.1:0"), observers=[])
+    attached = attach_observers(full)  # type: ignore[arg-type]
+    try:
+        assert [type(o) for o in attached] == [PodResourcesView, CdiWriter, NodeLabelWriter, Metrics]
+        assert full.observers == attached
+        metrics = attached[-1]
+        assert metrics.pod_view is attached[0], "metrics reuse the pod-resources view"
+    finally:
+        attached[-1].close()
+
+
+def test_write_atomic_replaces_whole_files_only(short_tmp):
+    path = short_tmp / "spec.json"
+    write_atomic(path, "old\n")
+    inode = path.stat().st_ino
+    write_atomic(path, "new\n")
+    assert path.read_text() == "new\n" and path.stat().st_ino != inode, "a new file renamed over the old one"
+    with pytest.raises(UnicodeEncodeError):
+        write_atomic(path, "half written \udcff")
+    assert path.read_text() == "new\n", "a failed write leaves the previous file intact"
+    assert sorted(p.name for p in short_tmp.iterdir()) == ["spec.json"], "no temporary file left behind"
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_remove_quietly_logs_instead_of_raising(short_tmp):
+    logger = logging.getLogger("dpkit.observers")  # own handler: CLI tests may stop propagation
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        remove_quietly(short_tmp / "never-existed")
+        assert handler.records == []
+        (short_tmp / "a-dir").mkdir()
+        remove_quietly(short_tmp / "a-dir")  # unlink on a directory fails: shutdown must go on
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r.getMessage() for r in handler.records] == ["cannot remove file"]
