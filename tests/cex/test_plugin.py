@@ -86,7 +86,7 @@ def test_hot_unplug_and_plug_change_capacity(start: Callable[..., tuple[CexVendo
 def test_a_node_no_container_uses_any_more_is_removed(
         start: Callable[..., tuple[CexVendor, Manager]], kubelet: Kubelet, kernel: FakeZcryptKernel,
         tmp_path: Path) -> None:
-    start(reconcile_interval=0.2, delete_unused_after=0, delete_never_used_after=2)
+    start(reconcile_interval=0.2, delete_unused_after=0, delete_never_used_after=3)
     [a], _ = kubelet.allocate(CCA, 1, pod="a", namespace="blue")
     [b], _ = kubelet.allocate(EP11, 1, pod="b", namespace="red")
     assert (tmp_path / "shadow" / f"sysfs-{a}").is_dir()
