@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -9,6 +10,8 @@ import grpc
 import pytest
 from fakenvml import DBE_EVENT, FakeMig, FakeNode, gpu_uuid, mig_uuid
 
+from dpkit.core.manager import Manager
+from dpkit.core.observers import attach_observers
 from dpkit.nvidia.vendor import NvidiaVendor
 
 GPU = "nvidia.com/gpu"
@@ -212,3 +215,35 @@ def test_health_checks_can_be_disabled_like_nvidia(host, kubelet, run_manager, m
     manager = run_manager(NvidiaVendor(host.vendor_config()))
     assert kubelet.wait_for(lambda k: k.allocatable(GPU) == 1, 10)
     assert manager.status()["probes"] == []
+
+
+def test_core_cdi_spec_kind_does_not_collide_with_the_toolkits(host):
+    host.apply(FakeNode.with_gpus(1))
+    vendor = NvidiaVendor(host.vendor_config(flags={"plugin": {"deviceListStrategy": "cdi-cri"}}), environ={})
+    try:
+        (device,) = vendor.discover()[GPU]
+        assert device.spec.cdi_devices == (f"nvidia.com/gpu={gpu_uuid(0)}",), "names the toolkit's spec"
+        assert vendor.cdi_kind(GPU) == "dpkit.io/nvidia.gpu"
+        assert vendor.cdi_kind("nvidia.com/mig-1g.10gb") == "dpkit.io/nvidia.mig-1g.10gb"
+    finally:
+        vendor.close()
+
+
+def test_core_cdi_files_and_node_labels_with_the_nvidia_vendor(host, kubelet, make_config, short_tmp):
+    host.apply(FakeNode.with_gpus(2))
+    config = make_config(cdi_dir=str(short_tmp / "cdi"), nfd_features_dir=str(short_tmp / "nfd"))
+    flags = {"plugin": {"passDeviceSpecs": True}}
+    manager = Manager(NvidiaVendor(host.vendor_config(flags=flags), environ={}), config)
+    attach_observers(manager)
+    manager.start()
+    try:
+        assert kubelet.wait_for(lambda k: k.allocatable(GPU) == 2, 10)
+        spec_file = short_tmp / "cdi" / "dpkit-nvidia-nvidia.com_gpu.json"
+        assert kubelet.wait_for(lambda k: spec_file.exists(), 10)
+        spec = json.loads(spec_file.read_text())
+        assert spec["kind"] == "dpkit.io/nvidia.gpu"
+        assert sorted(d["name"] for d in spec["devices"]) == [gpu_uuid(0), gpu_uuid(1)]
+        labels = "".join(p.read_text() for p in (short_tmp / "nfd").glob("*"))
+        assert "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3" in labels and "nvidia.com/gpu.count=2" in labels
+    finally:
+        manager.stop()

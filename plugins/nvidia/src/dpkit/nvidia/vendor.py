@@ -22,6 +22,7 @@ from dpkit.nvidia.gpus import NodeReader
 from dpkit.nvidia.guard import Guard, Hung
 
 log = get_logger("nvidia")
+CDI_SPEC_VENDOR = "dpkit.io"
 
 
 class NvidiaVendor(Vendor):
@@ -176,7 +177,13 @@ class NvidiaVendor(Vendor):
                            self._failures, kind="counter")
 
     def cdi_kind(self, resource: str) -> str:
-        return self.settings.cdi_kind
+        """The kind of the spec file the core writes (``cdi_dir``): ``dpkit.io/nvidia.<name>``.
+
+        Not ``nvidia.com/gpu``: that kind belongs to the spec the NVIDIA container toolkit
+        generates (driver libraries, hooks), which the ``cdi-*`` strategies name; a second spec
+        of the same kind with the same device names would conflict in the runtime's CDI registry.
+        """
+        return f"{CDI_SPEC_VENDOR}/nvidia.{resource.partition('/')[2]}"
 
     def close(self) -> None:
         self.reader.close()
