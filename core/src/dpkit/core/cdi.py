@@ -252,8 +252,11 @@ class CdiWriter:
             self._fail(resource, path, str(exc))
             return
         left_out.update(broken)
-        raw_only = frozenset(i for i, reason in left_out.items()
-                             if i not in specs or specs[i].devices or specs[i].mounts)
+        raw_only = frozenset(i for i in left_out if i not in specs or specs[i].devices or specs[i].mounts)
+        if raw_only and (previous is None or previous.raw_only != raw_only):
+            log.warning("devices left out of the CDI spec", extra=kv(
+                resource=resource, devices=", ".join(sorted(raw_only)),
+                reason=next(left_out[i] for i in sorted(raw_only))))
         names = frozenset(d["name"] for d in document["devices"])
         text = json.dumps(document, indent=2, sort_keys=True) + "\n" if names else ""
         if previous is not None and previous.text == text and (not text or path.exists()):
