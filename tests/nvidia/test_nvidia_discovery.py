@@ -202,7 +202,7 @@ def test_gpu_lost_before_first_discovery_is_explained(host, vendors):
 
 def test_hung_nvml_call_marks_only_that_gpu_and_clears_when_it_returns(host, vendors):
     node = host.apply(FakeNode.with_gpus(3))
-    vendor = vendors(host.vendor_config(nvml_timeout=0.3))
+    vendor = vendors(host.vendor_config(nvml_timeout=1.0))
     vendor.discover()
     node.hangs = [("nvmlDeviceGetMinorNumber", 1)]
     node.write()
@@ -258,7 +258,7 @@ def test_driver_not_loaded_and_no_gpu_are_explained(host, vendors):
 
 def test_nvml_failing_after_success_keeps_the_last_list(host, vendors):
     node = host.apply(FakeNode.with_gpus(1))
-    vendor = vendors(host.vendor_config(nvml_timeout=0.3))
+    vendor = vendors(host.vendor_config(nvml_timeout=1.0))
     vendor.discover()
     node.hangs = [("nvmlDeviceGetCount", -1)]
     node.write()
@@ -301,3 +301,19 @@ def test_dpkit_discover_command_explains_misses(host, tmp_path, capsys):
     reasons = " | ".join(f["reason"] for f in report["findings"])
     assert "MIG mode change pending" in reasons and "nvidia1 is absent" in reasons
     assert report["errors"] == []
+
+
+def test_dpkit_doctor_command_runs_the_nvidia_checks(host, kubelet, plugin_dir, short_tmp, tmp_path, capsys):
+    host.apply(FakeNode.with_gpus(1))
+    config = tmp_path / "dpkit.yaml"
+    config.write_text(yaml.safe_dump({
+        "plugin_dir": str(plugin_dir), "state_dir": str(short_tmp / "st"),
+        "pod_resources_socket": str(short_tmp / "pr" / "kubelet.sock"), "vendor": host.vendor_config(),
+    }))
+    assert dpkit_main(["doctor", "nvidia", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    for name in ("NVML library loadable", "NVIDIA driver loaded", "device nodes present and accessible"):
+        assert f"[ok  ] {name}" in out
+    (host.dev_root / "dev/nvidia0").unlink()
+    assert dpkit_main(["doctor", "nvidia", "-c", str(config)]) == 1
+    assert "[FAIL] device nodes present and accessible" in capsys.readouterr().out

@@ -177,7 +177,7 @@ def test_lost_gpu_is_unhealthy_and_a_reset_gpu_is_healthy_again(host, kubelet, r
 
 def test_hung_nvml_call_marks_the_gpu_unhealthy_until_it_returns(host, kubelet, run_manager):
     node = host.apply(FakeNode.with_gpus(2))
-    manager = run_manager(NvidiaVendor(host.vendor_config(nvml_timeout=0.5), environ={}))
+    manager = run_manager(NvidiaVendor(host.vendor_config(nvml_timeout=1.0), environ={}))
     assert kubelet.wait_for(lambda k: manager.probes.probes["nvml-health"].beats > 2, 15)
     node.hangs = [("nvmlDeviceGetName", 0)]
     node.write()
