@@ -164,6 +164,11 @@ class FakeZcryptKernel:
                         getattr(self, f"_{event.name}")(name)
 
     def _create(self, name: str) -> None:
+        # record the write before its effects are visible: a caller that saw the node appear
+        # must also see it in ``created`` (no race between the two)
+        with self._cond:
+            self.created.append(name)
+            self._cond.notify_all()
         if self.honour_create and not (self.nodes_dir / name).exists():
             # the kernel's device appears whole: build it aside, then rename it into place
             scratch = self.nodes_dir.parent / f".new-{name}"
@@ -175,17 +180,14 @@ class FakeZcryptKernel:
             if self.make_dev:
                 (self.dev_dir / name).write_text("")
                 (self.dev_dir / name).chmod(0o600)
-        with self._cond:
-            self.created.append(name)
-            self._cond.notify_all()
 
     def _destroy(self, name: str) -> None:
-        shutil.rmtree(self.nodes_dir / name, ignore_errors=True)
-        (self.class_dir / name).unlink(missing_ok=True)
-        (self.dev_dir / name).unlink(missing_ok=True)
         with self._cond:
             self.destroyed.append(name)
             self._cond.notify_all()
+        shutil.rmtree(self.nodes_dir / name, ignore_errors=True)
+        (self.class_dir / name).unlink(missing_ok=True)
+        (self.dev_dir / name).unlink(missing_ok=True)
 
     def node(self, name: str) -> Path:
         return self.nodes_dir / name
