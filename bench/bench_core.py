@@ -91,7 +91,8 @@ def stub_for(tmp: Path) -> tuple[grpc.Channel, api_pb2_grpc.DevicePluginStub]:
 def bench_allocate(calls: int) -> None:
     with node(64) as (_, _, _, tmp):
         channel, stub = stub_for(tmp)
-        request = api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["dev-00001"])])
+        container = api_pb2.ContainerAllocateRequest(devices_ids=["dev-00001"])
+        request = api_pb2.AllocateRequest(container_requests=[container])
         for _ in range(200):  # warm up
             stub.Allocate(request)
         samples = []

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections import Counter
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
