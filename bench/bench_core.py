@@ -189,6 +189,7 @@ def bench_process(idle_seconds: float, runs: int) -> None:
         devices.write_text(yaml.safe_dump({"resources": {RES: [{"id": f"d{i}", "numa": i % 2} for i in range(8)]}}))
         config = tmp / "config.yaml"
         config.write_text(yaml.safe_dump({"plugin_dir": str(tmp / "dp"), "state_dir": str(tmp / "st"),
+                                          "cdi_dir": str(tmp / "cdi"), "nfd_features_dir": str(tmp / "nfd"),
                                           "vendor": {"devices_file": str(devices), "script": False}}))
         kubelet = Kubelet(tmp / "dp").start()
         t0 = time.perf_counter()

@@ -47,7 +47,8 @@ def kubelet(short_tmp: Path, plugin_dir: Path) -> Iterator[Kubelet]:
 def make_config(short_tmp: Path, plugin_dir: Path) -> Callable[..., Config]:
     def make(**overrides: Any) -> Config:
         base = Config(plugin_dir=str(plugin_dir), state_dir=str(short_tmp / "st"),
-                      pod_resources_socket=str(short_tmp / "pr" / "kubelet.sock"))
+                      pod_resources_socket=str(short_tmp / "pr" / "kubelet.sock"),
+                      cdi_dir=str(short_tmp / "cdi"), nfd_features_dir=str(short_tmp / "nfd"))
         return base.replace(**overrides)
 
     return make

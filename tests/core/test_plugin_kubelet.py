@@ -33,6 +33,8 @@ def test_registers_and_streams_devices_with_topology(kubelet, run_manager):
     ep = kubelet.endpoints[RES]
     assert ep.options.get_preferred_allocation_available
     assert not ep.options.pre_start_required
+    # the kubelet streams during Register; the plugin records success when the call returns
+    assert kubelet.wait_for(lambda k: manager.link.registered(RES), 10)
     assert manager.status()["resources"][0]["registered"] is True
 
 

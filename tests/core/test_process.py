@@ -33,6 +33,7 @@ def plugin_process(short_tmp, plugin_dir, kubelet):  # type: ignore[no-untyped-d
     config = short_tmp / "config.yaml"
     config.write_text(yaml.safe_dump({
         "plugin_dir": str(plugin_dir), "state_dir": str(short_tmp / "st"), "log_format": "json",
+        "cdi_dir": str(short_tmp / "cdi"), "nfd_features_dir": str(short_tmp / "nfd"),
         "vendor": {"devices_file": str(devices), "script": False},
     }))
     proc = subprocess.Popen([sys.executable, "-m", "dpkit.core.cli", "run", "sim", "-c", str(config)],

@@ -194,7 +194,7 @@ def test_unwritable_dir_is_an_error_in_status_then_recovers(kubelet, run_ops, sh
 
 
 def test_cdi_allocate_without_a_dir_is_a_config_error(make_config):
-    manager = SimpleNamespace(config=make_config(cdi_allocate=True), observers=[])
+    manager = SimpleNamespace(config=make_config(cdi_allocate=True, cdi_dir=""), observers=[])
     with pytest.raises(ConfigError, match="cdi_allocate"):
         attach_observers(manager)  # type: ignore[arg-type]
     assert manager.observers == []

@@ -58,7 +58,7 @@ def test_every_failure_is_named_with_a_fix_and_exits_1(kubelet, plugin_dir, shor
     blocker = short_tmp / "a-file"
     blocker.write_text("")
     config = write_config(short_tmp / "c.yaml", plugin_dir=str(plugin_dir), state_dir=str(short_tmp / "st"),
-                          pod_resources_socket=str(short_tmp / "gone.sock"), cdi_allocate=True,
+                          pod_resources_socket=str(short_tmp / "gone.sock"), cdi_allocate=True, cdi_dir="",
                           nfd_features_dir=str(blocker / "features.d"), metrics_address="bogus",
                           vendor={"device_node": "/dev/dpkit-no-such-node"})
     code, lines, out = doctor(config, capsys)

@@ -15,7 +15,7 @@ from dpkit.core.podresources import PodResourcesView
 
 
 def test_each_key_attaches_its_integration(make_config, short_tmp):
-    bare = SimpleNamespace(config=make_config(pod_resources_socket=""), observers=[])
+    bare = SimpleNamespace(config=make_config(pod_resources_socket="", cdi_dir="", nfd_features_dir=""), observers=[])
     assert attach_observers(bare) == []  # type: ignore[arg-type]
     full = SimpleNamespace(config=make_config(cdi_dir=str(short_tmp / "cdi"), nfd_features_dir=str(short_tmp / "nfd"),
                                               metrics_address="127.0.0.1:0"), observers=[])

@@ -26,6 +26,7 @@ def test_run_with_cdi_metrics_and_pod_view_then_sigterm(kubelet, plugin_dir, sho
     config.write_text(yaml.safe_dump({
         "plugin_dir": str(plugin_dir), "state_dir": str(state), "log_format": "json",
         "pod_resources_socket": str(kubelet.pod_resources_socket), "cdi_dir": str(cdi_dir), "cdi_allocate": True,
+        "nfd_features_dir": str(short_tmp / "nfd"),
         "metrics_address": "127.0.0.1:0", "vendor": {"devices_file": str(devices), "script": False},
     }))
     proc = subprocess.Popen([sys.executable, "-m", "dpkit.core.cli", "run", "sim", "-c", str(config)],

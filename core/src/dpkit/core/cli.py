@@ -9,7 +9,6 @@ import argparse
 import json
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,15 +42,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     vendor_class = load_vendor_class(args.vendor)
     manager = Manager(vendor_class(config.vendor), config, vendor_factory=vendor_class)
     attach_observers(manager)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    signal.signal(signal.SIGHUP, lambda *_: manager.request_reload())
-    manager.start()
-    log.info("running; SIGTERM stops, SIGHUP reloads the config", extra={"fields": {"vendor": args.vendor}})
-    while not done.wait(3600):
-        pass
-    manager.stop()
+    # Signals are taken synchronously by this thread: blocked here before any thread starts (threads
+    # inherit the mask), so the kernel cannot hand them to a gRPC or zmq thread where a Python
+    # handler would wait until the main thread next ran.
+    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        manager.start()
+        log.info("running; SIGTERM stops, SIGHUP reloads the config", extra={"fields": {"vendor": args.vendor}})
+        while (received := signal.sigwait(signals)) == signal.SIGHUP:
+            manager.request_reload()
+        log.info("stopping", extra={"fields": {"signal": signal.Signals(received).name}})
+        manager.stop()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
     return 0
 
 

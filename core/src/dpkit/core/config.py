@@ -20,6 +20,7 @@ from dpkit.core.errors import ConfigError
 
 DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+DEFAULT_NFD_FEATURES_DIR = "/etc/kubernetes/node-feature-discovery/features.d"
 ENV_PREFIX = "DPKIT_"
 
 
@@ -35,9 +36,9 @@ class Config:
     probe_heartbeat_timeout: float = 10.0
     register_backoff_max: float = 5.0
     metrics_address: str = ""  # host:port; empty disables the endpoint
-    cdi_dir: str = ""  # empty disables CDI spec files; /var/run/cdi is the usual place
+    cdi_dir: str = "/var/run/cdi"  # empty disables CDI spec files
     cdi_allocate: bool = False  # answer Allocate with cdi_devices instead of raw specs
-    nfd_features_dir: str = ""  # empty disables node-feature-discovery labels
+    nfd_features_dir: str = DEFAULT_NFD_FEATURES_DIR  # empty disables node-feature-discovery labels
     pod_resources_socket: str = DEFAULT_POD_RESOURCES_SOCKET
     vendor: Mapping[str, Any] = field(default_factory=dict)
     source: str = "<defaults>"

@@ -79,10 +79,17 @@ class BusSink:
         return sock
 
     def snapshot(self, snapshot: Snapshot) -> None:
-        self._socket().send_pyobj(("snapshot", self._source, dict(snapshot)))
+        self._send(("snapshot", self._source, dict(snapshot)))
 
     def health(self, resource: str, device_id: str, health: Health, reason: str = "") -> None:
-        self._socket().send_pyobj(("health", self._source, resource, device_id, Health(health), reason))
+        self._send(("health", self._source, resource, device_id, Health(health), reason))
+
+    def _send(self, event: Event) -> None:
+        # Never block a vendor's watch thread: a full queue means the manager is stopping or stuck.
+        try:
+            self._socket().send_pyobj(event, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("event bus full; event dropped", extra=kv(kind=event[0], source=self._source))
 
     def close(self) -> None:
         with self._lock:

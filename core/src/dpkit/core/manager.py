@@ -106,10 +106,10 @@ class Manager:
         if self._stop.is_set():
             return
         self._stop.set()
-        self._stop_vendor_threads()
-        if self._loop is not None:
+        if self._loop is not None:  # the loop first, or it would restart the probes we stop
             self.bus.wake()
             self._loop.join(5)
+        self._stop_vendor_threads()
         self.link.stop()
         for resource in list(self.servers):
             self._remove_resource(resource)

@@ -207,6 +207,8 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str]) -> int:
     address, name, target, config_json = argv
+    # the manager blocks these for its threads, and a child inherits the mask
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     _die_with_parent()
     module_name, _, func_name = target.partition(":")
     func = getattr(importlib.import_module(module_name), func_name)
