@@ -317,3 +317,18 @@ def test_dpkit_doctor_command_runs_the_nvidia_checks(host, kubelet, plugin_dir, 
     (host.dev_root / "dev/nvidia0").unlink()
     assert dpkit_main(["doctor", "nvidia", "-c", str(config)]) == 1
     assert "[FAIL] device nodes present and accessible" in capsys.readouterr().out
+
+
+def test_mig_capability_label_follows_nvml(host):
+    """GFD's nvidia.com/mig.capable: true only when NVML answers GetMigMode for every GPU."""
+    host.apply(FakeNode([FakeGpu(gpu_uuid(0), 0, bus_id(0)),
+                         FakeGpu(gpu_uuid(1), 1, bus_id(1), mig_capable=False)]))
+    vendor = NvidiaVendor(host.vendor_config(), environ={})
+    try:
+        labels = vendor.node_labels(vendor.discover())
+        assert labels["nvidia.com/mig.capable"] == "false"
+        assert labels["nvidia.com/gpu.count"] == "2", "a GPU without MIG is still discovered"
+        host.apply(FakeNode.with_gpus(2))
+        assert vendor.node_labels(vendor.discover())["nvidia.com/mig.capable"] == "true"
+    finally:
+        vendor.close()

@@ -54,6 +54,7 @@ class FakeGpu:
     numa: int | None = 0
     mig_enabled: bool = False
     mig_pending: bool | None = None  # None: same as mig_enabled
+    mig_capable: bool = True  # False: GetMigMode answers NOT_SUPPORTED
     lost: bool = False
     migs: list[FakeMig] = field(default_factory=list)
     nvlinks: list[str] = field(default_factory=list)  # remote bus IDs, one per link
@@ -96,6 +97,7 @@ class FakeNode:
             pending = g.mig_enabled if g.mig_pending is None else g.mig_pending
             lines.append(f"gpu {g.uuid} {g.minor} {g.bus_id} {g.memory} {int(g.mig_enabled)} {int(pending)} "
                          f"{int(g.lost)} {g.name}")
+            lines += [] if g.mig_capable else [f"nomig {i}"]
             lines += [f"mig {i} {m.uuid} {m.gi} {m.ci} {m.gi_slices} {m.ci_slices} {m.memory_mb}" for m in g.migs]
             lines += [f"nvlink {i} {remote}" for remote in g.nvlinks]
         lines += [f"topo {a} {b} {level}" for (a, b), level in sorted(self.levels().items())]

@@ -40,7 +40,7 @@ typedef struct { char uuid[96]; unsigned gi, ci, gi_slices, ci_slices; unsigned 
 
 typedef struct {
     char uuid[96], name[96], bus[32];
-    unsigned minor, mig_cur, mig_pend, lost, nmigs, nlinks;
+    unsigned minor, mig_cur, mig_pend, lost, nmigs, nlinks, no_mig;
     unsigned long long memory;
     mig_t migs[MAX_MIGS];
     char links[MAX_LINKS][32];
@@ -116,6 +116,9 @@ static void parse_line(state_t *s, char *line) {
             snprintf(g->name, sizeof(g->name), "%s", name);
             s->ngpus++;
         }
+    } else if (!strcmp(word, "nomig")) {  /* a GPU without MIG support (GetMigMode: NOT_SUPPORTED) */
+        int gi;
+        if (sscanf(rest, "%d", &gi) == 1 && gi >= 0 && gi < s->ngpus) s->gpus[gi].no_mig = 1;
     } else if (!strcmp(word, "mig")) {
         int gi;
         mig_t m;
@@ -382,6 +385,7 @@ int nvmlDeviceGetMigMode(handle_t *h, unsigned *current, unsigned *pending) {
     enter("nvmlDeviceGetMigMode", gpu_of(h));
     int rc = check(h);
     if (rc) return leave(rc);
+    if (st.gpus[h->gpu].no_mig) return leave(NOT_SUPPORTED);
     *current = st.gpus[h->gpu].mig_cur;
     *pending = st.gpus[h->gpu].mig_pend;
     return leave(OK);

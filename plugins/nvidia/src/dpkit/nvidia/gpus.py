@@ -48,6 +48,7 @@ class GpuInfo:
     numa: int | None
     mig_enabled: bool = False
     mig_pending: bool = False
+    mig_capable: bool = False  # NVML answers GetMigMode (GFD's nvidia.com/mig.capable)
     migs: tuple[MigInfo, ...] = ()
     nvlinks: tuple[str, ...] = ()  # remote PCI bus IDs, one per active link
     problem: str = ""  # known GPU that cannot be used now (lost, hung)
@@ -192,14 +193,17 @@ def _read_gpu(index: int) -> GpuInfo:
         raise ValidationError(f"GPU {index} minor number {minor} from NVML is implausible")
     memory = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
     bus_id = nvml.text(pynvml.nvmlDeviceGetPciInfo(handle).busId)
+    capable = True
     try:
         current, pending = pynvml.nvmlDeviceGetMigMode(handle)
     except nvml.NVMLError:  # GPUs without MIG support answer NOT_SUPPORTED
         current = pending = 0
+        capable = False
     migs = _read_migs(handle, memory) if current else ()
     return GpuInfo(
         index=index, uuid=uuid, name=nvml.text(pynvml.nvmlDeviceGetName(handle))[:96], memory=memory,
         minor=minor, bus_id=bus_id, numa=None, mig_enabled=bool(current), mig_pending=bool(pending),
+        mig_capable=capable,
         migs=migs, nvlinks=_read_nvlinks(handle),
     )
 

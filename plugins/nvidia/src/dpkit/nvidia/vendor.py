@@ -156,6 +156,7 @@ class NvidiaVendor(Vendor):
             "nvidia.com/gpu.product": _label(first.name.replace(" ", "-")),
             "nvidia.com/gpu.memory": str(first.memory >> 20),
             "nvidia.com/mig.strategy": self.settings.mig_strategy,
+            "nvidia.com/mig.capable": "true" if all(g.mig_capable for g in current.gpus) else "false",
             "nvidia.com/gpu.sharing-strategy": "time-slicing" if self.settings.shared else "none",
         }
         if self.settings.shared:
