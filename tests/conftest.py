@@ -6,6 +6,7 @@ rather than pytest's deep tmp_path.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,6 +19,17 @@ from dpkit.core.config import Config
 from dpkit.core.kubelet import Kubelet
 from dpkit.core.manager import Manager
 from dpkit.core.vendor import Vendor
+
+
+@pytest.fixture(autouse=True)
+def restore_dpkit_logging() -> Iterator[None]:
+    """CLI entry points configure the ``dpkit`` logger for the process; undo that after each test."""
+    logger = logging.getLogger("dpkit")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    yield
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
 
 
 @pytest.fixture

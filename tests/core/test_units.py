@@ -124,3 +124,24 @@ def test_status_and_discover_fold_alike_devices():
         ("kvm0", "kvm6", 7), ("kvm7", "kvm7", 1), ("kvm8", "kvm499", 492), ("kvm500", "kvm500", 1),
         ("kvm501", "kvm999", 499), ("x", "x", 1)]
     assert sum(count for _, _, count, _ in rows) == len(devices)
+
+
+def test_doctor_defers_nodes_a_pre_start_hook_makes(short_tmp):
+    from scripted_vendor import RES, ScriptedVendor
+
+    from dpkit.core.device import ContainerSpec, Device, DeviceNode
+    from dpkit.core.doctor import vendor_checks
+
+    later = Device("z0", spec=ContainerSpec(devices=(DeviceNode(str(short_tmp / "zcrypt-0"), "/dev/z90crypt"),)))
+
+    class MakesNodesAtStart(ScriptedVendor):
+        def pre_start(self, resource, devices):  # type: ignore[no-untyped-def]
+            pass
+
+    def node_check(vendor):  # type: ignore[no-untyped-def]
+        return next(c for c in vendor_checks(vendor) if c.name == "container device nodes present and accessible")
+
+    deferred = node_check(MakesNodesAtStart(snapshot={RES: (later,)}))
+    assert deferred.ok and "1 more made at container start" in deferred.detail
+    missing = node_check(ScriptedVendor(snapshot={RES: (later,)}))
+    assert not missing.ok and "zcrypt-0" in missing.detail
