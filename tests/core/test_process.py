@@ -148,6 +148,7 @@ def test_demo_runs_the_whole_story():
     assert "+widget-4" in text and "-gadget-0" in text
     assert "allocated widget-" in text and "SIM_VISIBLE_DEVICES=" in text
     assert "re-registered in" in text
+    assert "widget-0  Healthy    0      default/demo-pod/app" in text, "status shows which pod holds a device"
     assert "sockets left behind: none" in text
 
 

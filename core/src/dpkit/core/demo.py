@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import TextIO
 
 from dpkit.core.config import Config
+from dpkit.core.control import format_status, query
 from dpkit.core.kubelet import Kubelet
 from dpkit.core.manager import Manager
+from dpkit.core.observers import attach_observers
 from dpkit.core.sim import SimulatedVendor
 
 
@@ -66,10 +68,13 @@ def run_demo(devices_file: Path | None = None, out: TextIO | None = None) -> int
         root = Path(tmp)
         kubelet = Kubelet(root / "device-plugins", pod_resources_socket=root / "pod-resources" / "kubelet.sock").start()
         vendor_config = {"devices_file": str(devices_file)} if devices_file else {}
-        config = Config(plugin_dir=str(root / "device-plugins"), state_dir=str(root / "state"), vendor=vendor_config)
+        config = Config(plugin_dir=str(root / "device-plugins"), state_dir=str(root / "state"), vendor=vendor_config,
+                        pod_resources_socket=str(root / "pod-resources" / "kubelet.sock"),
+                        cdi_dir=str(root / "cdi"), nfd_features_dir="")
         vendor = SimulatedVendor(config.vendor)
         vendor.script_done.clear()
         manager = Manager(vendor, config)
+        attach_observers(manager)  # pod-resources view ("HELD BY") and CDI spec files, as `dpkit run` does
         started = time.perf_counter()
         manager.start()
         try:
@@ -92,6 +97,8 @@ def run_demo(devices_file: Path | None = None, out: TextIO | None = None) -> int
                 out.write(f"  device {dev.host_path} -> {dev.container_path} ({dev.permissions})\n")
             for mount in response.mounts:
                 out.write(f"  mount  {mount.host_path} -> {mount.container_path} (ro={mount.read_only})\n")
+            out.write("\n== `dpkit status` of the running plugin (read over its control socket)\n")
+            out.write(format_status(query(config.state_dir)["status"]) + "\n")
             t0 = time.perf_counter()
             kubelet.restart()
             ok = kubelet.wait_for(lambda k: all(k.registered(r) for r in manager.servers), 10)
