@@ -82,6 +82,8 @@ def test_defaults_match_nvidias_plugin():
     ({"version": "v2"}, "'version': unknown version 'v2'"),
     ({"sharing": {"timeSlicing": {"resources": [{"name": "gpu", "replicas": 1}]}}},
      "'sharing.timeSlicing.resources[0].replicas': number of replicas must be >= 2"),
+    ({"sharing": {"timeSlicing": {"resources": [{"name": "gpu", "replicas": 10**8}]}}},
+     "'sharing.timeSlicing.resources[0].replicas': number of replicas must be <= 1024 per GPU, got 100000000"),
     ({"sharing": {"timeSlicing": {"resources": [{"name": "gpu"}]}}}, "'replicas' is required"),
     ({"sharing": {"timeSlicing": {"resources": [{"name": "gpu", "replicas": 2, "devices": "some"}]}}},
      "expected 'all', a count or a list of devices"),
@@ -107,6 +109,22 @@ def test_wrong_environment_values_name_the_variable():
         load_settings({}, environ={"PASS_DEVICE_SPECS": "maybe"})
     with pytest.raises(ConfigError, match="environment DP_DISABLE_HEALTHCHECKS: 'sometimes'"):
         load_settings({}, environ={"DP_DISABLE_HEALTHCHECKS": "48,sometimes"})
+
+
+def test_replicas_up_to_the_limit_are_accepted():
+    doc = {"sharing": {"timeSlicing": {"resources": [{"name": "gpu", "replicas": 1024}]}}}
+    assert load_settings({"config": doc}, environ={}).shared[0].replicas == 1024
+
+
+def test_imex_environment_variables_are_rejected_like_the_imex_keys():
+    with pytest.raises(ConfigError, match="environment IMEX_CHANNEL_IDS: IMEX channels are not supported"):
+        load_settings({}, environ={"IMEX_CHANNEL_IDS": "0,1"})
+    with pytest.raises(ConfigError, match="environment IMEX_REQUIRED: IMEX channels are not supported"):
+        load_settings({}, environ={"IMEX_REQUIRED": "true"})
+    with pytest.raises(ConfigError, match="environment IMEX_REQUIRED: expected true or false"):
+        load_settings({}, environ={"IMEX_REQUIRED": "perhaps"})
+    # unset in effect, as an empty imex section in the file is
+    load_settings({}, environ={"IMEX_CHANNEL_IDS": " ", "IMEX_REQUIRED": "false"})
 
 
 def test_unknown_vendor_key_and_bad_file_are_clear_errors(tmp_path):

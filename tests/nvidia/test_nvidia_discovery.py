@@ -224,6 +224,22 @@ def test_hung_nvml_call_marks_only_that_gpu_and_clears_when_it_returns(host, ven
     assert by_id(vendor.discover())[gpu_uuid(1)].healthy
 
 
+def test_implausible_gpu_count_reads_only_the_first_gpus(host, vendors):
+    node = FakeNode.with_gpus(2)
+    node.count = 4_000_000_000  # a garbage count would otherwise loop guarded calls for hours
+    host.apply(node)
+    vendor = vendors(host.vendor_config())
+    started = time.monotonic()
+    assert list(by_id(vendor.discover())) == [gpu_uuid(0), gpu_uuid(1)]
+    assert time.monotonic() - started < 60  # 64 quick reads, not 4e9; generous for a loaded box
+    found = findings(vendor)
+    assert any(f.startswith("nvmlDeviceGetCount: NVML reports 4000000000 GPUs, more than dpkit reads (64)")
+               for f in found)
+    unread = [f for f in found if f.startswith("GPU ")]
+    assert len(unread) == 62 and all(f"GPU {i}:" in " ".join(unread) for i in (2, 63))
+    assert not any(f.startswith("GPU 64:") for f in found)
+
+
 def test_malformed_uuid_from_nvml_is_not_advertised(host, vendors):
     node = FakeNode.with_gpus(2)
     node.gpus[0].uuid = "GPU-../../etc"

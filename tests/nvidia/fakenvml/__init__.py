@@ -81,6 +81,7 @@ class FakeNode:
     hangs: list[tuple[str, int]] = field(default_factory=list)  # (function, gpu index or -1)
     topo: dict[tuple[int, int], int] = field(default_factory=dict)
     events: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
+    count: int | None = None  # what nvmlDeviceGetCount answers (None: the number of GPUs)
     path: Path | None = None
 
     @classmethod
@@ -93,6 +94,7 @@ class FakeNode:
     def render(self) -> str:
         lines = [f"init {self.init_rc}", f"driver {self.driver}", f"cuda {self.cuda}"]
         lines += [f"hang {fn} {gpu}" for fn, gpu in self.hangs]
+        lines += [] if self.count is None else [f"count {self.count}"]
         for i, g in enumerate(self.gpus):
             pending = g.mig_enabled if g.mig_pending is None else g.mig_pending
             lines.append(f"gpu {g.uuid} {g.minor} {g.bus_id} {g.memory} {int(g.mig_enabled)} {int(pending)} "

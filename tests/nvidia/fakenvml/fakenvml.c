@@ -14,6 +14,7 @@
  *   nvlink GPU REMOTE_BUSID    one line per active link, in link order
  *   topo GPU GPU LEVEL         nvmlDeviceGetTopologyCommonAncestor level
  *   event SEQ GPU TYPE DATA GI CI
+ *   count N                    nvmlDeviceGetCount answers N instead of the number of gpu lines
  *
  * Build: gcc -shared -fPIC -Wl,-soname,libnvidia-ml.so.1 -o libnvidia-ml.so.1 fakenvml.c -lpthread
  */
@@ -51,7 +52,8 @@ typedef struct { unsigned long long seq, type, data; int gpu; unsigned gi, ci; }
 typedef struct { char fn[64]; int gpu; } hang_t;
 
 typedef struct {
-    int init_rc, ngpus, nevents, nhangs, cuda;
+    int init_rc, ngpus, nevents, nhangs, cuda, count_set;
+    unsigned count;
     char driver[80];
     gpu_t gpus[MAX_GPUS];
     event_t events[MAX_EVENTS];
@@ -99,6 +101,8 @@ static void parse_line(state_t *s, char *line) {
         sscanf(rest, "%d", &s->init_rc);
     } else if (!strcmp(word, "driver")) {
         sscanf(rest, "%79s", s->driver);
+    } else if (!strcmp(word, "count")) {
+        if (sscanf(rest, "%u", &s->count) == 1) s->count_set = 1;
     } else if (!strcmp(word, "cuda")) {
         sscanf(rest, "%d", &s->cuda);
     } else if (!strcmp(word, "hang") && s->nhangs < MAX_HANGS) {
@@ -292,7 +296,7 @@ int nvmlSystemGetCudaDriverVersion_v2(int *version) { return nvmlSystemGetCudaDr
 int nvmlDeviceGetCount_v2(unsigned *count) {
     enter("nvmlDeviceGetCount", -1);
     if (refcount <= 0) return leave(UNINITIALIZED);
-    *count = (unsigned)st.ngpus;
+    *count = st.count_set ? st.count : (unsigned)st.ngpus;
     return leave(OK);
 }
 int nvmlDeviceGetCount(unsigned *count) { return nvmlDeviceGetCount_v2(count); }

@@ -32,6 +32,9 @@ SHARED_SUFFIX = ".shared"
 MIG_STRATEGIES = ("none", "single", "mixed")
 LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
 ID_STRATEGIES = ("uuid", "index")
+#: ``sharing.timeSlicing.resources[].replicas`` at most: each replica is a device advertised to the
+#: kubelet and rebuilt on every poll, so 10^8 would stall the plugin. Far above any real use.
+MAX_REPLICAS = 1024
 
 #: dpkit's own keys in the ``vendor:`` section, with their defaults.
 VENDOR_KEYS: dict[str, Any] = {
@@ -214,6 +217,9 @@ def _shared(value: Any, path: str) -> list[dict[str, Any]]:
                 raise _Bad(at, f"'{key}' is required")
         if entry["replicas"] < 2:
             raise _Bad(f"{at}.replicas", f"number of replicas must be >= 2, got {entry['replicas']}")
+        if entry["replicas"] > MAX_REPLICAS:
+            raise _Bad(f"{at}.replicas",
+                       f"number of replicas must be <= {MAX_REPLICAS} per GPU, got {entry['replicas']}")
         entry["name"] = _resource(entry["name"], f"{at}.name")
         if "rename" in entry:
             entry["rename"] = _resource(entry["rename"], f"{at}.rename")
@@ -258,6 +264,19 @@ def _env_bool(name: str, value: str) -> bool:
 
 def _env_list(name: str, value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _check_unsupported_env(environ: Mapping[str, str]) -> None:
+    """NVIDIA's IMEX variables, rejected like the ``imex`` keys: dpkit does not inject IMEX channels.
+
+    An empty IMEX_CHANNEL_IDS or a false IMEX_REQUIRED is accepted, as the same values in the file are.
+    """
+    ids = environ.get("IMEX_CHANNEL_IDS", "")
+    if _env_list("IMEX_CHANNEL_IDS", ids):
+        raise ConfigError(f"environment IMEX_CHANNEL_IDS: IMEX channels are not supported by dpkit, "
+                          f"got {ids!r}; unset it")
+    if "IMEX_REQUIRED" in environ and _env_bool("IMEX_REQUIRED", environ["IMEX_REQUIRED"]):
+        raise ConfigError("environment IMEX_REQUIRED: IMEX channels are not supported by dpkit; unset it")
 
 
 # NVIDIA's environment variables -> (key path under flags, parser; None keeps the string)
@@ -361,6 +380,7 @@ def load_settings(config: Mapping[str, Any] | None = None, environ: Mapping[str,
         close = difflib.get_close_matches(unknown[0], list(VENDOR_KEYS), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(VENDOR_KEYS)}"
         raise ConfigError(f"vendor: unknown key {unknown[0]!r} for vendor nvidia ({hint})")
+    _check_unsupported_env(environ)
     raw, source = _read_document(config, environ)
     origin: dict[str, str] = {}
     try:

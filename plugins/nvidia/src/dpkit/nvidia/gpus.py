@@ -23,6 +23,10 @@ from dpkit.nvidia.guard import Guard, Hung
 log = get_logger("nvidia.gpus")
 UUID = re.compile(r"^(GPU|MIG)-[0-9a-fA-F-]{8,}$")
 MAX_MINOR = 1 << 20
+#: GPUs read per node at most. The largest NVIDIA nodes hold 16 GPUs; a count beyond this is a
+#: broken NVML answer, and reading it would loop guarded calls for hours. The first MAX_GPUS
+#: indices are read and an Issue says why the rest are not.
+MAX_GPUS = 64
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class NodeReader:
         self.known: dict[int, GpuInfo] = {}
         self._pcie_for: tuple[str, ...] = ()
         self._pcie: dict[tuple[str, str], int] = {}
+        self._warned_count = -1
 
     def ensure_init(self) -> None:
         if not self.initialized:
@@ -121,6 +126,15 @@ class NodeReader:
         driver, cuda, count = self.guard.call("system", _read_system)
         gpus: list[GpuInfo] = []
         issues: list[Issue] = []
+        if count > MAX_GPUS:
+            issues.append(Issue("nvmlDeviceGetCount", f"NVML reports {count} GPUs, more than dpkit reads "
+                                f"({MAX_GPUS}); only GPUs 0-{MAX_GPUS - 1} are read",
+                                "a count this large is usually a broken driver or NVML; check nvidia-smi"))
+            if count != self._warned_count:
+                log.warning("implausible GPU count from NVML; reading only the first GPUs",
+                            extra=kv(count=count, limit=MAX_GPUS))
+                self._warned_count = count
+            count = MAX_GPUS
         for index in range(count):
             gpu = self._read_one(index, issues)
             if gpu is not None:
