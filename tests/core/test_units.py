@@ -35,8 +35,11 @@ def test_invalid_device_ids(bad):
 
 
 def test_container_spec_rejects_untrusted_values():
-    with pytest.raises(ValidationError, match="environment variable name"):
-        ContainerSpec(env={"BAD-NAME": "x"})
+    for bad in ("1ABC", "A B", "A=B", "", "X\n"):
+        with pytest.raises(ValidationError, match="environment variable name"):
+            ContainerSpec(env={bad: "x"})
+    # Kubernetes accepts '-' and '.' in env names, and KubeVirt's PCI_RESOURCE_* relies on it
+    assert ContainerSpec(env={"PCI_RESOURCE_INTEL_COM_QAT-VF": "0000:3b:00.1"}).env
     with pytest.raises(ValidationError, match="absolute"):
         DeviceNode("dev/nvidia0")
     with pytest.raises(ValidationError, match=r"'\.\.'"):
@@ -145,3 +148,9 @@ def test_doctor_defers_nodes_a_pre_start_hook_makes(short_tmp):
     assert deferred.ok and "1 more made at container start" in deferred.detail
     missing = node_check(ScriptedVendor(snapshot={RES: (later,)}))
     assert not missing.ok and "zcrypt-0" in missing.detail
+
+
+@pytest.mark.parametrize("numa", [-1, 1024, 99999999999999999999999])
+def test_device_rejects_implausible_numa_nodes(numa):
+    with pytest.raises(ValidationError, match="NUMA node"):
+        Device("d0", numa_nodes=(numa,))

@@ -188,7 +188,8 @@ def test_default_resource_name_comes_from_pci_ids(host: FakeHost, tmp_path: Path
 
 def test_env_name_follows_kubevirt() -> None:
     assert pci_resource_env("nvidia.com/TU104GL_Tesla_T4") == "PCI_RESOURCE_NVIDIA_COM_TU104GL_TESLA_T4"
-    assert pci_resource_env("intel.com/qat-vf") == "PCI_RESOURCE_INTEL_COM_QAT_VF"
+    # KubeVirt replaces only "/" and "."; virt-launcher reads PCI_RESOURCE_INTEL_COM_QAT-VF
+    assert pci_resource_env("intel.com/qat-vf") == "PCI_RESOURCE_INTEL_COM_QAT-VF"
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dpkit.core.validation import (
     check_device_id,
     check_env_name,
     check_host_path,
+    check_numa_node,
     check_permissions,
 )
 
@@ -169,7 +170,7 @@ class Device:
     def __post_init__(self) -> None:
         check_device_id(self.id)
         object.__setattr__(self, "health", Health(self.health))
-        object.__setattr__(self, "numa_nodes", tuple(sorted({int(n) for n in self.numa_nodes})))
+        object.__setattr__(self, "numa_nodes", tuple(sorted({check_numa_node(int(n)) for n in self.numa_nodes})))
         object.__setattr__(self, "attributes", _frozen({str(k): str(v) for k, v in self.attributes.items()}))
 
     @property

@@ -13,7 +13,9 @@ from dpkit.core.errors import ValidationError
 
 MAX_DEVICE_ID = 63
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Kubernetes' IsEnvVarName: what a container spec may carry (KubeVirt's PCI_RESOURCE_* keeps "-")
+_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+MAX_NUMA_NODE = 1023
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_SUBDOMAIN = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
 _QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
@@ -65,8 +67,17 @@ def check_resource_name(name: str) -> str:
 
 def check_env_name(name: str) -> str:
     if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-        raise ValidationError(f"environment variable name {name!r} is not a valid identifier")
+        raise ValidationError(
+            f"environment variable name {name!r} is not valid (letters, digits, '_', '-', '.'; no leading digit)"
+        )
     return name
+
+
+def check_numa_node(node: int) -> int:
+    """NUMA node IDs the kubelet's topology manager can use; sysfs garbage must not reach it."""
+    if isinstance(node, bool) or not isinstance(node, int) or not 0 <= node <= MAX_NUMA_NODE:
+        raise ValidationError(f"NUMA node {node!r} is outside 0..{MAX_NUMA_NODE}")
+    return node
 
 
 def _check_path(path: str, what: str) -> str:

@@ -27,8 +27,9 @@ VENDOR_DOMAINS = {
 
 
 def pci_resource_env(resource: str) -> str:
-    """``PCI_RESOURCE_<NAME>``: upper-cased, every non-alphanumeric as ``_`` (KubeVirt's rule)."""
-    return PCI_RESOURCE_PREFIX + re.sub(r"[^A-Z0-9]", "_", resource.upper())
+    """``PCI_RESOURCE_<NAME>``: upper-cased, ``/`` and ``.`` as ``_``, exactly KubeVirt's
+    ``ResourceNameToEnvVar``: virt-launcher looks the variable up by that name, so ``-`` stays."""
+    return PCI_RESOURCE_PREFIX + resource.upper().replace("/", "_").replace(".", "_")
 
 
 def default_resource_name(vendor: str, device: str, pci_ids: str = "") -> str:
