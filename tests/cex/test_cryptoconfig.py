@@ -110,7 +110,8 @@ def test_one_apqn_pinned_to_different_machines_may_serve_two_sets() -> None:
     (_sets(_set(cexmode="fips")), r"\(s1\).cexmode: expected one of cca, ep11, accel"),
     (_sets(_set(mincexgen="cex3")), r"\(s1\).mincexgen"),
     (_sets(_set(mincexgen="7")), r"\(s1\).mincexgen"),
-    (_sets(_set(overcommit=1001)), r"\(s1\).overcommit: expected an integer from -1 to 1000"),
+    (_sets(_set(overcommit=1001)), r"\(s1\).overcommit: expected an integer of at most 1000 \(dpkit's limit "
+                                   r"per set; IBM's plugin has none\), got 1001"),
     (_sets(_set(overcommit=2.5)), r"\(s1\).overcommit"),
     (_sets(_set(livesysfs=2)), r"\(s1\).livesysfs"),
     (_sets(_set(project="")), r"\(s1\).project: expected a non-empty string"),
@@ -137,8 +138,41 @@ def test_unknown_keys_are_ignored_and_reported() -> None:
 
 
 def test_overcommit_zero_or_negative_means_the_default() -> None:
-    config = parse_crypto_config(_sets(_set("a", overcommit=0), _set("b", overcommit=-1, apqns=[])), "f", overcommit=4)
-    assert [s.overcommit for s in config.sets] == [4, 4]
+    config = parse_crypto_config(_sets(_set("a", overcommit=0), _set("b", overcommit=-1, apqns=[]),
+                                       _set("c", overcommit=-7, apqns=[])), "f", overcommit=4)
+    assert [s.overcommit for s in config.sets] == [4, 4, 4]
+    assert parse_crypto_config(_sets(_set(overcommit=1000)), "f").sets[0].overcommit == 1000
+
+
+def test_keys_match_ignoring_case_as_in_ibms_go_parser() -> None:
+    text = json.dumps({"CryptoConfigSets": [{
+        "SetName": "s1", "PROJECT": "p", "cexMode": "cca", "MinCexGen": "cex7", "OverCommit": 2, "LiveSysfs": 0,
+        "Apqns": [{"Adapter": 1, "DOMAIN": 5, "MachineId": "IBM-1"}, {"adapter": 2, "domain": 5}]}]})
+    config = parse_crypto_config(text, "f.json")
+    assert config.ignored == ()
+    s1 = config.sets[0]
+    assert (s1.setname, s1.project, s1.cexmode, s1.mincexgen, s1.overcommit, s1.livesysfs) == (
+        "s1", "p", "cca", 7, 2, False)
+    assert s1.apqns == (ApqnDef(1, 5, "IBM-1"), ApqnDef(2, 5))
+    # Go's bytes.EqualFold also folds the long s onto s (and the Kelvin sign onto k)
+    folded = parse_crypto_config(json.dumps({"cryptoconfig\u017fets": [
+        {"\u017fetname": "s2", "project": "p", "apqns": []}]}), "f.json")
+    assert [s.setname for s in folded.sets] == ["s2"] and folded.ignored == ()
+
+
+def test_of_two_keys_for_one_field_the_later_wins_and_the_earlier_is_reported() -> None:
+    text = '{"cryptoconfigsets": [{"setname": "old", "project": "p", "SetName": "new", "apqns": []}]}'
+    config = parse_crypto_config(text, "f.json")
+    assert config.sets[0].setname == "new"
+    assert config.ignored == ("f.json: cryptoconfigsets[0].setname (overridden by a later 'SetName')",)
+
+
+def test_keys_that_only_look_alike_stay_unknown() -> None:
+    # the dotless and the dotted I are not in the fold set of i (Go's unicode.SimpleFold)
+    text = json.dumps({"cryptoconfigsets": [_set("s1", setname_=1, **{"l\u0131vesysfs": 0, "mach\u0130neid": ""})]})
+    assert parse_crypto_config(text, "f.json").ignored == (
+        "f.json: cryptoconfigsets[0].setname_", "f.json: cryptoconfigsets[0].l\u0131vesysfs",
+        "f.json: cryptoconfigsets[0].mach\u0130neid")
 
 
 def test_reading_the_file_and_its_digest(tmp_path: Path) -> None:

@@ -51,6 +51,34 @@ def test_rebuild_replaces_and_remove_deletes(tree: ApTree, tmp_path: Path) -> No
     assert not shadow.exists(base, "apqn-1-5-0") and shadow.keys(base) == []
 
 
+def test_the_tree_records_the_apqns_it_shows(tree: ApTree, tmp_path: Path) -> None:
+    base = tmp_path / "shadow"
+    assert not shadow.matches(base, "apqn-1-5-0", [(1, 5)])                 # no tree yet
+    built = shadow.build(base, "apqn-1-5-0", scan(tree.root), [(2, 5), (1, 5)], live=True)
+    assert (built.root / shadow.MARKER).read_text() == "01.0005,02.0005\n"  # outside both mounts
+    assert shadow.matches(base, "apqn-1-5-0", [(1, 5), (2, 5)])
+    assert not shadow.matches(base, "apqn-1-5-0", [(1, 5)])
+    (built.root / shadow.MARKER).unlink()                                   # an earlier version's tree
+    assert not shadow.matches(base, "apqn-1-5-0", [(1, 5), (2, 5)])
+
+
+def test_a_failed_rebuild_keeps_the_old_tree(tree: ApTree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tmp_path / "shadow"
+    shadow.build(base, "apqn-1-5-0", scan(tree.root), [(1, 5)], live=False)
+    real_rename = os.rename
+
+    def failing_rename(src: str | Path, dst: str | Path) -> None:
+        if Path(src).name.startswith(".sysfs-"):                            # the swap into place
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(shadow.os, "rename", failing_rename)
+    with pytest.raises(shadow.ShadowError, match=r"cannot build shadow sysfs .*No space left"):
+        shadow.build(base, "apqn-1-5-0", scan(tree.root), [(1, 5), (2, 5)], live=False)
+    assert shadow.matches(base, "apqn-1-5-0", [(1, 5)])
+    assert sorted(os.listdir(base)) == ["sysfs-apqn-1-5-0"]
+
+
 def test_bad_requests_leave_nothing_behind(tree: ApTree, tmp_path: Path) -> None:
     base = tmp_path / "shadow"
     with pytest.raises(shadow.ShadowError, match=r"not on the AP bus: 09.0005"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,6 +175,47 @@ def test_container_spec_describes_an_isolated_node_that_pre_start_makes(
     assert all(Path(m.host_path).is_dir() for m in spec.mounts)
     vendor.pre_start(CCA, devices)                                     # a restart: same node, no new one
     assert kernel.created == ["zcrypt-apqn-1-5-0"]
+
+
+def test_a_reused_key_gets_a_node_and_tree_for_its_new_apqns(
+        kernel: FakeZcryptKernel, make_vendor: Callable[..., CexVendor], tmp_path: Path) -> None:
+    vendor = make_vendor()
+    node = kernel.node("zcrypt-apqn-1-5-0")
+    cards = tmp_path / "shadow" / "sysfs-apqn-1-5-0" / "devices" / "ap"
+    vendor.pre_start(CCA, _devices(vendor, CCA, "apqn-1-5-0"))
+    assert sorted(os.listdir(cards)) == ["card01"]
+    assert (node / "apmask").read_text() == mask({1}) + "\n"
+    # that container ends; within the grace period its device ID goes to one with two APQNs
+    two = _devices(vendor, CCA, "apqn-1-5-0", "apqn-2-5-0")
+    spec = vendor.container_spec(CCA, two)
+    vendor.pre_start(CCA, two)
+    assert kernel.created == ["zcrypt-apqn-1-5-0"]                      # the node is reused ...
+    assert (node / "apmask").read_text() == mask({1, 2}) + "\n"        # ... restricted anew
+    assert (node / "aqmask").read_text() == mask({5}) + "\n"
+    assert sorted(os.listdir(cards)) == ["card01", "card02"]            # and the tree rebuilt
+    assert all(Path(m.host_path).is_dir() for m in spec.mounts)
+    assert all((tmp_path / "shadow" / "sysfs-apqn-1-5-0" / m.container_path.removeprefix("/sys/")).is_dir()
+               for m in spec.mounts if m.container_path.startswith("/sys/devices/ap/"))  # live mount targets
+    # and back to a single APQN of another domain: nothing of the last container shows
+    vendor.pre_start(CCA, _devices(vendor, CCA, "apqn-1-5-0"))
+    assert sorted(os.listdir(cards)) == ["card01"] and (node / "apmask").read_text() == mask({1}) + "\n"
+    vendor.pre_start(CCA, _devices(vendor, CCA, "apqn-1-5-0", "apqn-1-6-0"))
+    assert (node / "aqmask").read_text() == mask({5, 6}) + "\n"
+    assert sorted(os.listdir(cards / "card01")).count("01.0006") == 1
+
+
+def test_a_restart_keeps_the_tree_and_a_new_node_gets_a_fresh_one(
+        kernel: FakeZcryptKernel, make_vendor: Callable[..., CexVendor], tmp_path: Path) -> None:
+    vendor = make_vendor()
+    devices = _devices(vendor, CCA, "apqn-1-5-0")
+    root = tmp_path / "shadow" / "sysfs-apqn-1-5-0"
+    vendor.pre_start(CCA, devices)
+    first = root.stat().st_ino
+    vendor.pre_start(CCA, devices)                                       # same container restarting
+    assert root.stat().st_ino == first
+    assert vendor.zcrypt.destroy("zcrypt-apqn-1-5-0")                    # a node reboot took the node
+    vendor.pre_start(CCA, devices)
+    assert root.stat().st_ino != first and kernel.created == ["zcrypt-apqn-1-5-0"] * 2
 
 
 def test_doctor_and_cdi_style_calls_make_no_nodes(kernel: FakeZcryptKernel, make_vendor: Callable[..., CexVendor],

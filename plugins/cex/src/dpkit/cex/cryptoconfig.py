@@ -9,7 +9,9 @@ The file is accepted unchanged::
 Each set becomes the extended resource ``cex.s390.ibm.com/<setname>``. Every error names the
 file and the key path (``cryptoconfigsets[1].apqns[0].domain``). As in IBM's plugin, an APQN
 may appear once in the whole file unless every occurrence is pinned to a different machine.
-Unknown keys are ignored (IBM's parser ignores them too) but reported, to catch typos.
+Keys match as Go's ``encoding/json`` matches them for IBM's plugin: exactly, else ignoring case
+(``SetName``, ``Adapter``); of two keys for one field the later wins. Unknown keys are ignored
+(IBM's parser ignores them too) but reported, to catch typos.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from dpkit.core.validation import check_resource_name
 
 RESOURCE_DOMAIN = "cex.s390.ibm.com"
 MODES = ("cca", "ep11", "accel")
-MAX_SET_OVERCOMMIT = 1000
+MAX_SET_OVERCOMMIT = 1000  # IBM's plugin has no cap; this one keeps a typo from flooding the kubelet
 _GEN = re.compile(r"^cex([1-9][0-9]?)$")
 _SET_KEYS = {"setname", "project", "cexmode", "mincexgen", "overcommit", "livesysfs", "apqns"}
 _APQN_KEYS = {"adapter", "domain", "machineid"}
+_TOP_KEYS = {"cryptoconfigsets"}
+# bytes.EqualFold folds these non-ASCII letters onto ASCII ones (Kelvin sign, long s)
+_FOLD = {"\u212a": "k", "\u017f": "s"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,32 @@ class CryptoConfig:
         return any(a.machineid for s in self.sets for a in s.apqns)
 
 
+def _fold(key: str) -> str:
+    """``key`` folded as Go's ``bytes.EqualFold`` compares it with an ASCII field name."""
+    return "".join(c.lower() if c.isascii() else _FOLD.get(c, c) for c in key)
+
+
+def _fields(where: str, raw: Mapping[str, Any], known: set[str], ignored: list[str]) -> dict[str, Any]:
+    """``raw`` by field name, matched as Go's ``encoding/json`` does; unknown keys go to ``ignored``.
+
+    A key names the field it equals, else the one it equals ignoring case; keys are taken in
+    file order, so of two keys for one field (``setname`` and ``SetName``) the later wins, and
+    the earlier is reported with the ignored keys.
+    """
+    fields: dict[str, Any] = {}
+    used: dict[str, str] = {}
+    prefix = f"{where}." if where else ""
+    for key, value in raw.items():
+        name = key if key in known else next((k for k in sorted(known) if _fold(key) == k), None)
+        if name is None:
+            ignored.append(prefix + key)
+            continue
+        if name in used:
+            ignored.append(f"{prefix}{used[name]} (overridden by a later {key!r})")
+        fields[name], used[name] = value, key
+    return fields
+
+
 def _int(where: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"{where}: expected an integer from {low} to {high}, got {value!r}")
@@ -95,7 +126,7 @@ def _str(where: str, value: Any, *, required: bool = False) -> str:
 def _parse_apqn(where: str, raw: Any, ignored: list[str]) -> ApqnDef:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected an object with adapter and domain, got {raw!r}")
-    ignored += [f"{where}.{k}" for k in raw if k not in _APQN_KEYS]
+    raw = _fields(where, raw, _APQN_KEYS, ignored)
     for key in ("adapter", "domain"):
         if key not in raw:
             raise ConfigError(f"{where}.{key}: missing")
@@ -107,7 +138,7 @@ def _parse_apqn(where: str, raw: Any, ignored: list[str]) -> ApqnDef:
 def _parse_set(where: str, raw: Any, overcommit: int, livesysfs: bool, ignored: list[str]) -> ConfigSet:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected an object, got {type(raw).__name__}")
-    ignored += [f"{where}.{k}" for k in raw if k not in _SET_KEYS]
+    raw = _fields(where, raw, _SET_KEYS, ignored)
     setname = _str(f"{where}.setname", raw.get("setname"), required=True)
     try:
         check_resource_name(f"{RESOURCE_DOMAIN}/{setname}")
@@ -123,7 +154,10 @@ def _parse_set(where: str, raw: Any, overcommit: int, livesysfs: bool, ignored: 
         raise ConfigError(f"{where}.mincexgen: expected 'cex4', 'cex5', ..., got {gen_text!r}")
     set_overcommit = raw.get("overcommit")
     if set_overcommit is not None:
-        set_overcommit = _int(f"{where}.overcommit", set_overcommit, -1, MAX_SET_OVERCOMMIT)
+        if isinstance(set_overcommit, bool) or not isinstance(set_overcommit, int) \
+                or set_overcommit > MAX_SET_OVERCOMMIT:
+            raise ConfigError(f"{where}.overcommit: expected an integer of at most {MAX_SET_OVERCOMMIT} "
+                              f"(dpkit's limit per set; IBM's plugin has none), got {set_overcommit!r}")
     live_raw = raw.get("livesysfs")
     if live_raw is None:
         live = livesysfs
@@ -170,10 +204,10 @@ def parse_crypto_config(text: str, source: str, *, overcommit: int = 1, livesysf
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a JSON object with 'cryptoconfigsets', got {type(raw).__name__}")
-    sets_raw = raw.get("cryptoconfigsets") or []
+    ignored: list[str] = []
+    sets_raw = _fields("", raw, _TOP_KEYS, ignored).get("cryptoconfigsets") or []
     if not isinstance(sets_raw, list):
         raise ConfigError(f"{source}: cryptoconfigsets: expected a list, got {type(sets_raw).__name__}")
-    ignored = [k for k in raw if k != "cryptoconfigsets"]
     sets = tuple(_parse_set(f"{source}: cryptoconfigsets[{i}]", s, overcommit, livesysfs, ignored)
                  for i, s in enumerate(sets_raw))
     names = [s.setname for s in sets]

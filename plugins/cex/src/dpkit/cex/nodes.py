@@ -1,11 +1,15 @@
 """The lifetime of a container's zcrypt node and shadow tree: made at Allocate, removed when unused.
 
-Both are named by a *key*, the first device ID the container was given (``apqn-1-6-0``);
-device IDs are held by one container at a time, so the key is unique while it matters. The
-kubelet never says a container ended, so :meth:`NodeKeeper.reconcile` compares what exists with
-what the pod-resources API still lists, with IBM's two grace periods: a node never seen in use
-(the pod may still be starting) lives ``never_used_after`` seconds, one whose container is gone
-``unused_after`` seconds. Nodes left by an earlier run count as new when first seen.
+Both are named by a *key*, the first device ID the container was given (``apqn-1-6-0``). A
+device ID is held by one container at a time, but a key outlives its container by the grace
+period below, so the next container given that ID (maybe with other APQNs beside it) can find
+the node and tree still there: :meth:`dpkit.cex.vendor.CexVendor.pre_start` then re-restricts
+the node and rebuilds the tree for its own APQNs, and :meth:`NodeKeeper.provisioned` restarts
+the key's clock. The kubelet never says a container ended, so :meth:`NodeKeeper.reconcile`
+compares what exists with what the pod-resources API still lists, with IBM's two grace periods:
+a node never seen in use (the pod may still be starting) lives ``never_used_after`` seconds, one
+whose container is gone ``unused_after`` seconds. Nodes left by an earlier run count as new
+when first seen.
 """
 
 from __future__ import annotations

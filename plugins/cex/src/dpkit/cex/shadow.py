@@ -7,11 +7,14 @@ domains and queues, with masks to match. It is a static copy taken at allocation
 its shadow copy as well, so ``online``, counters and ``mkvps`` stay current.
 
 The tree is built in a scratch directory and renamed into place, so a half-made tree is
-never mounted.
+never mounted. Its root (never mounted) holds a marker naming the APQNs it shows: a key is a
+device ID, which the kubelet may hand to a new container with other APQNs while the old tree
+still waits out its grace period, and :func:`matches` tells the caller to rebuild it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -24,6 +27,7 @@ from dpkit.cex.apbus import ApBus, apqn_name, format_mask, read_attr
 from dpkit.core.errors import DpkitError
 
 PREFIX = "sysfs-"
+MARKER = ".apqns"  # in the tree's root: the APQNs it was built for, "01.0005,02.0005"
 _KEY = re.compile(r"^apqn-[0-9]{1,3}-[0-9]{1,3}-[0-9]{1,4}$")
 _BUS_FILES = ("ap_interrupts", "ap_max_domain_id", "ap_max_adapter_id", "poll_thread", "poll_timeout")
 _CARD_FILES = ("ap_functions", "depth", "hwtype", "raw_hwtype", "type", "API_ordinalnr", "FW_version",
@@ -112,6 +116,10 @@ def layout(base: str | Path, key: str, queues: Sequence[tuple[int, int, Path]], 
     return ShadowTree(root, root / "bus" / "ap", root / "devices" / "ap", mounts)
 
 
+def _apqn_list(apqns: Sequence[tuple[int, int]]) -> str:
+    return ",".join(apqn_name(a, d) for a, d in sorted(set(apqns)))
+
+
 def build(base: str | Path, key: str, bus: ApBus, apqns: Sequence[tuple[int, int]], *, live: bool) -> ShadowTree:
     """(Re)build ``<base>/sysfs-<key>`` for ``apqns``, which must all be on ``bus``."""
     missing = [apqn_name(a, d) for a, d in apqns if (a, d) not in bus.queues]
@@ -125,14 +133,33 @@ def build(base: str | Path, key: str, bus: ApBus, apqns: Sequence[tuple[int, int
         scratch.chmod(0o755)
     except OSError as exc:
         raise ShadowError(f"cannot create a shadow sysfs in {base}: {exc.strerror or exc}") from None
+    old: Path | None = None
     try:
         _populate(scratch, bus, apqns)
-        shutil.rmtree(tree.root, ignore_errors=True)
+        _file(scratch / MARKER, _apqn_list(apqns) + "\n")
+        if tree.root.exists() or tree.root.is_symlink():  # set the old tree aside whole, then swap
+            old = Path(tempfile.mkdtemp(prefix=f".old-{PREFIX}", dir=base))
+            os.rename(tree.root, old / "tree")
         os.rename(scratch, tree.root)
     except OSError as exc:
         shutil.rmtree(scratch, ignore_errors=True)
+        if old is not None and not tree.root.exists():  # put the old tree back rather than none
+            with contextlib.suppress(OSError):
+                os.rename(old / "tree", tree.root)
         raise ShadowError(f"cannot build shadow sysfs {tree.root}: {exc.strerror or exc}") from None
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return tree
+
+
+def matches(base: str | Path, key: str, apqns: Sequence[tuple[int, int]]) -> bool:
+    """Whether ``key``'s tree exists and was built for exactly ``apqns``."""
+    try:
+        built_for = (Path(base) / f"{PREFIX}{key}" / MARKER).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return False  # no tree, or one without a marker (an earlier version's, IBM's)
+    return built_for == _apqn_list(apqns)
 
 
 def exists(base: str | Path, key: str) -> bool:

@@ -103,7 +103,7 @@ class CexVendor(Vendor):
         self._reconcile_lock = threading.Lock()
         self._warned: set[tuple[str, ...]] = set()
         for key in self.crypto.ignored:
-            log.warning("ignored unknown key in crypto config", extra=kv(key=key))
+            log.warning("ignored key in crypto config", extra=kv(key=key))
 
     # -- discovery -----------------------------------------------------------------------
     def inventory(self) -> tuple[ApBus, Inventory]:
@@ -153,7 +153,7 @@ class CexVendor(Vendor):
         if crypto.uses_machine_ids():
             self.machine_id = read_machine_id(self.settings.sysinfo_path)
         for key in crypto.ignored:
-            log.warning("ignored unknown key in crypto config", extra=kv(key=key))
+            log.warning("ignored key in crypto config", extra=kv(key=key))
         log.info("crypto config re-read", extra=kv(sets=",".join(s.setname for s in crypto.sets) or "none"))
         return True
 
@@ -256,7 +256,9 @@ class CexVendor(Vendor):
         """Make the container's restricted zcrypt node and shadow tree, then reconcile the others.
 
         Idempotent: a restarting container (or one whose node a node reboot took) gets them
-        again. A failure fails the container start with the reason; the kubelet retries.
+        again. A node or tree left under the same key by an earlier container (its grace period
+        not over yet) is re-restricted and rebuilt for these APQNs. A failure fails the container
+        start with the reason; the kubelet retries.
         """
         config_set = self._set(resource)
         key, apqns = container_key(devices)
@@ -267,8 +269,10 @@ class CexVendor(Vendor):
                 raise CexError(f"APQN(s) {', '.join(gone)} vanished from the AP bus")
             self.keeper.provisioned(key)
             created = not self.zcrypt.exists(NODE_PREFIX + key)
+            # masks are written every time: the key is a device ID, and a node left by the
+            # container that had it before may have been made for other APQNs
             dev = self.zcrypt.ensure(NODE_PREFIX + key, {a for a, _ in apqns}, {d for _, d in apqns})
-            if self.shadow_base is not None and not shadow.exists(self.shadow_base, key):
+            if self.shadow_base is not None and (created or not shadow.matches(self.shadow_base, key, apqns)):
                 try:
                     shadow.build(self.shadow_base, key, bus, apqns, live=config_set.livesysfs)
                 except DpkitError:
@@ -355,7 +359,7 @@ class CexVendor(Vendor):
         if self.config_error:
             findings.append(Finding(source, False, f"newest version rejected, previous one still in use: "
                                     f"{self.config_error}", hint="fix the cex-resources-config ConfigMap"))
-        findings += [Finding(source, False, f"ignored unknown key {k}") for k in self.crypto.ignored]
+        findings += [Finding(source, False, f"ignored key {k}") for k in self.crypto.ignored]
         findings += [Finding("AP bus", False, note) for note in bus.notes]
         if bus.present and not self.zcrypt.supported():
             findings.append(Finding(str(self.zcrypt.class_dir), False, "no extra zcrypt nodes: every Allocate "
