@@ -116,6 +116,9 @@ def watch_mode(source: str) -> None:
             raise AssertionError(f"never registered: {kubelet.devices(RESOURCE)}")
         stage = Stage(kubelet)
 
+        # The kernel sends no uevent for carrier/operstate changes (rtnetlink RTM_NEWLINK does,
+        # tested for real in test_sfc_rtnl.py) and umockdev cannot fake rtnetlink. These stages
+        # use a net 'change' uevent only to check that the changed sysfs state reaches the kubelet.
         def link(state: str) -> None:
             tb.set_attribute(a_net, "operstate", state)
             tb.set_attribute(a_net, "carrier", "1" if state == "up" else "0")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpkit.sfc.sysfs import read_function, read_text, walk_pci
+import pytest
+
+from dpkit.sfc.sysfs import MAX_NUMA_NODE, read_function, read_text, walk_pci
 
 
 def test_reads_a_function_and_its_interface(host: Any) -> None:
@@ -78,3 +80,34 @@ def test_walk_pci(host: Any, tmp_path: Any) -> None:
     host.add_nic("0000:03:00.0")
     assert [p.name for p in walk_pci(str(host.sys))] == ["0000:03:00.0", "0000:03:00.1"]
     assert walk_pci(str(tmp_path / "nowhere")) == []
+
+
+@pytest.mark.parametrize("raw", ["99999999999999999999999", "-99999999999999999999999", "1024", "-2",
+                                 "0x1", "1_0", "1e3", " ", "\u0661", "7 8", "9" * 5000])
+def test_implausible_numa_node_means_no_numa_info(host: Any, raw: str) -> None:
+    path = host.add_nic("0000:06:00.0", numa="0")
+    (path / "numa_node").write_bytes(raw.encode() + b"\n")
+    function = read_function(path)
+    assert function is not None and function.numa_node is None
+    if raw.strip():  # an empty file is just "unknown"
+        assert any(p.startswith("numa_node: ") and "NUMA node unknown" in p for p in function.problems), \
+            function.problems
+
+
+@pytest.mark.parametrize(("raw", "node"), [("0", 0), ("1", 1), (str(MAX_NUMA_NODE), MAX_NUMA_NODE), ("-1", None)])
+def test_plausible_numa_nodes(host: Any, raw: str, node: int | None) -> None:
+    path = host.add_nic("0000:06:00.1", numa=raw)
+    function = read_function(path)
+    assert function is not None and function.numa_node == node and function.problems == ()
+
+
+def test_garbage_numa_node_is_advertised_without_numa(host: Any, make_vendor: Any,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    host.add_nic("0000:07:00.0", numa="99999999999999999999999")
+    vendor = make_vendor()
+    [device] = vendor.discover()["solarflare.com/sfc"]
+    assert device.healthy and device.numa_nodes == () and "numa" not in device.attributes
+    vendor.discover()
+    logged = [r for r in caplog.records if r.getMessage() == "odd sysfs data"]
+    assert len(logged) == 1  # once, not on every discovery
+    assert any("not a NUMA node" in f.reason for f in vendor.explain())

@@ -80,3 +80,12 @@ def test_resync_without_events() -> None:
     recorder = run([None, None, None], resync=0.01)
     assert recorder.calls == [set(), set(), set(), set()]
     assert recorder.sent == [0]
+
+
+def test_link_messages_rediscover_and_settle_without_touching_removals() -> None:
+    recorder = run([
+        [("remove", "net", NET)],
+        [("newlink", "rtnetlink", "ens3f0"), ("overrun", "rtnetlink", "")],  # link down: no uevent, rtnetlink
+        None,
+    ])
+    assert recorder.calls == [set(), {NET}, {NET}, {NET}]  # the link burst neither adds nor drops removals

@@ -18,6 +18,9 @@ PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,14}$")
 MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,62}$")
+NUMBER = re.compile(r"^-?[0-9]{1,40}$")
+#: highest NUMA node accepted (the kernel's MAX_NUMNODES is at most 1024)
+MAX_NUMA_NODE = 1023
 _MAX_READ = 4096
 
 
@@ -75,6 +78,29 @@ def _read_int(path: Path, problems: list[str]) -> int | None:
         return None
 
 
+def read_numa_node(path: Path, problems: list[str]) -> int | None:
+    """A ``numa_node`` file: 0..MAX_NUMA_NODE, else None (-1 and a missing file mean no NUMA info).
+
+    Anything else (not a decimal number, out of range) is None with a line in ``problems``, so
+    a garbage value never reaches the kubelet's topology hints.
+    """
+    text = read_text(path)
+    if text is None:
+        if os.path.lexists(path):
+            problems.append(f"{path.name}: unreadable or not text; NUMA node unknown")
+        return None
+    if not NUMBER.match(text):
+        problems.append(f"{path.name}: not a number: {text[:40]!r}; NUMA node unknown")
+        return None
+    node = int(text)
+    if node == -1:
+        return None
+    if not 0 <= node <= MAX_NUMA_NODE:
+        problems.append(f"{path.name}: {text[:40]} is not a NUMA node (0-{MAX_NUMA_NODE}); NUMA node unknown")
+        return None
+    return node
+
+
 def link_target_name(path: Path) -> str:
     """The last component of a sysfs symlink (``driver`` -> ``.../drivers/sfc`` gives ``sfc``)."""
     try:
@@ -124,7 +150,7 @@ def read_function(path: Path | str, gone: Collection[str] = ()) -> PciFunction |
     if not PCI_ADDRESS.match(address):
         return None
     problems: list[str] = []
-    numa = _read_int(path / "numa_node", problems)
+    numa = read_numa_node(path / "numa_node", problems)
     interfaces: list[NetInterface] = []
     try:
         names = sorted(os.listdir(path / "net"))
@@ -142,7 +168,7 @@ def read_function(path: Path | str, gone: Collection[str] = ()) -> PciFunction |
         vendor_id=(read_text(path / "vendor") or "").lower(),
         device_id=(read_text(path / "device") or "").lower(),
         driver=link_target_name(path / "driver"),
-        numa_node=numa if numa is not None and numa >= 0 else None,
+        numa_node=numa,
         interfaces=tuple(interfaces),
         problems=tuple(problems),
     )

@@ -67,6 +67,8 @@ class SfcVendor(Vendor):
         self._onload_env: dict[str, str] = {}
         self._udev: Udev | None = None
         self._udev_error = ""
+        self._links_error = ""  # why link changes are seen only at resync ("" when rtnetlink works)
+        self._logged_problems: set[tuple[str, str]] = set()
         if self.settings.sys_root == "/sys":
             try:
                 self._udev = Udev(self.settings.udev_source)
@@ -106,8 +108,17 @@ class SfcVendor(Vendor):
                 findings.append(Finding(subject=path.name[:80], advertised=False,
                                         reason="not a valid PCI address; ignored"))
                 continue
+            self._log_problems(function)
             functions.append(function)
         return functions, findings
+
+    def _log_problems(self, function: PciFunction) -> None:
+        """Log each odd sysfs value once (discovery repeats; ``dpkit discover`` lists them all)."""
+        for problem in function.problems:
+            key = (function.address, problem)
+            if key not in self._logged_problems and len(self._logged_problems) < 4096:
+                self._logged_problems.add(key)
+                log.warning("odd sysfs data", extra=kv(pci=function.address, problem=problem))
 
     def discover(self) -> Snapshot:
         return self._discover(frozenset())
@@ -143,6 +154,8 @@ class SfcVendor(Vendor):
                                         hint="check lspci -d 1924: and vendor.vendor_ids"))
             if self._udev_error:
                 findings.append(Finding(subject="udev", advertised=True, reason=self._udev_error))
+            if self._links_error:
+                findings.append(Finding(subject="rtnetlink", advertised=True, reason=self._links_error))
             self._functions, self._findings, self._onload = functions, findings, state
             return {r: tuple(devs) for r, devs in snapshot.items()}
 
@@ -254,7 +267,7 @@ class SfcVendor(Vendor):
 
     # -- watch ---------------------------------------------------------------------------
     def watch(self, sink: EventSink, stop: threading.Event) -> None:
-        """Re-discover on uevents (see :func:`~dpkit.sfc.watch.follow_uevents`).
+        """Re-discover on uevents and rtnetlink link changes (see :func:`~dpkit.sfc.watch.follow_uevents`).
 
         Without udev (a test tree, no libudev in the image, netlink refused) this polls every
         ``resync_interval`` seconds instead.
@@ -269,7 +282,11 @@ class SfcVendor(Vendor):
                         extra=kv(error=str(exc), interval=self.poll_interval))
             super().watch(sink, stop)
             return
-        follow_uevents(monitor, self._discover, sink, stop, self.settings.resync_interval)
+        self._links_error = monitor.links_error
+        try:
+            follow_uevents(monitor, self._discover, sink, stop, self.settings.resync_interval)
+        finally:
+            monitor.close()
 
     # -- allocation ----------------------------------------------------------------------
     def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
