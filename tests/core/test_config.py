@@ -34,6 +34,8 @@ def test_file_and_env_overrides(tmp_path):
     ("log_format: xml\n", "key 'log_format': expected one of human, json, got 'xml'"),
     ("probe_heartbeat_timeout: -1\n", "key 'probe_heartbeat_timeout': expected a positive number"),
     ("probe_heartbeat_timeout: soon\n", "key 'probe_heartbeat_timeout': expected a number of seconds"),
+    ("probe_heartbeat_timeout: .nan\n", "key 'probe_heartbeat_timeout': expected a positive number"),
+    ("register_backoff_max: .inf\n", "key 'register_backoff_max': expected a positive number"),
     ("cdi_allocate: maybe\n", "key 'cdi_allocate': expected true or false"),
     ("plugn_dir: /x\n", "unknown key 'plugn_dir'"),
     ("vendor: [1, 2]\n", "key 'vendor': expected a mapping"),

@@ -80,7 +80,67 @@ def test_rapid_changes_coalesce_to_the_final_list(kubelet, run_manager):
     assert kubelet.wait_for(
         lambda k: k.devices(RES).get("w3") is not None and k.devices(RES)["w3"].health == "Unhealthy"
         and k.devices(RES)["w0"].health == "Healthy", 10)
-    assert kubelet.updates(RES) < 103, "every change sent separately: no coalescing"
+
+
+
+def test_a_stream_sends_only_the_newest_list_not_a_backlog(short_tmp):
+    """Coalescing, deterministically: 100 changes while the stream cannot look give one message."""
+    from dpkit.core.server import ResourceServer
+
+    server = ResourceServer(RES, ScriptedVendor(), short_tmp / "dp")
+    server.update([widget(i) for i in range(4)])
+    server.start()
+    channel = grpc.insecure_channel(f"unix://{server.socket_path}")
+    try:
+        stream = api_pb2_grpc.DevicePluginStub(channel).ListAndWatch(api_pb2.Empty(), timeout=10)
+        assert len(next(stream).devices) == 4
+        with server._changed:  # the stream's thread waits for this lock to read the list
+            for i in range(100):
+                server.update([widget(j, health=Health.UNHEALTHY if (i + j) % 2 else Health.HEALTHY)
+                               for j in range(4)] + [widget(100 + i)])
+        newest = next(stream)
+        # a backlog would deliver w100's list first; coalescing goes straight to the newest
+        assert [d.ID for d in newest.devices][-1] == "w199", "the stream sent an intermediate list"
+    finally:
+        channel.close()
+        server.stop()
+
+
+def test_extra_streams_are_refused_before_they_starve_allocate(kubelet, run_manager, plugin_dir):
+    from dpkit.core.server import MAX_STREAMS
+
+    run_manager(ScriptedVendor())
+    assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+    channel = grpc.insecure_channel(f"unix://{plugin_dir / 'dpkit-example.com_widget.sock'}")
+    stub = api_pb2_grpc.DevicePluginStub(channel)
+    streams = []
+    try:
+        for _ in range(MAX_STREAMS - 1):  # the kubelet already holds one
+            streams.append(stub.ListAndWatch(api_pb2.Empty(), timeout=20))
+            next(streams[-1])
+        extra = stub.ListAndWatch(api_pb2.Empty(), timeout=20)
+        with pytest.raises(grpc.RpcError) as err:
+            next(extra)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        response = stub.Allocate(api_pb2.AllocateRequest(container_requests=[
+            api_pb2.ContainerAllocateRequest(devices_ids=["w0"])]), timeout=5)
+        assert response.container_responses[0].envs["WIDGETS"] == "w0"
+    finally:
+        for stream in streams:
+            stream.cancel()
+        channel.close()
+
+
+def test_error_messages_bound_what_a_request_can_make_them_say(kubelet, run_manager):
+    run_manager(ScriptedVendor())
+    assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+    ids = [f"bogus-{i}" for i in range(500)] + ["x" * 5000]
+    with pytest.raises(grpc.RpcError) as err:
+        kubelet.stub(RES).Allocate(api_pb2.AllocateRequest(container_requests=[
+            api_pb2.ContainerAllocateRequest(devices_ids=ids)]), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bogus-0" in err.value.details() and "and 491 more" in err.value.details()
+    assert len(err.value.details()) < 2000
 
 
 def test_hotplug_adds_and_removes_devices_and_resources(kubelet, run_manager, plugin_dir):
@@ -201,7 +261,8 @@ def test_kubelet_restart_wipes_dir_and_plugin_reregisters_fast(kubelet, run_mana
         assert not kubelet.registered(RES)
         assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
         elapsed = time.monotonic() - started
-        assert elapsed < 5, f"re-registration took {elapsed:.2f}s"  # the bench holds the 1 s target
+        # 1 s is the target (the bench measures ~10 ms); 2 s still fails a fall-back to the 5 s reconcile
+        assert elapsed < 2, f"re-registration took {elapsed:.2f}s"
     assert sorted(kubelet.devices(RES)) == ["w0", "w1", "w2", "w3"]
     assert manager.link.kubelet_restarts >= 3
     ids, _ = kubelet.allocate(RES, 1)
@@ -234,13 +295,15 @@ def test_stale_socket_from_a_killed_plugin_is_removed(short_tmp, plugin_dir, run
 
 def test_invalid_resource_name_is_refused_with_a_clear_error(kubelet, run_manager, caplog):
     caplog.set_level("ERROR", logger="dpkit")
-    vendor = ScriptedVendor(snapshot={"gpu": (Device("a"),), "kubernetes.io/gpu": (Device("b"),), RES: (widget(0),)})
+    vendor = ScriptedVendor(snapshot={"gpu": (Device("a"),), "kubernetes.io/gpu": (Device("b"),), RES: (widget(0),),
+                                      "example.com/broken": None, "example.com/number": 5})  # type: ignore[dict-item]
     manager = run_manager(vendor)
     assert kubelet.wait_for(registered(kubelet, allocatable=1), 10)
     assert list(manager.servers) == [RES]
     messages = " ".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
     assert "'gpu' must be domain-prefixed" in messages
     assert "kubernetes.io domain is reserved" in messages
+    assert "example.com/broken: vendor returned NoneType, not a list of devices" in messages
 
 
 def test_discovery_failure_is_logged_not_fatal(kubelet, run_manager, caplog):

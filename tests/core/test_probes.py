@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,44 @@ def test_valid_probe_message_decodes():
         b' "reason": "XID 48"}',
         {"p": object()})
     assert event == ("health", "probe:p", "r/x", "GPU-1", "Unhealthy", "XID 48")
+
+
+def test_probes_keep_running_when_the_manager_is_pid_1(short_tmp):
+    """In a container `dpkit run` is PID 1; a probe must not take that for an orphaned parent."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to run the manager as PID 1 in a PID namespace")
+    proc = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
+                           str(TESTS / "core_pid1_child.py"), str(short_tmp)],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0 and "Operation not permitted" in proc.stderr:
+        pytest.skip(f"PID namespaces not permitted here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["pid"] == 1
+    assert result["restarts"] == 0 and result["beats"] > 10
+    assert result["allocatable"] == 4
+
+
+def test_reload_during_a_probe_silence_does_not_leave_devices_unhealthy(kubelet, make_config, short_tmp):
+    from dpkit.core.manager import Manager
+
+    flag = short_tmp / "hang"
+    flag.touch()
+    stuck = Probe("driver", "scripted_vendor:hanging_probe", {"hang_flag": str(flag)}, heartbeat_timeout=0.5)
+    healthy = Probe("driver", "scripted_vendor:hanging_probe", {"hang_flag": str(short_tmp / "no")},
+                    heartbeat_timeout=5)
+    manager = Manager(ProbedVendor(probe=stuck), make_config(),
+                      vendor_factory=lambda config: ProbedVendor(config, probe=healthy))
+    manager.start()
+    try:
+        assert kubelet.wait_for(lambda k: k.capacity(RES) == 4 and k.allocatable(RES) == 0, 15)
+        manager.request_reload()
+        assert kubelet.wait_for(lambda k: k.allocatable(RES) == 4, 15), "silence marks outlived their probe"
+        assert manager.silenced == {}
+    finally:
+        manager.stop()

@@ -22,6 +22,7 @@ def test_valid_resource_names(name):
     ("gpu", "domain-prefixed"), ("kubernetes.io/gpu", "reserved"), ("node.kubernetes.io/x", "reserved"),
     ("Example.com/gpu", "DNS subdomain"), ("example.com/", "1-63"), ("example.com/a/b", "more than one"),
     ("requests.example.com/x", "quota"), ("example.com/" + "x" * 64, "1-63"), ("example.com/-x", "1-63"),
+    ("x.notkubernetes.io/a", "reserved"), ("a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 60 + "/x", "244"),
 ])
 def test_invalid_resource_names(name, why):
     with pytest.raises(ValidationError, match=why):

@@ -105,6 +105,8 @@ def test_publishable_labels(key, value):
 @pytest.mark.parametrize(("key", "value"), [
     ("kubernetes.io/arch", "amd64"),
     ("node.kubernetes.io/x", "y"),
+    ("k8s.io/x", "y"),
+    ("sigs.k8s.io/x", "y"),
     ("Example.com/x", "y"),
     ("example.com/", "y"),
     ("example.com/" + "n" * 64, "y"),

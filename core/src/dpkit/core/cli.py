@@ -195,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DpkitError as exc:
         print(f"dpkit: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an unusable plugin_dir or state_dir, a socket that cannot be bound
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"dpkit: error: {exc.strerror or exc}{where}; check plugin_dir and state_dir", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -8,6 +8,7 @@ the vendor validates it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ def _coerce(source: str, key: str, value: Any, expected: type, from_env: bool) -
             number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number of seconds, got {value!r}") from None
-        if number <= 0:
+        if not math.isfinite(number) or number <= 0:
             raise ConfigError(f"{where}: expected a positive number, got {value!r}")
         return number
     if expected is str:

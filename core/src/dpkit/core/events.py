@@ -190,8 +190,11 @@ def validate_snapshot(snapshot: Any, check_resource: Any) -> tuple[dict[str, tup
     for resource, devices in snapshot.items():
         try:
             check_resource(resource)
-        except ValidationError as exc:
+        except (ValidationError, TypeError) as exc:
             problems.append(str(exc))
+            continue
+        if not isinstance(devices, (list, tuple)):
+            problems.append(f"{resource}: vendor returned {type(devices).__name__}, not a list of devices")
             continue
         seen: dict[str, Device] = {}
         for device in devices:

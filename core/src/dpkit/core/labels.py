@@ -40,7 +40,7 @@ def check_label(key: str, value: str) -> None:
     if slash:
         if len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix):
             raise ValidationError(f"label {key!r}: prefix {prefix!r} is not a DNS subdomain")
-        k8s = prefix == "kubernetes.io" or prefix.endswith(".kubernetes.io")
+        k8s = any(prefix == d or prefix.endswith("." + d) for d in ("kubernetes.io", "k8s.io"))
         if k8s and not any(prefix == a or prefix.endswith("." + a) for a in _ALLOWED_K8S):
             raise ValidationError(f"label {key!r}: nfd-master refuses the {prefix} domain; use the "
                                   f"vendor's domain or {NFD_PREFIX}")

@@ -10,6 +10,7 @@ snapshots. Library code never exits the process: failures are logged, kept in ``
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import threading
@@ -342,10 +343,13 @@ class Manager:
         except Exception as exc:
             log.error("reload failed; keeping the running configuration", extra=kv(error=str(exc)))
             return
-        core_keys = ("plugin_dir", "kubelet_socket", "state_dir")
-        if any(getattr(config, k) != getattr(self.config, k) for k in core_keys):
-            log.warning("plugin_dir, kubelet_socket and state_dir changes need a restart; ignoring them")
-            config = config.replace(**{k: getattr(self.config, k) for k in core_keys})
+        # Only the vendor section is reloaded; sockets, integrations and timers are wired at start.
+        changed = [f.name for f in dataclasses.fields(Config)
+                   if f.name not in ("vendor", "source") and getattr(config, f.name) != getattr(self.config, f.name)]
+        if changed:
+            log.warning("these keys change only with a restart; keeping their running values",
+                        extra=kv(keys=", ".join(changed)))
+            config = config.replace(**{k: getattr(self.config, k) for k in changed})
         log.info("reloading configuration", extra=kv(source=source))
         self._stop_vendor_threads()
         old = self.vendor
@@ -357,6 +361,11 @@ class Manager:
                 old.close()
             except Exception:
                 log.exception("vendor close failed")
+        # The old probes are gone: their silences and health reports go with them (the new
+        # probes report afresh), or a mark nobody can clear would keep devices Unhealthy.
+        self.silenced = {}
+        self.overrides = {key: {src: v for src, v in marks.items() if not src.startswith("probe:")}
+                          for key, marks in self.overrides.items()}
         self._apply_snapshot("reload", self._discover())
         self._start_vendor_threads()
 

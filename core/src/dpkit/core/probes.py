@@ -5,7 +5,7 @@ forever. It proves it is alive with heartbeats over the event bus; when it falls
 timeout, its devices are marked Unhealthy and the process is killed and started again. The
 first heartbeat after a restart clears that mark.
 
-The child side is ``python -m dpkit.core.probes ADDRESS NAME TARGET CONFIG_JSON``.
+The child side is ``python -m dpkit.core.probes MANAGER_PID ADDRESS NAME TARGET CONFIG_JSON``.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class ProbeSupervisor:
 
     def _spawn(self, state: ProbeState) -> None:
         probe = state.probe
-        args = [sys.executable, "-m", "dpkit.core.probes", self.address, probe.name, probe.target,
+        args = [sys.executable, "-m", "dpkit.core.probes", str(os.getpid()), self.address, probe.name, probe.target,
                 json.dumps(dict(probe.config))]
         state.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         state.started = time.monotonic()
@@ -162,9 +162,10 @@ class ProbeSupervisor:
 class _ChildContext:
     """The :class:`~dpkit.core.vendor.ProbeContext` a probe function receives."""
 
-    def __init__(self, address: str, name: str, config: Mapping[str, Any]) -> None:
+    def __init__(self, address: str, name: str, config: Mapping[str, Any], manager_pid: int) -> None:
         import zmq
 
+        self._manager_pid = manager_pid
         self.config = config
         self._name = name
         self._context = zmq.Context()
@@ -181,7 +182,9 @@ class _ChildContext:
         self._socket.send(json.dumps({"probe": self._name, **message}).encode())
 
     def heartbeat(self) -> None:
-        if os.getppid() == 1:  # the manager is gone: stop rather than linger
+        # The manager is gone (we were re-parented): stop rather than linger. Compared with the
+        # manager's own PID, not with 1: in a container the manager itself is PID 1.
+        if os.getppid() != self._manager_pid:
             self._stop = True
         self._send({"type": "heartbeat"})
 
@@ -206,13 +209,13 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
-    address, name, target, config_json = argv
+    manager_pid, address, name, target, config_json = argv
     # the manager blocks these for its threads, and a child inherits the mask
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     _die_with_parent()
     module_name, _, func_name = target.partition(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    ctx = _ChildContext(address, name, json.loads(config_json))
+    ctx = _ChildContext(address, name, json.loads(config_json), int(manager_pid))
     try:
         func(ctx)
     finally:

@@ -31,6 +31,10 @@ from dpkit.core.vendor import Vendor
 
 log = get_logger("server")
 
+WORKERS = 16
+MAX_STREAMS = 8  # the kubelet holds one; the rest are debugging clients and restarts in flight
+MAX_LISTED_IDS = 10  # IDs named in one error message
+
 
 class RpcObserver(Protocol):
     """Receives one call per RPC served (the metrics module implements it)."""
@@ -69,6 +73,12 @@ def spec_to_response(spec: ContainerSpec, cdi_only: bool = False) -> api_pb2.Con
         for d in spec.devices
     )
     return response
+
+
+def _listing(ids: Sequence[str]) -> str:
+    """IDs for an error message: a request can carry anything, so bound count and length."""
+    shown = ", ".join(i if len(i) <= 80 else i[:77] + "..." for i in ids[:MAX_LISTED_IDS])
+    return shown + (f" and {len(ids) - MAX_LISTED_IDS} more" if len(ids) > MAX_LISTED_IDS else "")
 
 
 def device_to_proto(device: Device) -> api_pb2.Device:
@@ -140,7 +150,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
             self._stopping = False
             self._generation += 1
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"grpc-{self.resource}"),
+            futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix=f"grpc-{self.resource}"),
             options=[("grpc.so_reuseport", 0)],
         )
         api_pb2_grpc.add_DevicePluginServicer_to_server(self, server)
@@ -202,6 +212,10 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         self, request: api_pb2.Empty, context: grpc.ServicerContext
     ) -> Iterator[api_pb2.ListAndWatchResponse]:
         with self._changed:
+            if self.stats.open_streams >= MAX_STREAMS:
+                # each stream holds a worker thread: leave the rest for Allocate and friends
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{self.resource}: {MAX_STREAMS} ListAndWatch streams already open")
             generation = self._generation
             self.stats.open_streams += 1
         context.add_callback(self._wake)
@@ -243,13 +257,13 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         if unknown:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{self.resource}: unknown device ID(s) {', '.join(unknown)}",
+                f"{self.resource}: unknown device ID(s) {_listing(unknown)}",
             )
         duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
         if duplicates:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{self.resource}: device ID(s) requested twice: {', '.join(duplicates)}",
+                f"{self.resource}: device ID(s) requested twice: {_listing(duplicates)}",
             )
         devices = [current[i] for i in ids]
         if need_healthy:

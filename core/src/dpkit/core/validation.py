@@ -52,10 +52,12 @@ def check_resource_name(name: str) -> str:
         raise ValidationError(f"resource name {name!r} has more than one '/'")
     if len(domain) > 253 or not _DNS_SUBDOMAIN.fullmatch(domain):
         raise ValidationError(f"resource name {name!r}: {domain!r} is not a DNS subdomain")
-    if domain == "kubernetes.io" or domain.endswith(".kubernetes.io"):
+    if "kubernetes.io/" in name:  # the kubelet's IsPrefixedNativeResource: a substring test
         raise ValidationError(
             f"resource name {name!r}: the kubernetes.io domain is reserved for native resources"
         )
+    if len(domain) > 253 - len("requests."):  # it must still be valid as a quota name
+        raise ValidationError(f"resource name {name!r}: domain longer than 244 characters")
     if domain.startswith("requests."):
         raise ValidationError(f"resource name {name!r}: the 'requests.' prefix is reserved for quota")
     if not short or len(short) > 63 or not _QUALIFIED_NAME.fullmatch(short):
