@@ -41,6 +41,7 @@ def test_file_and_env_overrides(tmp_path):
     ("vendor: [1, 2]\n", "key 'vendor': expected a mapping"),
     ("- a\n- b\n", "expected a mapping of settings at the top level"),
     ("plugin_dir: [unclosed\n", "not valid YAML at line"),
+    ("metrics_address: nonsense\n", "key 'metrics_address': expected host:port"),
 ])
 def test_malformed_files_name_file_and_key(tmp_path, text, message):
     path = write(tmp_path, text)

@@ -59,12 +59,12 @@ def test_every_failure_is_named_with_a_fix_and_exits_1(kubelet, plugin_dir, shor
     blocker.write_text("")
     config = write_config(short_tmp / "c.yaml", plugin_dir=str(plugin_dir), state_dir=str(short_tmp / "st"),
                           pod_resources_socket=str(short_tmp / "gone.sock"), cdi_allocate=True, cdi_dir="",
-                          nfd_features_dir=str(blocker / "features.d"), metrics_address="bogus",
+                          nfd_features_dir=str(blocker / "features.d"),
                           vendor={"device_node": "/dev/dpkit-no-such-node"})
     code, lines, out = doctor(config, capsys)
     assert code == 1
     for name in ("pod-resources socket reachable", "CDI settings", "NFD features directory writable",
-                 "metrics address valid", "container device nodes present and accessible"):
+                 "container device nodes present and accessible"):
         assert lines[name].startswith("[FAIL]"), out
         following = out.split(lines[name], 1)[1].splitlines()[1]
         assert following.strip().startswith("fix:"), f"{name} has no fix hint"
@@ -144,3 +144,11 @@ def test_library_loadable():
     assert check_library_loadable("libc.so.6").ok
     missing = check_library_loadable("libnvidia-ml-not-here.so.1", hint="install the NVIDIA driver")
     assert not missing.ok and missing.hint == "install the NVIDIA driver"
+
+
+def test_a_bad_metrics_address_fails_config_validation_naming_the_key(short_tmp, capsys):
+    config = write_config(short_tmp / "c.yaml", metrics_address="bogus")
+    code, lines, _out = doctor(config, capsys)
+    assert code == 1
+    assert lines["config valid"].startswith("[FAIL]")
+    assert f"{config}: key 'metrics_address': expected host:port" in lines["config valid"]

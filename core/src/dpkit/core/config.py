@@ -103,6 +103,18 @@ _TYPES: dict[str, type] = {
 assert set(_TYPES) == set(_FIELDS), "every Config field needs a type for validation"
 
 
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``:port`` (all interfaces); ConfigError naming the key."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"key 'metrics_address': expected host:port (e.g. 0.0.0.0:9400), got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if ":" in host and not address.startswith("["):
+        raise ConfigError(f"key 'metrics_address': write an IPv6 host in brackets, like [::]:9400; got {address!r}")
+    return host or "0.0.0.0", int(port_text)
+
+
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read ``path`` (if given), then apply ``DPKIT_<KEY>`` overrides from ``environ``."""
     environ = os.environ if environ is None else environ
@@ -133,4 +145,10 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         name = ENV_PREFIX + key.upper()
         if name in environ and expected is not dict:
             values[key] = _coerce(f"environment {name}", key, environ[name], expected, from_env=True)
+    if values.get("metrics_address"):
+        where = f"environment {ENV_PREFIX}METRICS_ADDRESS" if ENV_PREFIX + "METRICS_ADDRESS" in environ else source
+        try:
+            parse_address(values["metrics_address"])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     return Config(**values, source=source)

@@ -154,7 +154,7 @@ def core_checks(config: Config, config_error: str) -> list[Check]:
         checks.append(check_writable_dir("NFD features directory writable", config.nfd_features_dir,
                                          f"mount the host's {config.nfd_features_dir} read-write into the pod"))
     if config.metrics_address:
-        from dpkit.core.metrics import parse_address
+        from dpkit.core.config import parse_address
 
         try:
             host, port = parse_address(config.metrics_address)

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from dpkit.core.config import parse_address
 from dpkit.core.device import Device
-from dpkit.core.errors import ConfigError
 from dpkit.core.logs import get_logger, kv
 from dpkit.core.vendor import MetricSample
 
@@ -33,18 +33,6 @@ log = get_logger("metrics")
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or ``:port`` (all interfaces); ConfigError naming the key."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise ConfigError(f"key 'metrics_address': expected host:port (e.g. 0.0.0.0:9400), got {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if ":" in host and not address.startswith("["):
-        raise ConfigError(f"key 'metrics_address': write an IPv6 host in brackets, like [::]:9400; got {address!r}")
-    return host or "0.0.0.0", int(port_text)
 
 
 def check_sample(sample: MetricSample, reserved: Iterable[str]) -> None:
