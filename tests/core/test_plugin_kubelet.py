@@ -375,3 +375,46 @@ def test_plugin_dir_removed_entirely_then_kubelet_returns(kubelet, run_manager, 
     kubelet.start()
     assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
     assert (plugin_dir / "dpkit-example.com_widget.sock").exists()
+
+
+class HangingVendor(ScriptedVendor):
+    """Vendor hooks that hang like a stuck driver call until the test lets them go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def container_spec(self, resource, devices):  # type: ignore[no-untyped-def]
+        if any(d.id == "w3" for d in devices):
+            self.release.wait(30)
+        return super().container_spec(resource, devices)
+
+    def preferred_allocation(self, resource, available, must_include, size):  # type: ignore[no-untyped-def]
+        self.release.wait(30)
+        return [d.id for d in available][:size]
+
+
+def test_hung_vendor_hooks_get_a_deadline_not_a_stuck_kubelet(kubelet, run_manager):
+    vendor = HangingVendor()
+    run_manager(vendor, vendor_call_timeout=0.5)
+    try:
+        assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)
+        stub = kubelet.stub(RES)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Allocate(api_pb2.AllocateRequest(container_requests=[
+                api_pb2.ContainerAllocateRequest(devices_ids=["w3"])]), timeout=20)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "container_spec did not answer within 0.5s" in err.value.details()
+        assert time.monotonic() - started < 10
+        # a hung preference falls back to the core's NUMA packing
+        answer = stub.GetPreferredAllocation(api_pb2.PreferredAllocationRequest(container_requests=[
+            api_pb2.ContainerPreferredAllocationRequest(available_deviceIDs=["w0", "w1", "w2", "w3"],
+                                                        allocation_size=2)]), timeout=20)
+        assert sorted(answer.container_responses[0].deviceIDs) in (["w0", "w1"], ["w2", "w3"])
+        # the server still answers other devices
+        ok = stub.Allocate(api_pb2.AllocateRequest(container_requests=[
+            api_pb2.ContainerAllocateRequest(devices_ids=["w0"])]), timeout=20)
+        assert ok.container_responses[0].envs["WIDGETS"] == "w0"
+    finally:
+        vendor.release.set()

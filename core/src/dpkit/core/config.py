@@ -36,6 +36,7 @@ class Config:
     log_level: str = "info"
     probe_heartbeat_timeout: float = 10.0
     register_backoff_max: float = 5.0
+    vendor_call_timeout: float = 10.0  # Allocate/PreStart/preferred-allocation vendor hooks
     metrics_address: str = ""  # host:port; empty disables the endpoint
     cdi_dir: str = "/var/run/cdi"  # empty disables CDI spec files
     cdi_allocate: bool = False  # answer Allocate with cdi_devices instead of raw specs
@@ -93,6 +94,7 @@ _TYPES: dict[str, type] = {
     "log_level": str,
     "probe_heartbeat_timeout": float,
     "register_backoff_max": float,
+    "vendor_call_timeout": float,
     "metrics_address": str,
     "cdi_dir": str,
     "cdi_allocate": bool,

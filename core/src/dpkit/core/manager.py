@@ -274,6 +274,7 @@ class Manager:
             observer=next((o for o in self.observers if hasattr(o, "rpc")), None),
             cdi_spec=cdi.cdi_spec if cdi is not None and self.config.cdi_allocate else None,
             cdi_allocate=bool(self.config.cdi_allocate and cdi is not None),
+            vendor_timeout=self.config.vendor_call_timeout,
         )
         try:
             server.start()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -34,6 +34,13 @@ log = get_logger("server")
 WORKERS = 16
 MAX_STREAMS = 8  # the kubelet holds one; the rest are debugging clients and restarts in flight
 MAX_LISTED_IDS = 10  # IDs named in one error message
+
+
+_T = TypeVar("_T")
+
+
+class VendorTimeout(Exception):
+    """A vendor hook did not answer within the server's deadline."""
 
 
 class RpcObserver(Protocol):
@@ -100,6 +107,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         observer: RpcObserver | None = None,
         cdi_spec: Callable[[str, Sequence[Device]], ContainerSpec] | None = None,
         cdi_allocate: bool = False,
+        vendor_timeout: float = 10.0,
     ) -> None:
         self.resource = resource
         self.vendor = vendor
@@ -108,6 +116,10 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         self.observer = observer
         self.cdi_spec = cdi_spec
         self.cdi_allocate = cdi_allocate
+        self.vendor_timeout = vendor_timeout
+        # Vendor hooks run here, under a deadline: the kubelet calls Allocate without one, so a
+        # hung driver call would otherwise stall pod admission forever.
+        self._calls = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"vendor-{resource}")
         self.stats = ServerStats()
         self._devices: dict[str, Device] = {}
         self._version = 0
@@ -175,7 +187,21 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         self._server = server
         log.info("serving", extra=kv(resource=self.resource, socket=str(self.socket_path)))
 
+    def _vendor_call(self, what: str, func: Callable[..., _T], *args: Any) -> _T:
+        """Run a vendor hook with the deadline; VendorTimeout when it does not answer in time."""
+        future = self._calls.submit(func, *args)
+        try:
+            return future.result(timeout=self.vendor_timeout)
+        except futures.TimeoutError:
+            future.cancel()
+            log.error("vendor call did not answer in time", extra=kv(resource=self.resource, call=what,
+                                                                      timeout=self.vendor_timeout))
+            raise VendorTimeout(
+                f"{self.resource}: vendor {what} did not answer within {self.vendor_timeout:g}s"
+            ) from None
+
     def stop(self) -> None:
+        self._calls.shutdown(wait=False, cancel_futures=True)
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
@@ -281,9 +307,11 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
             for container in request.container_requests:
                 devices = self._lookup(list(container.devices_ids), context, need_healthy=True)
                 try:
-                    spec = self.vendor.container_spec(self.resource, devices)
+                    spec = self._vendor_call("container_spec", self.vendor.container_spec, self.resource, devices)
                     if self.cdi_spec is not None:
                         spec = spec.merge(self.cdi_spec(self.resource, devices))
+                except VendorTimeout as exc:
+                    self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
                 except ValidationError as exc:
                     self._fail(context, grpc.StatusCode.INTERNAL, f"{self.resource}: container spec rejected: {exc}")
                 except Exception as exc:
@@ -330,7 +358,10 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         must_ids = [d.id for d in must]
         if self.vendor.overrides("preferred_allocation"):
             try:
-                answer = self.vendor.preferred_allocation(self.resource, available, must, size)
+                answer = self._vendor_call("preferred_allocation", self.vendor.preferred_allocation,
+                                           self.resource, available, must, size)
+            except VendorTimeout:  # logged by _vendor_call; a late answer is still an answer
+                answer = None
             except Exception:
                 log.exception("vendor preferred_allocation failed; using NUMA packing",
                               extra=kv(resource=self.resource))
@@ -354,7 +385,9 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         try:
             devices = self._lookup(list(request.devices_ids), context, need_healthy=False)
             try:
-                self.vendor.pre_start(self.resource, devices)
+                self._vendor_call("pre_start", self.vendor.pre_start, self.resource, devices)
+            except VendorTimeout as exc:
+                self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
             except Exception as exc:
                 log.exception("vendor pre_start failed", extra=kv(resource=self.resource))
                 self._fail(context, grpc.StatusCode.INTERNAL, f"{self.resource}: pre-start failed: {exc}")
