@@ -165,8 +165,11 @@ def test_resources_liveness_and_metrics_port(vendor: str, rendered: Callable[[st
     assert [(p["name"], p["containerPort"]) for p in ctr["ports"]] == [("metrics", port)]
     annotations = one(objs, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(port)
-    if config.cdi_dir:
-        assert mounts(objs)[config.cdi_dir]["volume"]["hostPath"]["path"] == config.cdi_dir
+    # the plugin writes where its config says: each such host directory must be mounted there
+    for directory in (config.cdi_dir, config.nfd_features_dir):
+        if directory:
+            mount = mounts(objs)[directory]
+            assert mount["volume"]["hostPath"]["path"] == directory and not mount.get("readOnly")
 
 
 def test_metrics_ports_differ_so_vendors_can_share_a_node(rendered: Callable[[str], list[Obj]]) -> None:
