@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -227,6 +228,17 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         return self.socket_path.exists()
 
     # -- RPCs ----------------------------------------------------------------------------
+    @contextmanager
+    def _observed(self, method: str) -> Iterator[None]:
+        """Time one RPC for the observer; it failed when anything (an abort too) leaves the block."""
+        started = time.perf_counter()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            self._observe(method, started, ok)
+
     def _observe(self, method: str, started: float, ok: bool) -> None:
         if self.observer is not None:
             self.observer.rpc(self.resource, method, time.perf_counter() - started, ok)
@@ -300,34 +312,32 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         return devices
 
     def Allocate(self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext) -> api_pb2.AllocateResponse:
-        started = time.perf_counter()
-        ok = False
-        try:
-            response = api_pb2.AllocateResponse()
-            for container in request.container_requests:
-                devices = self._lookup(list(container.devices_ids), context, need_healthy=True)
-                try:
-                    spec = self._vendor_call("container_spec", self.vendor.container_spec, self.resource, devices)
-                    if self.cdi_spec is not None:
-                        spec = spec.merge(self.cdi_spec(self.resource, devices))
-                except VendorTimeout as exc:
-                    self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-                except ValidationError as exc:
-                    self._fail(context, grpc.StatusCode.INTERNAL, f"{self.resource}: container spec rejected: {exc}")
-                except Exception as exc:
-                    log.exception("vendor container_spec failed", extra=kv(resource=self.resource))
-                    self._fail(context, grpc.StatusCode.INTERNAL, f"{self.resource}: vendor failed: {exc}")
-                response.container_responses.append(spec_to_response(spec, cdi_only=self.cdi_allocate))
-                now = time.time()
-                for d in devices:
-                    self.stats.allocated_ids[d.id] = now
-            self.stats.allocations += 1
-            ok = True
-            return response
-        finally:
-            if not ok:
+        with self._observed("Allocate"):
+            try:
+                response = api_pb2.AllocateResponse()
+                for container in request.container_requests:
+                    devices = self._lookup(list(container.devices_ids), context, need_healthy=True)
+                    try:
+                        spec = self._vendor_call("container_spec", self.vendor.container_spec, self.resource, devices)
+                        if self.cdi_spec is not None:
+                            spec = spec.merge(self.cdi_spec(self.resource, devices))
+                    except VendorTimeout as exc:
+                        self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+                    except ValidationError as exc:
+                        self._fail(context, grpc.StatusCode.INTERNAL,
+                                   f"{self.resource}: container spec rejected: {exc}")
+                    except Exception as exc:
+                        log.exception("vendor container_spec failed", extra=kv(resource=self.resource))
+                        self._fail(context, grpc.StatusCode.INTERNAL, f"{self.resource}: vendor failed: {exc}")
+                    response.container_responses.append(spec_to_response(spec, cdi_only=self.cdi_allocate))
+                    now = time.time()
+                    for d in devices:
+                        self.stats.allocated_ids[d.id] = now
+            except BaseException:
                 self.stats.allocate_errors += 1
-            self._observe("Allocate", started, ok)
+                raise
+            self.stats.allocations += 1
+            return response
 
     def _fail(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         self.stats.last_error = message
@@ -336,9 +346,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
     def GetPreferredAllocation(
         self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext
     ) -> api_pb2.PreferredAllocationResponse:
-        started = time.perf_counter()
-        ok = False
-        try:
+        with self._observed("GetPreferredAllocation"):
             response = api_pb2.PreferredAllocationResponse()
             for container in request.container_requests:
                 available = self._lookup(list(container.available_deviceIDs), context, need_healthy=False)
@@ -348,10 +356,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"allocation_size {size} is negative")
                 choice = self._vendor_choice(available, must, size)
                 response.container_responses.append(api_pb2.ContainerPreferredAllocationResponse(deviceIDs=choice))
-            ok = True
             return response
-        finally:
-            self._observe("GetPreferredAllocation", started, ok)
 
     def _vendor_choice(self, available: list[Device], must: list[Device], size: int) -> list[str]:
         avail_ids = [d.id for d in available]
@@ -380,9 +385,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
     def PreStartContainer(
         self, request: api_pb2.PreStartContainerRequest, context: grpc.ServicerContext
     ) -> api_pb2.PreStartContainerResponse:
-        started = time.perf_counter()
-        ok = False
-        try:
+        with self._observed("PreStartContainer"):
             devices = self._lookup(list(request.devices_ids), context, need_healthy=False)
             try:
                 self._vendor_call("pre_start", self.vendor.pre_start, self.resource, devices)
@@ -391,7 +394,4 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
             except Exception as exc:
                 log.exception("vendor pre_start failed", extra=kv(resource=self.resource))
                 self._fail(context, grpc.StatusCode.INTERNAL, f"{self.resource}: pre-start failed: {exc}")
-            ok = True
             return api_pb2.PreStartContainerResponse()
-        finally:
-            self._observe("PreStartContainer", started, ok)
