@@ -72,3 +72,13 @@ def test_sim_vendor_config_errors(tmp_path):
     bad.write_text("resources:\n  example.com/w:\n    - {id: 'has space'}\n")
     with pytest.raises(ConfigError, match=r"resources.example.com/w\[0\].*has space"):
         SimulatedVendor({"devices_file": str(bad)})
+
+
+def test_sim_devices_file_errors_name_the_file_the_key_and_the_line(tmp_path):
+    absent = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError, match=rf"{absent}: cannot read vendor.devices_file"):
+        SimulatedVendor({"devices_file": str(absent)})
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("resources: [unclosed\n")
+    with pytest.raises(ConfigError, match=rf"{broken}: not valid YAML at line 2"):
+        SimulatedVendor({"devices_file": str(broken)})

@@ -117,6 +117,24 @@ def parse_address(address: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port_text)
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """A file's text; ConfigError naming the file and what it was for when it cannot be read."""
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML (safe subset); ConfigError naming ``where`` and the line and column of a syntax error."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+
+
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read ``path`` (if given), then apply ``DPKIT_<KEY>`` overrides from ``environ``."""
     environ = os.environ if environ is None else environ
@@ -124,18 +142,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from exc
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{source}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
-        if raw is None:
-            raw = {}
+        raw = parse_yaml(read_text(path, "config file"), source) or {}
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: expected a mapping of settings at the top level, got {type(raw).__name__}")
         for key, value in raw.items():

@@ -12,11 +12,9 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from dpkit.core.config import parse_yaml, read_text
 from dpkit.core.device import ContainerSpec, Device, DeviceNode, Health, Snapshot
 from dpkit.core.errors import ConfigError, ValidationError
 from dpkit.core.vendor import EventSink, Finding, Vendor
@@ -31,14 +29,8 @@ def _load(config: Mapping[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], l
         where = f"<embedded {DEFAULT_FILE}>"
     else:
         where = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"vendor.devices_file: cannot read {path}: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+        text = read_text(path, "vendor.devices_file")
+    data = parse_yaml(text, where) or {}
     if not isinstance(data, dict) or not isinstance(data.get("resources"), dict):
         raise ConfigError(f"{where}: expected a 'resources' mapping of resource name -> device list")
     script = data.get("script", [])
