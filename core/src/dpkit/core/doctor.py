@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from dpkit.core.config import Config
 from dpkit.core.device import DeviceNode
 from dpkit.core.errors import DpkitError
+from dpkit.core.events import connect_error
 from dpkit.core.vendor import Check, Vendor, load_vendor_class
 
 MAX_LISTED = 5  # problems named in one line; the rest are counted
@@ -35,14 +35,9 @@ def check_socket(name: str, path: str | Path, hint: str) -> Check:
     path = Path(path)
     if not path.exists():
         return Check(name, False, f"{path} does not exist", hint)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(1.0)
-    try:
-        sock.connect(str(path))
-    except OSError as exc:
-        return Check(name, False, f"{path}: {exc.strerror or exc}", hint)
-    finally:
-        sock.close()
+    error = connect_error(path, timeout=1.0)
+    if error:
+        return Check(name, False, f"{path}: {error}", hint)
     return Check(name, True, f"{path} accepts connections")
 
 

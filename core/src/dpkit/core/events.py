@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +40,19 @@ def private_dir(path: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     return directory
+
+
+def connect_error(path: str | Path, timeout: float) -> str:
+    """Why a unix stream socket does not accept a connection ("" when it does)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    finally:
+        sock.close()
+    return ""
 
 
 def bind_private(socket: zmq.Socket[Any], path: Path) -> str:

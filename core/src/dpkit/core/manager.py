@@ -24,7 +24,7 @@ import zmq
 from dpkit.core.config import Config
 from dpkit.core.device import Device, Health, Snapshot
 from dpkit.core.errors import ConfigError, DpkitError
-from dpkit.core.events import EventBus, bind_private, validate_snapshot
+from dpkit.core.events import EventBus, bind_private, connect_error, validate_snapshot
 from dpkit.core.logs import get_logger, kv
 from dpkit.core.probes import ProbeSupervisor
 from dpkit.core.registration import KubeletLink
@@ -198,7 +198,7 @@ class Manager:
                 child.unlink(missing_ok=True)
             path.rmdir()
         for path in plugin_dir.glob("dpkit-*.sock"):
-            if not _socket_alive(path):
+            if connect_error(path, timeout=0.2):  # nobody listening: a killed run's leftover
                 log.info("removing stale plugin socket", extra=kv(socket=str(path)))
                 path.unlink(missing_ok=True)
 
@@ -456,17 +456,3 @@ def _call(observer: Any, method: str, *args: Any) -> Any:
     except Exception:
         log.exception("observer failed", extra=kv(observer=type(observer).__name__, method=method))
         return None
-
-
-def _socket_alive(path: Path) -> bool:
-    import socket
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(0.2)
-    try:
-        sock.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
