@@ -244,7 +244,7 @@ class Manager:
                 self.overrides.get(key, {}).pop(source, None)
             else:
                 self.overrides.setdefault(key, {})[source] = (health, reason)
-            self._publish(source)
+            self._publish(source, only=resource)
         elif kind == "heartbeat":
             assert self.probes is not None
             if self.probes.heartbeat(event[1]):
@@ -305,8 +305,11 @@ class Manager:
                        (device if device.healthy else device.with_health(Health.HEALTHY)))
         return tuple(out)
 
-    def _publish(self, source: str) -> None:
+    def _publish(self, source: str, only: str | None = None) -> None:
+        """Recompute effective lists (of resource ``only``, when one event touches one) and serve them."""
         for resource, server in list(self.servers.items()):
+            if only is not None and resource != only:
+                continue
             devices = self.effective_devices(resource)
             before = self.effective.get(resource, {})
             for device in devices:
