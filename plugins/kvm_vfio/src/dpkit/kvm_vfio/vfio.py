@@ -120,8 +120,14 @@ def _device(c: _Candidate, sys_root: str, dev_root: str, group_resources: dict[s
         spec = container_spec(f, c.resource, dev_root) if f.iommu_group else ContainerSpec()
         return Device(f.address, Health.UNHEALTHY if problem else Health.HEALTHY, numa, spec, problem, attributes)
     except ValidationError as exc:
-        return Device(f.address, Health.UNHEALTHY, numa, ContainerSpec(), f"invalid device data: {exc}",
-                      attributes)
+        # sysfs garbage (a NUMA node of 2000, a bad path) spoils this one device, never the scan:
+        # list it Unhealthy without the facts that failed, so status and discover say why.
+        return bad_device(f.address, exc, attributes)
+
+
+def bad_device(device_id: str, error: ValidationError, attributes: dict[str, str]) -> Device:
+    """An Unhealthy stand-in for a device whose sysfs data failed validation (no topology, no spec)."""
+    return Device(device_id, Health.UNHEALTHY, (), ContainerSpec(), f"invalid device data: {error}", attributes)
 
 
 def _problem(f: PciFunction, sys_root: str, dev_root: str, group_resources: dict[str, set[str]]) -> str:
