@@ -8,6 +8,7 @@ from dpkit.core.errors import ConfigError
 from dpkit.nvidia.config import SharedResource, load_settings, mig_resource
 from dpkit.nvidia.xids import APPLICATION_XIDS, policy_from_env
 
+GPU_REF = "GPU-4cf8db2d-06c0-7d70-1a51-e59b25b2c16c"
 NVIDIA_EXAMPLE = """
 version: v1
 flags:
@@ -87,8 +88,8 @@ def test_defaults_match_nvidias_plugin():
     ({"sharing": {"timeSlicing": {"resources": [{"name": "gpu"}]}}}, "'replicas' is required"),
     ({"sharing": {"timeSlicing": {"resources": [{"name": "gpu", "replicas": 2, "devices": "some"}]}}},
      "expected 'all', a count or a list of devices"),
-    ({"sharing": {"mps": {"resources": [{"name": "gpu", "replicas": 2}]}}}, "MPS sharing is not supported"),
-    ({"imex": {"channelIDs": [0]}}, "IMEX channels are not supported"),
+    ({"sharing": {"mps": {"resources": [{"name": "gpu", "replicas": 2}]}}}, "'flags.mpsRoot': using MPS requires"),
+    ({"imex": {"channelIDs": [1]}}, "channelIDs must be [] or [0]; found [1]"),
     ({"resources": {"gpus": [{"pattern": "*"}]}}, "'name' is required"),
     ({"resources": {"gpus": [{"pattern": "*", "name": "Bad Name!"}]}}, "resources.gpus[0].name"),
     ({"flags": {"deviceDiscoveryStrategy": "tegra"}}, "dpkit discovers GPUs through NVML only"),
@@ -116,15 +117,18 @@ def test_replicas_up_to_the_limit_are_accepted():
     assert load_settings({"config": doc}, environ={}).shared[0].replicas == 1024
 
 
-def test_imex_environment_variables_are_rejected_like_the_imex_keys():
-    with pytest.raises(ConfigError, match="environment IMEX_CHANNEL_IDS: IMEX channels are not supported"):
+def test_imex_environment_variables_are_read_like_the_imex_keys():
+    s = load_settings({}, environ={"IMEX_CHANNEL_IDS": "0", "IMEX_REQUIRED": "true"})
+    assert (s.imex_channel_ids, s.imex_required) == ((0,), True)
+    with pytest.raises(ConfigError, match=r"environment IMEX_CHANNEL_IDS: .*channelIDs must be \[\] or \[0\]"):
         load_settings({}, environ={"IMEX_CHANNEL_IDS": "0,1"})
-    with pytest.raises(ConfigError, match="environment IMEX_REQUIRED: IMEX channels are not supported"):
-        load_settings({}, environ={"IMEX_REQUIRED": "true"})
+    with pytest.raises(ConfigError, match="environment IMEX_CHANNEL_IDS: 'x' is not an integer"):
+        load_settings({}, environ={"IMEX_CHANNEL_IDS": "x"})
     with pytest.raises(ConfigError, match="environment IMEX_REQUIRED: expected true or false"):
         load_settings({}, environ={"IMEX_REQUIRED": "perhaps"})
     # unset in effect, as an empty imex section in the file is
-    load_settings({}, environ={"IMEX_CHANNEL_IDS": " ", "IMEX_REQUIRED": "false"})
+    s = load_settings({}, environ={"IMEX_CHANNEL_IDS": " ", "IMEX_REQUIRED": "false"})
+    assert (s.imex_channel_ids, s.imex_required) == ((), False)
 
 
 def test_unknown_vendor_key_and_bad_file_are_clear_errors(tmp_path):
@@ -147,15 +151,16 @@ def test_resource_renames_and_time_slicing_entries():
         "resources": {"gpus": [{"pattern": "A100", "name": "gpu-a100"}, {"pattern": "*", "name": "gpu"}],
                       "mig": [{"pattern": "1g.*", "name": "mig-small"}]},
         "sharing": {"timeSlicing": {"resources": [
-            {"name": "gpu-a100", "rename": "a100-shared", "replicas": 2, "devices": [0, "GPU-1"]}]}},
+            {"name": "gpu-a100", "rename": "a100-shared", "replicas": 2, "devices": [0, GPU_REF]}]}},
     }
     s = load_settings({"config": doc}, environ={})
     assert [r.name for r in s.gpu_rules] == ["nvidia.com/gpu-a100", "nvidia.com/gpu"]
-    assert s.gpu_rules[0].matches("NVIDIA A100-SXM4-80GB"), "patterns match anywhere in the name, like NVIDIA's"
+    assert not s.gpu_rules[0].matches("NVIDIA A100-SXM4-80GB"), "patterns are anchored, as NVIDIA's are now"
+    assert s.gpu_rules[0].matches("A100")
     assert not s.gpu_rules[0].matches("NVIDIA H100")
     assert mig_resource(s, "1g.10gb") == "nvidia.com/mig-small"
     assert mig_resource(s, "3g.40gb") is None
-    assert s.shared == (SharedResource("nvidia.com/gpu-a100", 2, "nvidia.com/a100-shared", ("0", "GPU-1")),)
+    assert s.shared == (SharedResource("nvidia.com/gpu-a100", 2, "nvidia.com/a100-shared", ("0", GPU_REF)),)
 
 
 def test_xid_policy_follows_nvidias_variables():

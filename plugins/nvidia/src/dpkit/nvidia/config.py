@@ -1,7 +1,7 @@
 """Settings: NVIDIA's v1 config file and environment variables, plus dpkit's own vendor keys.
 
 An operator keeps their NVIDIA config file (``version: v1`` with ``flags``, ``resources``,
-``sharing.timeSlicing``) and their environment (``MIG_STRATEGY``, ``DEVICE_LIST_STRATEGY``...).
+``sharing.timeSlicing`` / ``sharing.mps``, ``imex``) and their environment (``MIG_STRATEGY``, ``DEVICE_LIST_STRATEGY``...).
 Precedence is NVIDIA's: environment over file over defaults. Unlike NVIDIA's loader, an unknown
 key or a wrong value is a :class:`ConfigError` naming the key, so a typo cannot silently change
 what pods get.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,10 @@ SHARED_SUFFIX = ".shared"
 MIG_STRATEGIES = ("none", "single", "mixed")
 LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
 ID_STRATEGIES = ("uuid", "index")
+ALLOCATION_POLICIES = ("distributed", "packed")
+#: MPS: where the control daemon's per-resource pipe/log directories live inside the containers
+#: (NVIDIA mounts the host's ``mpsRoot`` there in both the plugin and the daemon container).
+MPS_CONTAINER_ROOT = "/mps"
 #: ``sharing.timeSlicing.resources[].replicas`` at most: each replica is a device advertised to the
 #: kubelet and rebuilt on every poll, so 10^8 would stall the plugin. Far above any real use.
 MAX_REPLICAS = 1024
@@ -48,6 +53,20 @@ VENDOR_KEYS: dict[str, Any] = {
     "nvml_timeout": 10.0,  # an NVML call slower than this is 'hung'
     "health_interval": 5.0,  # seconds between the health probe's checks of every GPU
     "health_state_file": "/run/dpkit/nvidia-health.json",  # keeps XID marks across probe restarts
+    "mps_container_root": MPS_CONTAINER_ROOT,  # the host's mpsRoot as this container sees it
+}
+
+#: NVIDIA's variables that dpkit reads but does not act on, with why; each is warned about once.
+IGNORED_ENV: dict[str, str] = {
+    "KUBELET_SOCKET": "dpkit finds the kubelet through its own plugin_dir setting",
+    "USE_NODE_FEATURE_API": "node labels come from dpkit's nfd_features_dir setting",
+    "GFD_ONESHOT": "GPU feature discovery settings do not apply to the device plugin",
+    "GFD_NO_TIMESTAMP": "GPU feature discovery settings do not apply to the device plugin",
+    "GFD_SLEEP_INTERVAL": "GPU feature discovery settings do not apply to the device plugin",
+    "GFD_OUTPUT_FILE": "GPU feature discovery settings do not apply to the device plugin",
+    "GFD_MACHINE_TYPE_FILE": "GPU feature discovery settings do not apply to the device plugin",
+    "GFD_USE_NODE_FEATURE_API": "GPU feature discovery settings do not apply to the device plugin",
+    "RESTART_ON_DEVICE_UNHEALTHY": "dpkit reports unhealthy devices to the kubelet instead of restarting",
 }
 
 
@@ -59,14 +78,15 @@ class ResourceRule:
     name: str
 
     def matches(self, text: str) -> bool:
-        # NVIDIA matches the wildcard pattern anywhere in the text (an unanchored regexp)
+        """The whole text matches the wildcard pattern (anchored as NVIDIA's are now: ``1g.24gb`` does not
+        match ``1g.24gb-me``; ``*A100*`` matches any product name containing A100)."""
         regex = ".*".join(re.escape(part) for part in self.pattern.split("*"))
-        return re.search(regex, text) is not None
+        return re.fullmatch(regex, text, flags=re.DOTALL) is not None
 
 
 @dataclass(frozen=True)
 class SharedResource:
-    """One ``sharing.timeSlicing.resources`` entry."""
+    """One ``sharing.timeSlicing.resources`` or ``sharing.mps.resources`` entry."""
 
     name: str
     replicas: int
@@ -91,8 +111,14 @@ class Settings:
     gdrcopy_enabled: bool = False
     gpu_rules: tuple[ResourceRule, ...] = ()
     mig_rules: tuple[ResourceRule, ...] = ()
-    shared: tuple[SharedResource, ...] = ()
+    shared: tuple[SharedResource, ...] = ()  # the active sharing strategy's resources
+    sharing_strategy: str = "none"  # none | time-slicing | mps (mps wins when both are set, as NVIDIA's)
     fail_requests_greater_than_one: bool = False
+    allocation_policy: str = "distributed"  # sharedDevicesAllocationPolicy
+    mps_root: str = ""  # flags.mpsRoot: the host directory holding the daemons' pipe/log dirs
+    mps_container_root: str = MPS_CONTAINER_ROOT
+    imex_channel_ids: tuple[int, ...] = ()
+    imex_required: bool = False
     xids: XidPolicy = field(default_factory=XidPolicy)
     nvml_library: str = ""
     sysfs_root: str = "/sys"
@@ -104,6 +130,7 @@ class Settings:
     health_state_file: str = "/run/dpkit/nvidia-health.json"
     source: str = "<defaults>"
     notes: tuple[str, ...] = ()  # accepted keys that dpkit ignores, said once in the log
+    warnings: tuple[str, ...] = ()  # NVIDIA variables dpkit does not act on, warned about once
 
     @property
     def all_cdi(self) -> bool:
@@ -116,6 +143,14 @@ class Settings:
     @property
     def replicated(self) -> bool:
         return bool(self.shared)
+
+    @property
+    def mps(self) -> bool:
+        return self.sharing_strategy == "mps"
+
+    def mps_dir(self, root: str, resource: str, part: str) -> str:
+        """``<root>/<resource>/<part>`` as NVIDIA lays out an MPS root (``part``: pipe, log, .ready)."""
+        return os.path.join(root, resource, part)
 
 
 # -- a tiny strict schema walker ------------------------------------------------------------
@@ -188,9 +223,45 @@ def _rules(value: Any, path: str) -> tuple[ResourceRule, ...]:
     return tuple(rules)
 
 
+_UINT = re.compile(r"\d+")
+#: the textual forms Go's uuid.Parse takes, which NVIDIA's selector check uses
+_UUID_FORMS = re.compile(r"(?:urn:uuid:)?[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}"
+                         r"|\{[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\}|[0-9a-fA-F]{32}")
+
+
+def _is_uuid(text: str) -> bool:
+    if not _UUID_FORMS.fullmatch(text):
+        return False
+    uuid.UUID(text.removeprefix("urn:uuid:"))  # cannot fail after the regex; documents the intent
+    return True
+
+
+def device_ref_ok(ref: str) -> bool:
+    """NVIDIA's replica device selector rules: a GPU index (``0``), a MIG index (``0:1``), ``GPU-<uuid>``,
+    ``MIG-<uuid>`` or ``MIG-GPU-<uuid>/<gi>/<ci>``; a bare ``GPU-UUID`` or a MIG ID without gi/ci is not."""
+    if _UINT.fullmatch(ref):
+        return True
+    gpu, sep, mig = ref.partition(":")
+    if sep and _UINT.fullmatch(gpu) and _UINT.fullmatch(mig):
+        return True
+    if ref.startswith("GPU-"):
+        return _is_uuid(ref[4:])
+    if ref.startswith("MIG-"):
+        rest = ref[4:]
+        if _is_uuid(rest):
+            return True
+        parts = rest.split("/")
+        return (len(parts) == 3 and parts[0].startswith("GPU-") and _is_uuid(parts[0][4:])
+                and all(_UINT.fullmatch(p) for p in parts[1:]))
+    return False
+
+
 def _devices(value: Any, path: str) -> str | int | tuple[str, ...]:
     if value == "all":
         return "all"
+    if isinstance(value, str):
+        raise _Bad(path, f"expected 'all', a count or a list of devices, got {value!r} "
+                         "(the only valid string is 'all')")
     if isinstance(value, int) and not isinstance(value, bool):
         if value <= 0:
             raise _Bad(path, f"a count of devices must be > 0, got {value}")
@@ -198,9 +269,13 @@ def _devices(value: Any, path: str) -> str | int | tuple[str, ...]:
     if isinstance(value, list):
         refs = []
         for i, item in enumerate(value):
-            ref = str(item) if isinstance(item, int) and not isinstance(item, bool) else item
-            if not isinstance(ref, str) or not re.fullmatch(r"\d+|\d+:\d+|(GPU|MIG)-[0-9A-Za-z/-]+", ref):
-                raise _Bad(f"{path}[{i}]", f"{item!r} is not a GPU index, a MIG index (0:1) or a UUID")
+            if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+                ref: Any = str(item)
+            else:
+                ref = item
+            if not isinstance(ref, str) or not device_ref_ok(ref):
+                raise _Bad(f"{path}[{i}]", f"{item!r} is not a GPU index, a MIG index (0:1), GPU-<uuid>, "
+                                           "MIG-<uuid> or MIG-GPU-<uuid>/<gi>/<ci>")
             refs.append(ref)
         return tuple(refs)
     raise _Bad(path, f"expected 'all', a count or a list of devices, got {value!r}")
@@ -231,9 +306,15 @@ def _anything(value: Any, path: str) -> Any:
     return value
 
 
+def _channel_ids(value: Any, path: str) -> tuple[int, ...]:
+    _expect(value, list, path, "a list of channel IDs")
+    return tuple(_expect(v, int, f"{path}[{i}]", "an integer") for i, v in enumerate(value))
+
+
 _PLUGIN: Schema = {
     "passDeviceSpecs": bool, "deviceListStrategy": _string_list, "deviceIDStrategy": str,
     "cdiAnnotationPrefix": str, "nvidiaCTKPath": str, "nvidiaCDIHookPath": str, "containerDriverRoot": str,
+    "sharedDevicesAllocationPolicy": str,
 }
 _GFD: Schema = {"oneshot": bool, "noTimestamp": bool, "sleepInterval": _anything, "outputFile": str,
                 "machineTypeFile": str}
@@ -249,7 +330,7 @@ _SCHEMA: Schema = {
     "flags": _FLAGS,
     "resources": {"gpus": _rules, "mig": _rules},
     "sharing": {"timeSlicing": _REPLICATED, "mps": _REPLICATED},
-    "imex": {"channelIDs": list, "required": bool},
+    "imex": {"channelIDs": _channel_ids, "required": bool},
 }
 
 _BOOL_WORDS = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}
@@ -266,17 +347,14 @@ def _env_list(name: str, value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def _check_unsupported_env(environ: Mapping[str, str]) -> None:
-    """NVIDIA's IMEX variables, rejected like the ``imex`` keys: dpkit does not inject IMEX channels.
-
-    An empty IMEX_CHANNEL_IDS or a false IMEX_REQUIRED is accepted, as the same values in the file are.
-    """
-    ids = environ.get("IMEX_CHANNEL_IDS", "")
-    if _env_list("IMEX_CHANNEL_IDS", ids):
-        raise ConfigError(f"environment IMEX_CHANNEL_IDS: IMEX channels are not supported by dpkit, "
-                          f"got {ids!r}; unset it")
-    if "IMEX_REQUIRED" in environ and _env_bool("IMEX_REQUIRED", environ["IMEX_REQUIRED"]):
-        raise ConfigError("environment IMEX_REQUIRED: IMEX channels are not supported by dpkit; unset it")
+def _env_ints(name: str, value: str) -> tuple[int, ...]:
+    out = []
+    for item in _env_list(name, value):
+        try:
+            out.append(int(item))
+        except ValueError:
+            raise ConfigError(f"environment {name}: {item!r} is not an integer") from None
+    return tuple(out)
 
 
 # NVIDIA's environment variables -> (key path under flags, parser; None keeps the string)
@@ -297,7 +375,15 @@ _ENV: dict[str, tuple[str, Any]] = {
     "NVIDIA_CTK_PATH": ("plugin.nvidiaCTKPath", None),
     "NVIDIA_CDI_HOOK_PATH": ("plugin.nvidiaCDIHookPath", None),
     "CONTAINER_DRIVER_ROOT": ("plugin.containerDriverRoot", None),
+    "SHARED_DEVICES_ALLOCATION_POLICY": ("plugin.sharedDevicesAllocationPolicy", None),
 }
+# variables that set keys outside ``flags`` (NVIDIA's IMEX flags)
+_TOP_ENV: dict[str, tuple[str, Any]] = {
+    "IMEX_CHANNEL_IDS": ("imex.channelIDs", _env_ints),
+    "IMEX_REQUIRED": ("imex.required", _env_bool),
+}
+# as NVIDIA's CLI library does, an empty boolean or list variable counts as unset
+_EMPTY_IS_UNSET = {_env_bool, _env_list, _env_ints}
 
 
 def _resource(name: str, path: str) -> str:
@@ -356,18 +442,22 @@ def _read_document(config: Mapping[str, Any], environ: Mapping[str, str]) -> tup
         raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
 
 
-def _apply_env(flags: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+def _apply_env(doc: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
     """Environment over file, as NVIDIA does; returns key path -> variable, for error messages."""
     origin: dict[str, str] = {}
-    for name, (path, parse) in _ENV.items():
+    wanted = [(name, f"flags.{path}", parse) for name, (path, parse) in _ENV.items()]
+    wanted += [(name, path, parse) for name, (path, parse) in _TOP_ENV.items()]
+    for name, path, parse in wanted:
         if name not in environ:
             continue
+        if parse in _EMPTY_IS_UNSET and not environ[name].strip():
+            continue
         *parents, last = path.split(".")
-        target = flags
+        target = doc
         for key in parents:
             target = target.setdefault(key, {})
         target[last] = parse(name, environ[name]) if parse else environ[name]
-        origin[f"flags.{path}"] = name
+        origin[path] = name
     return origin
 
 
@@ -380,20 +470,21 @@ def load_settings(config: Mapping[str, Any] | None = None, environ: Mapping[str,
         close = difflib.get_close_matches(unknown[0], list(VENDOR_KEYS), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(VENDOR_KEYS)}"
         raise ConfigError(f"vendor: unknown key {unknown[0]!r} for vendor nvidia ({hint})")
-    _check_unsupported_env(environ)
     raw, source = _read_document(config, environ)
     origin: dict[str, str] = {}
     try:
         doc = _walk(raw, _SCHEMA, "")
-        origin = _apply_env(doc.setdefault("flags", {}), environ)
-        return _settings(doc, config, environ, source)
+        doc.setdefault("flags", {})
+        origin = _apply_env(doc, environ)
+        return _settings(doc, config, environ, source, origin)
     except _Bad as bad:
         if bad.path in origin:
             raise ConfigError(f"environment {origin[bad.path]}: {bad.message}") from None
         raise ConfigError(f"{source}: key {bad.path!r}: {bad.message}") from None
 
 
-def _settings(doc: dict[str, Any], config: Mapping[str, Any], environ: Mapping[str, str], source: str) -> Settings:
+def _settings(doc: dict[str, Any], config: Mapping[str, Any], environ: Mapping[str, str], source: str,
+              origin: Mapping[str, str]) -> Settings:
     if doc.get("version", "v1") != "v1":
         raise _Bad("version", f"unknown version {doc['version']!r}; only v1 is understood")
     flags = doc["flags"]
@@ -418,29 +509,46 @@ def _settings(doc: dict[str, Any], config: Mapping[str, Any], environ: Mapping[s
     for key, value in (("nvidiaDriverRoot", driver_root), ("nvidiaDevRoot", dev_root)):
         if not value.startswith("/") or ".." in value.split("/"):
             raise _Bad(f"flags.{key}", f"expected an absolute path without '..', got {value!r}")
+    warnings: list[str] = []
     for key in ("nvidiaCTKPath", "nvidiaCDIHookPath", "containerDriverRoot"):
         if key in plugin:
-            notes.append(f"flags.plugin.{key} is accepted but unused: dpkit does not generate CDI specs")
-    for key in ("gfd", "useNodeFeatureAPI", "mpsRoot", "restartOnDeviceUnhealthy"):
+            (warnings if f"flags.plugin.{key}" in origin else notes).append(
+                f"{_said(origin, f'flags.plugin.{key}')} is accepted but unused: dpkit does not generate CDI specs")
+    for key in ("gfd", "useNodeFeatureAPI", "restartOnDeviceUnhealthy"):
         if key in flags:
-            notes.append(f"flags.{key} is accepted but unused by dpkit")
+            notes.append(f"flags.{key} is accepted but unused by dpkit"
+                         + (" (it configures GPU feature discovery)" if key == "gfd" else ""))
     if "failOnInitError" in flags:
-        notes.append("flags.failOnInitError: dpkit never exits on NVML errors; it advertises what it can and retries")
+        notes.append(f"{_said(origin, 'flags.failOnInitError')}: dpkit never exits on NVML errors; it advertises "
+                     "what it can and retries")
+    for name, why in IGNORED_ENV.items():
+        if name in environ:
+            warnings.append(f"environment {name} is set but dpkit does not act on it: {why}")
+    policy = _choice(plugin.get("sharedDevicesAllocationPolicy", "distributed"), ALLOCATION_POLICIES,
+                     "flags.plugin.sharedDevicesAllocationPolicy")
 
     sharing = doc.get("sharing", {})
-    if sharing.get("mps", {}).get("resources"):
-        raise _Bad("sharing.mps", "MPS sharing is not supported by dpkit; use sharing.timeSlicing")
     imex = doc.get("imex", {})
-    if imex.get("channelIDs") or imex.get("required"):
-        raise _Bad("imex", "IMEX channels are not supported by dpkit")
-    slicing = sharing.get("timeSlicing", {})
-    rename_default = bool(slicing.get("renameByDefault", False))
-    shared: list[SharedResource] = []
-    for i, entry in enumerate(slicing.get("resources", [])):
-        if any(s.name == entry["name"] for s in shared):
-            raise _Bad(f"sharing.timeSlicing.resources[{i}].name", f"{entry['name']} is listed twice")
-        rename = entry.get("rename") or (entry["name"] + SHARED_SUFFIX if rename_default else "")
-        shared.append(SharedResource(entry["name"], entry["replicas"], rename, entry.get("devices", "all")))
+    channel_ids = tuple(imex.get("channelIDs", ()))
+    if channel_ids not in ((), (0,)):
+        raise _Bad("imex.channelIDs", f"invalid IMEX channel IDs: channelIDs must be [] or [0]; found "
+                                      f"{list(channel_ids)}")
+    shared_by = {kind: _shared_entries(sharing.get(kind, {}), f"sharing.{kind}") for kind in ("timeSlicing", "mps")}
+    strategy = "mps" if shared_by["mps"] else "time-slicing" if shared_by["timeSlicing"] else "none"
+    active = sharing.get("mps" if strategy == "mps" else "timeSlicing", {})
+    shared = shared_by["mps"] if strategy == "mps" else shared_by["timeSlicing"]
+    mps_root = flags.get("mpsRoot", "")
+    if strategy == "mps":
+        if shared_by["timeSlicing"]:
+            warnings.append("sharing.timeSlicing is ignored: sharing.mps is set too and wins, as in NVIDIA's plugin")
+        if mig_strategy == "mixed":
+            raise _Bad("flags.migStrategy", "using migStrategy mixed is not supported with MPS")
+        if not mps_root:
+            raise _Bad("flags.mpsRoot", "using MPS requires mpsRoot (MPS_ROOT) to be set, e.g. /run/nvidia/mps")
+    if mps_root and (not mps_root.startswith("/") or ".." in mps_root.split("/")):
+        raise _Bad("flags.mpsRoot", f"expected an absolute path without '..', got {mps_root!r}")
+    if "mpsRoot" in flags and strategy != "mps":
+        notes.append(f"{_said(origin, 'flags.mpsRoot')} is used only with sharing.mps")
 
     resources = doc.get("resources", {})
     strings = {k: _string(config, k) for k in ("nvml_library", "sysfs_root", "proc_root", "cdi_vendor",
@@ -462,15 +570,39 @@ def _settings(doc: dict[str, Any], config: Mapping[str, Any], environ: Mapping[s
         gpu_rules=resources.get("gpus", ()),
         mig_rules=resources.get("mig", ()),
         shared=tuple(shared),
-        fail_requests_greater_than_one=bool(slicing.get("failRequestsGreaterThanOne", False)),
+        sharing_strategy=strategy,
+        fail_requests_greater_than_one=bool(active.get("failRequestsGreaterThanOne", False)),
+        allocation_policy=policy,
+        mps_root=mps_root,
+        mps_container_root=_string(config, "mps_container_root"),
+        imex_channel_ids=channel_ids,
+        imex_required=bool(imex.get("required", False)),
         xids=policy_from_env(environ),
         poll_interval=_number(config, "poll_interval"),
         nvml_timeout=_number(config, "nvml_timeout"),
         health_interval=_number(config, "health_interval"),
         source=source,
         notes=tuple(notes),
+        warnings=tuple(warnings),
         **strings,
     )
+
+
+def _said(origin: Mapping[str, str], path: str) -> str:
+    """How the operator set ``path``: the variable's name when the environment set it."""
+    return f"environment {origin[path]}" if path in origin else path
+
+
+def _shared_entries(section: Mapping[str, Any], path: str) -> tuple[SharedResource, ...]:
+    """One sharing strategy's resources with NVIDIA's renameByDefault applied."""
+    rename_default = bool(section.get("renameByDefault", False))
+    shared: list[SharedResource] = []
+    for i, entry in enumerate(section.get("resources", [])):
+        if any(s.name == entry["name"] for s in shared):
+            raise _Bad(f"{path}.resources[{i}].name", f"{entry['name']} is listed twice")
+        rename = entry.get("rename") or (entry["name"] + SHARED_SUFFIX if rename_default else "")
+        shared.append(SharedResource(entry["name"], entry["replicas"], rename, entry.get("devices", "all")))
+    return tuple(shared)
 
 
 def gpu_rules(settings: Settings) -> tuple[ResourceRule, ...]:
