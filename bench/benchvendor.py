@@ -1,0 +1,96 @@
+"""The sim vendor plus a side channel, so a benchmark can inject health reports into a real `dpkit run`.
+
+``dpkit run simbench`` is ``dpkit run sim`` (same devices file, same parsing, same serving path)
+whose watch thread also answers :mod:`sidechannel` commands. Every command becomes ordinary
+``EventSink.health`` calls from the vendor's watch thread, so a report takes the path a real
+vendor's does: watcher -> event bus -> manager -> ListAndWatch, status, CDI, labels.
+The bench harness registers it through a ``dpkit.vendors`` entry point in a temporary
+``.dist-info`` (see :func:`harness.vendor_site`), as a vendor package would.
+
+Commands (``resource`` everywhere; ``healthy`` is a bool):
+
+- ``flip``: one report for ``id``; replies the time it was handed to the sink;
+- ``burst``: one report for every device of the resource, as fast as the sink takes them;
+- ``flap``: ``rate`` reports per second for ``seconds`` seconds, each toggling a random one of the
+  first ``devices`` devices (seeded by ``seed``);
+
+``burst`` and ``flap`` reply with start and end times and the last report of every device.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import sidechannel
+
+from dpkit.core.device import Health
+from dpkit.core.sim import SimulatedVendor
+from dpkit.core.vendor import EventSink
+
+
+def _health(healthy: bool) -> Health:
+    return Health.HEALTHY if healthy else Health.UNHEALTHY
+
+
+class SideChannelSim(SimulatedVendor):
+    """Simulated devices whose health reports come from a benchmark, on demand."""
+
+    name = "simbench"
+    description = "sim vendor driven by a benchmark's side channel (bench/)"
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        settings = dict(config or {})
+        self.control = str(settings.pop("control", ""))
+        super().__init__(settings)
+        # the last report sent per device, starting from the devices file's health
+        self.reported = {res: {d.id: d.healthy for d in devs.values()} for res, devs in self._devices.items()}
+
+    def watch(self, sink: EventSink, stop: threading.Event) -> None:
+        if not self.control:
+            super().watch(sink, stop)
+            return
+        sidechannel.serve(self.control, lambda command: self._command(command, sink, stop), stop)
+
+    def _report(self, sink: EventSink, resource: str, device_id: str, healthy: bool, reason: str) -> None:
+        self.reported[resource][device_id] = healthy
+        sink.health(resource, device_id, _health(healthy), "" if healthy else reason)
+
+    def _command(self, command: dict[str, Any], sink: EventSink, stop: threading.Event) -> dict[str, Any]:
+        op, resource = command["op"], command["resource"]
+        state = self.reported[resource]
+        if op == "flip":
+            self._report(sink, resource, command["id"], bool(command["healthy"]), "bench flip")
+            return {"ok": True, "t": time.monotonic()}
+        t0 = time.monotonic()
+        if op == "burst":
+            healthy = bool(command["healthy"])
+            for device_id in list(state):
+                self._report(sink, resource, device_id, healthy, "bench burst")
+            events = len(state)
+        elif op == "flap":
+            events = self._flap(sink, resource, command, stop)
+        else:
+            raise ValueError(f"unknown op {op!r}")
+        t1 = time.monotonic()
+        return {"ok": True, "t0": t0, "t1": t1, "events": events, "final": dict(state)}
+
+    def _flap(self, sink: EventSink, resource: str, command: dict[str, Any], stop: threading.Event) -> int:
+        state = self.reported[resource]
+        ids = list(state)[: int(command["devices"])]
+        rate, total = float(command["rate"]), int(float(command["rate"]) * float(command["seconds"]))
+        rng = random.Random(int(command.get("seed", 0)))
+        start, sent = time.monotonic(), 0
+        while sent < total and not stop.is_set():
+            due = min(total, int((time.monotonic() - start) * rate) + 1)
+            while sent < due:
+                device_id = rng.choice(ids)
+                self._report(sink, resource, device_id, not state[device_id], "bench flap")
+                sent += 1
+            pause = sent / rate - (time.monotonic() - start)
+            if pause > 0:
+                time.sleep(pause)
+        return sent
