@@ -112,4 +112,6 @@ def test_bad_vendor_config_is_a_clean_cli_error(tmp_path: Path, capsys: Any) -> 
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"vendor": {"pools": [{"resource": "bad"}]}}))
     assert dpkit_main(["discover", "sfc", "--config", str(config)]) == 2
-    assert "vendor.pools[0].resource" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the key path, whether the CLI writes it "vendor.pools[0]..." or "<file>: vendor: pools[0]..."
+    assert "pools[0].resource" in err and "vendor" in err

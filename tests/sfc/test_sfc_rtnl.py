@@ -132,3 +132,16 @@ def test_link_up_and_down_wake_the_monitor_in_a_private_namespace() -> None:
         assert toggle["woke_after_s"] < result["timeout_s"] / 2, toggle
         assert toggle["latency_ms"] < 1000, toggle
     assert result["default_monitor"] == []  # as the vendor opens it, software links are ignored
+
+
+def test_utf8_interface_names_are_decoded() -> None:
+    # Linux allows any bytes but '/', ':' and whitespace in a name; udev and iproute2 show UTF-8
+    name = "lan-für-ops"
+    assert parse(link_message(name)) == [LinkMessage("newlink", 7, name, None)]
+
+
+def test_pyroute2_is_a_declared_dependency() -> None:
+    """rtnetlink is decoded by pyroute2, so the distribution must pull it in (images install from it)."""
+    from importlib.metadata import requires
+
+    assert any(r.split(">")[0].split("=")[0].strip() == "pyroute2" for r in requires("dpkit-sfc") or [])

@@ -5,85 +5,84 @@ every change of a link's flags, carrier or operstate in the socket's network nam
 the link's name and kind are read from it; the facts still come from sysfs, so a message is
 just a reason to re-discover.
 
+pyroute2 decodes the messages. The socket itself stays a plain non-blocking one, so it sits in
+the same ``select`` as the udev monitor and a kernel overrun (``ENOBUFS``) is seen as such.
+pyroute2 is imported when the first monitor opens (or the first message is parsed), not on the
+first link change, so the change that wakes the loop does not wait for the import; ``dpkit
+discover`` and ``doctor`` never open the socket and do not pay it (docs/sfc.md has the figures).
+
 Software links (veth pairs and bridges of every pod, dummy, vlan, macvlan...) carry their kind
 in ``IFLA_LINKINFO``/``IFLA_INFO_KIND``; hardware netdevs such as ``sfc``'s have none. Messages
 about software links are dropped so pod churn causes no work. Bridge-port notifications
 (``ifi_family`` ``AF_BRIDGE``, also sent to the link group) are dropped as well.
 
-Parsing never raises: a truncated or malformed message is skipped.
+Parsing never raises: a truncated or malformed message ends the datagram's decoding.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
-import struct
 from collections.abc import Collection
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
+# kernel ABI numbers (linux/rtnetlink.h, linux/if_link.h); the tests build raw messages with them
 RTMGRP_LINK = 1
 RTM_NEWLINK, RTM_DELLINK = 16, 17
 IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
-_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
-_RTATTR = struct.Struct("=HH")  # len, type
 _RECV_SIZE = 65536
 _MAX_RECVS = 256  # per drain: a flood cannot keep the watch loop from discovering
+_ACTIONS = {RTM_NEWLINK: "newlink", RTM_DELLINK: "dellink"}
 
 
 @dataclass(frozen=True)
 class LinkMessage:
     action: str  # "newlink" or "dellink"
     index: int
-    name: str  # "" when absent or not text
+    name: str  # "" when absent
     kind: str | None  # IFLA_INFO_KIND ("veth", "bridge"...); None for hardware netdevs
 
 
-def _align(length: int) -> int:
-    return (length + 3) & ~3
+def _text(value: Any) -> str:
+    """An attribute as text: pyroute2 gives ``str``, or ``bytes`` when the value is not UTF-8."""
+    if isinstance(value, bytes):
+        value = value.split(b"\0", 1)[0].decode("ascii", "replace")
+    return value[:64] if isinstance(value, str) else ""
 
 
-def _attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
-    attrs: dict[int, bytes] = {}
-    pos = start
-    while pos + _RTATTR.size <= end:
-        length, kind = _RTATTR.unpack_from(data, pos)
-        if length < _RTATTR.size or pos + length > end:
-            break
-        attrs.setdefault(kind & _NLA_TYPE_MASK, data[pos + _RTATTR.size:pos + length])
-        pos += _align(length)
-    return attrs
+def _link_message(message: Any) -> LinkMessage | None:
+    header = message.get("header", {})
+    action = _ACTIONS.get(header.get("type"))
+    if action is None or header.get("error") is not None:
+        return None
+    if message.get("family") != socket.AF_UNSPEC:  # AF_BRIDGE port notifications and the like
+        return None
+    kind = message.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+    index = message.get("index")
+    return LinkMessage(action, index if isinstance(index, int) else 0, _text(message.get_attr("IFLA_IFNAME")),
+                       None if kind is None else _text(kind))
 
 
-def _text(value: bytes) -> str:
-    return value.split(b"\0", 1)[0].decode("ascii", "replace")[:64]
+@cache
+def _marshal() -> Any:
+    """pyroute2's rtnetlink decoder (the import is the expensive part; the decoder is stateless)."""
+    from pyroute2.netlink.rtnl.marshal import MarshalRtnl  # type: ignore[import-untyped]
+
+    return MarshalRtnl()
 
 
 def parse(data: bytes) -> list[LinkMessage]:
     """The link messages in one datagram (several netlink messages may share one)."""
     messages: list[LinkMessage] = []
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size or offset + length > len(data):
-            break
-        body, end = offset + _NLMSGHDR.size, offset + length
-        offset += _align(length)
-        if kind not in (RTM_NEWLINK, RTM_DELLINK) or body + _IFINFOMSG.size > end:
-            continue
-        family, _, index, _, _ = _IFINFOMSG.unpack_from(data, body)
-        if family != socket.AF_UNSPEC:  # AF_BRIDGE port notifications and the like
-            continue
-        attrs = _attributes(data, body + _IFINFOMSG.size, end)
-        link_kind = None
-        if IFLA_LINKINFO in attrs:
-            info = attrs[IFLA_LINKINFO]
-            nested = _attributes(info, 0, len(info))
-            if IFLA_INFO_KIND in nested:
-                link_kind = _text(nested[IFLA_INFO_KIND])
-        messages.append(LinkMessage("newlink" if kind == RTM_NEWLINK else "dellink", index,
-                                    _text(attrs.get(IFLA_IFNAME, b"")), link_kind))
+    try:
+        for message in _marshal().parse(data):
+            link = _link_message(message)
+            if link is not None:
+                messages.append(link)
+    except Exception:  # a malformed datagram must not stop the watch loop; what decoded is kept
+        pass
     return messages
 
 
@@ -95,6 +94,7 @@ class LinkMonitor:
 
     def __init__(self, accept_kinds: Collection[str] = ()) -> None:
         self.accept_kinds = frozenset(accept_kinds)
+        _marshal()
         self._socket = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                      socket.NETLINK_ROUTE)
         try:

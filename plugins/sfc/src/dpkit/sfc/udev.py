@@ -70,6 +70,8 @@ class UeventMonitor:
             self._links = LinkMonitor(link_kinds)
         except OSError as exc:
             self._links_failed(f"cannot open an rtnetlink socket ({exc})")
+        except ImportError as exc:  # pyroute2 missing from a hand-built image
+            self._links_failed(f"cannot decode rtnetlink without pyroute2 ({exc})")
 
     def _links_failed(self, reason: str) -> None:
         global _links_warned
