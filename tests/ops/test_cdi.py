@@ -243,3 +243,46 @@ def test_env_with_nul_leaves_the_device_out():
     assert [d["name"] for d in document["devices"]] == ["good"]
     assert "NUL" in left_out["bad"]
     assert os.sep not in spec_file_name("v", "a/b")
+
+
+def test_unwritten_spec_is_retried_without_a_device_change(kubelet, run_ops, short_tmp, eventually):
+    """Disk trouble clears (here: a file stood where the parent directory goes) and nothing else happens."""
+    blocker = short_tmp / "blocker"
+    blocker.write_text("a file where a directory should be")
+    cdi_dir = blocker / "cdi"
+    manager = run_ops(ScriptedVendor(), cdi_dir=str(cdi_dir))
+    assert kubelet.wait_for(lambda k: k.allocatable(RES) == 4, 10)
+    status = manager.status()["cdi"]
+    assert "cannot write" in status["errors"][RES] and status["retry_in_s"] is not None
+    blocker.unlink()
+    blocker.mkdir()
+    eventually(lambda: (cdi_dir / SPEC_FILE).exists(), timeout=15)  # first retries after 1 s, 2 s, 4 s
+    assert_valid_cdi(read_spec(cdi_dir))
+    status = manager.status()["cdi"]
+    assert status["errors"] == {} and status["retry_in_s"] is None and RES in status["specs"]
+
+
+def test_hard_link_at_a_temp_name_is_never_written_through(kubelet, run_ops, short_tmp):
+    """The old temp name was ``.<spec>.<pid>.tmp``: a hard link planted there got truncated and overwritten."""
+    cdi_dir = short_tmp / "cdi"
+    cdi_dir.mkdir()
+    victim = short_tmp / "victim"
+    victim.write_text("precious\n")
+    for name in (f".{SPEC_FILE}.{os.getpid()}.tmp", f".{SPEC_FILE}.tmp"):
+        os.link(victim, cdi_dir / name)
+    run_ops(ScriptedVendor(), cdi_dir=str(cdi_dir))
+    assert_valid_cdi(read_spec(cdi_dir))
+    assert victim.read_text() == "precious\n" and victim.stat().st_nlink == 3
+
+
+def test_stale_cleanup_removes_only_our_regular_files(kubelet, run_ops, short_tmp):
+    cdi_dir = short_tmp / "cdi"
+    cdi_dir.mkdir()
+    target = short_tmp / "target.json"
+    target.write_text("{}")
+    link = cdi_dir / spec_file_name("scripted", "example.com/linked")
+    link.symlink_to(target)
+    (cdi_dir / spec_file_name("scripted", "example.com/dir")).mkdir()
+    run_ops(ScriptedVendor(), cdi_dir=str(cdi_dir))
+    assert target.read_text() == "{}" and link.is_symlink(), "a link is not ours to remove"
+    assert (cdi_dir / spec_file_name("scripted", "example.com/dir")).is_dir()

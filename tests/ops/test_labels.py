@@ -154,3 +154,32 @@ def test_no_labels_no_file(kubelet, run_ops, short_tmp, eventually):
     vendor.push({RES: vendor.current[RES][:1]})
     eventually(lambda: not (features / FILE).exists())
     assert manager.status()["node_labels"]["labels"] == {}
+
+
+def test_unwritten_file_is_retried_without_a_device_change(kubelet, run_ops, short_tmp, eventually):
+    blocker = short_tmp / "blocker"
+    blocker.write_text("a file where a directory should be")
+    features = blocker / "features.d"
+    manager = run_ops(LabelVendor(), nfd_features_dir=str(features))
+    assert kubelet.wait_for(lambda k: k.allocatable(RES) == 4, 10)
+    status = manager.status()["node_labels"]
+    assert "cannot write" in status["error"] and status["retry_in_s"] is not None
+    blocker.unlink()
+    blocker.mkdir()
+    eventually(lambda: (features / FILE).exists(), timeout=15)  # first retries after 1 s, 2 s, 4 s
+    assert parse_feature_file(features / FILE)["example.com/widget.count"] == "4"
+    status = manager.status()["node_labels"]
+    assert status["error"] == "" and status["retry_in_s"] is None
+
+
+def test_hard_link_at_the_old_temp_name_is_never_written_through(kubelet, run_ops, short_tmp):
+    import os
+
+    features = short_tmp / "features.d"
+    features.mkdir()
+    victim = short_tmp / "victim"
+    victim.write_text("precious\n")
+    os.link(victim, features / f".{FILE}.{os.getpid()}.tmp")
+    run_ops(LabelVendor(), nfd_features_dir=str(features))
+    assert parse_feature_file(features / FILE)["widget-present"] == "true"
+    assert victim.read_text() == "precious\n"

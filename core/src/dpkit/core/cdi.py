@@ -17,7 +17,9 @@ mounts. A device whose edits would be empty is left out too: CDI rejects empty d
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from dpkit.core.device import ContainerSpec, Device
 from dpkit.core.errors import ValidationError
+from dpkit.core.files import RetryTimer, remove_quietly, write_atomic
 from dpkit.core.logs import get_logger, kv
-from dpkit.core.observers import remove_quietly, write_atomic
 
 if TYPE_CHECKING:
     from dpkit.core.manager import Manager
@@ -146,6 +148,15 @@ def spec_file_name(vendor: str, resource: str) -> str:
     return f"dpkit-{vendor or 'vendor'}-{re.sub(r'[^A-Za-z0-9.-]', '_', resource)}.json"
 
 
+def _own_file(path: Path) -> bool:
+    """A regular file of ours (not a link, a directory or another user's file): safe to remove as stale."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
 @dataclass
 class _Written:
     """What the file of one resource holds now."""
@@ -173,6 +184,10 @@ class CdiWriter:
         self.errors: dict[str, str] = {}  # resource -> why its file could not be written
         self._lock = threading.Lock()
         self._stale_checked = False
+        # Files that could not be written (full or read-only disk) are retried until they are,
+        # not only at the next device change.
+        self._pending: dict[str, _Written] = {}
+        self._retry = RetryTimer(self._retry_writes, name="cdi-retry")
 
     # -- observer hooks ------------------------------------------------------------------------
     def on_devices(self, manager: Manager) -> None:
@@ -214,9 +229,12 @@ class CdiWriter:
                               "left_out": dict(w.left_out)}
                           for r, w in sorted(self.written.items())},
                 "errors": dict(self.errors),
+                "retry_in_s": self._retry.next_in() if self._pending else None,
+                "retry_attempts": self._retry.attempts,
             }}
 
     def close(self) -> None:
+        self._retry.close()  # outside the lock: a running retry takes it
         with self._lock:
             for resource in list(self.written):
                 self._drop(resource)
@@ -227,15 +245,16 @@ class CdiWriter:
         self._stale_checked = True
         keep = {spec_file_name(vendor, r) for r in resources}
         for path in self.spec_dir.glob(f"dpkit-{vendor or 'vendor'}-*.json"):
-            if path.name not in keep:
+            if path.name not in keep and _own_file(path):
                 log.info("removing stale CDI spec", extra=kv(file=str(path)))
-                remove_quietly(path)
+                remove_quietly(path, log)
 
     def _drop(self, resource: str) -> None:
         written = self.written.pop(resource, None)
         if written is not None:
-            remove_quietly(written.path)
+            remove_quietly(written.path, log)
         self.errors.pop(resource, None)
+        self._pending.pop(resource, None)
 
     def _sync(self, resource: str, devices: Sequence[Device]) -> None:
         vendor = self.manager.vendor
@@ -249,6 +268,7 @@ class CdiWriter:
             specs, broken = self._device_specs(resource, devices)
             document, left_out = build_spec(kind, specs)
         except Exception as exc:  # an invalid kind or a vendor bug must not stop the plugin
+            self._pending.pop(resource, None)  # waits for a vendor fix, not for the disk
             self._fail(resource, path, str(exc))
             return
         left_out.update(broken)
@@ -262,19 +282,42 @@ class CdiWriter:
         if previous is not None and previous.text == text and (not text or path.exists()):
             previous.left_out, previous.raw_only, previous.source = left_out, raw_only, source
             return
+        result = _Written(path, kind, text, names, left_out, raw_only, source)
         try:
             if text:
-                self.spec_dir.mkdir(parents=True, exist_ok=True)
-                write_atomic(path, text)
+                self._write(result)
             else:  # CDI rejects a spec without devices
-                remove_quietly(path)
+                remove_quietly(path, log)
         except OSError as exc:
             self._fail(resource, path, f"cannot write {path}: {exc.strerror or exc}")
+            self._pending[resource] = result
+            self._retry.arm()
             return
-        self.written[resource] = _Written(path, kind, text, names, left_out, raw_only, source)
+        self.written[resource] = result
         self.errors.pop(resource, None)
+        self._pending.pop(resource, None)
         log.info("CDI spec written" if text else "CDI spec removed: no device to describe",
                  extra=kv(resource=resource, kind=kind, devices=len(names), left_out=len(left_out), file=str(path)))
+
+    def _write(self, result: _Written) -> None:
+        self.spec_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(result.path, result.text)
+
+    def _retry_writes(self) -> bool:
+        """The retry thread's attempt at every file still unwritten; True when none is left."""
+        with self._lock:
+            for resource, result in list(self._pending.items()):
+                try:
+                    self._write(result)
+                except OSError as exc:
+                    self.errors[resource] = f"cannot write {result.path}: {exc.strerror or exc}"
+                    continue
+                del self._pending[resource]
+                self.written[resource] = result
+                self.errors.pop(resource, None)
+                log.info("CDI spec written on retry", extra=kv(resource=resource, file=str(result.path),
+                                                                 attempts=self._retry.attempts))
+            return not self._pending
 
     def _device_specs(
         self, resource: str, devices: Sequence[Device]
@@ -294,4 +337,4 @@ class CdiWriter:
             log.error("CDI spec not written", extra=kv(resource=resource, file=str(path), error=message))
         self.errors[resource] = message
         written = self.written.pop(resource, None)
-        remove_quietly(written.path if written is not None else path)
+        remove_quietly(written.path if written is not None else path, log)

@@ -11,13 +11,14 @@ node never advertises hardware nobody serves.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpkit.core.errors import ValidationError
+from dpkit.core.files import RetryTimer, remove_quietly, write_atomic
 from dpkit.core.logs import get_logger, kv
-from dpkit.core.observers import remove_quietly, write_atomic
 
 if TYPE_CHECKING:
     from dpkit.core.manager import Manager
@@ -92,8 +93,16 @@ class NodeLabelWriter:
         self.refused: list[str] = []
         self.last_error = ""
         self._text = ""
+        self._lock = threading.Lock()  # the retry thread writes too
+        # A file that could not be written (full or read-only disk) is retried until it is.
+        self._pending: tuple[str, dict[str, str]] | None = None  # (text, labels) still to write
+        self._retry = RetryTimer(self._retry_write, name="nfd-retry")
 
     def on_devices(self, manager: Manager) -> None:
+        with self._lock:
+            self._on_devices(manager)
+
+    def _on_devices(self, manager: Manager) -> None:
         vendor = manager.vendor
         self.path = self.features_dir / f"dpkit-{vendor.name or 'vendor'}"
         snapshot = {r: manager.effective_devices(r) for r in manager.servers}
@@ -107,8 +116,9 @@ class NodeLabelWriter:
             for problem in refused:
                 log.error("node label refused", extra=kv(problem=problem))
         self.refused = refused
+        self._pending = None
         if not labels:  # nothing to say: no file rather than an empty one
-            self.close()
+            self._remove()
             self.labels, self.last_error = {}, ""
             return
         text = render(labels, vendor.name)
@@ -117,14 +127,33 @@ class NodeLabelWriter:
             return
         if text == self._text and self.path.exists():
             return
+        if self._write(text, labels):
+            log.info("node feature labels written", extra=kv(file=str(self.path), labels=len(labels)))
+        else:
+            self._pending = (text, labels)
+            self._retry.arm()
+
+    def _write(self, text: str, labels: dict[str, str]) -> bool:
+        assert self.path is not None
         try:
             self.features_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.path, text)
         except OSError as exc:
             self._fail(f"cannot write {self.path}: {exc.strerror or exc}")
-            return
+            return False
         self._text, self.labels, self.last_error = text, labels, ""
-        log.info("node feature labels written", extra=kv(file=str(self.path), labels=len(labels)))
+        return True
+
+    def _retry_write(self) -> bool:
+        """The retry thread's attempt; True when nothing is left to write."""
+        with self._lock:
+            if self._pending is None:
+                return True
+            if not self._write(*self._pending):
+                return False
+            self._pending = None
+            log.info("node feature labels written on retry", extra=kv(file=str(self.path), labels=len(self.labels)))
+            return True
 
     def _fail(self, message: str) -> None:
         if message != self.last_error:
@@ -132,10 +161,19 @@ class NodeLabelWriter:
         self.last_error = message
 
     def status_fields(self, manager: Manager) -> dict[str, Any]:
-        return {"node_labels": {"file": str(self.path or self.features_dir), "labels": dict(self.labels),
-                                "refused": list(self.refused), "error": self.last_error}}
+        with self._lock:
+            return {"node_labels": {"file": str(self.path or self.features_dir), "labels": dict(self.labels),
+                                    "refused": list(self.refused), "error": self.last_error,
+                                    "retry_in_s": self._retry.next_in() if self._pending else None,
+                                    "retry_attempts": self._retry.attempts}}
 
     def close(self) -> None:
+        self._retry.close()  # outside the lock: a running retry takes it
+        with self._lock:
+            self._pending = None
+            self._remove()
+
+    def _remove(self) -> None:
         if self.path is not None and self._text:
-            remove_quietly(self.path)
+            remove_quietly(self.path, log)
             self._text = ""

@@ -16,12 +16,13 @@ config key                 integration                                 module
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpkit.core import files
 from dpkit.core.errors import ConfigError
-from dpkit.core.logs import get_logger, kv
+from dpkit.core.files import write_atomic
+from dpkit.core.logs import get_logger
 
 if TYPE_CHECKING:
     from dpkit.core.manager import Manager
@@ -58,31 +59,9 @@ def attach_observers(manager: Manager) -> list[Any]:
     return attached
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``text`` so readers see the old or the new file, never a torn one.
-
-    The temporary file is hidden (leading dot, no ``.json``), so neither the CDI cache nor
-    NFD's local source picks it up half-written.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)  # the umask must not make it unreadable for the runtime
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def remove_quietly(path: Path) -> None:
-    """Remove a file we wrote; a failure is logged, never raised (shutdown must go on)."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot remove file", extra=kv(file=str(path), error=exc.strerror or str(exc)))
+    """Remove a file we wrote; a failure is logged (by this module's logger), never raised."""
+    files.remove_quietly(path, log)
+
+
+__all__ = ["attach_observers", "remove_quietly", "write_atomic"]
