@@ -202,8 +202,11 @@ def test_node_labels_metrics_and_doctor(host: Any, make_vendor: Any) -> None:
     assert vendor.node_labels(snapshot) == {"sfc-nics": "1", "sfc-interfaces": "2", "sfc-onload": "true",
                                             "sfc-onload-version": "8.1.2.26", "sfc-driver-version": "5.3.16.1004"}
     samples = {(s.name, s.labels.get("interface", "")): s.value for s in vendor.metric_samples()}
-    assert samples[("sfc_link_up", "ens3f0")] == 1.0 and samples[("sfc_link_up", "ens3f1")] == 0.0
-    assert samples[("sfc_onload_available", "")] == 1.0 and samples[("sfc_link_speed_mbps", "ens3f0")] == 25000.0
+    # the project's prefix and base units (Prometheus naming): speed in bits per second
+    assert all(name.startswith("dpkit_sfc_") for name, _ in samples)
+    assert samples[("dpkit_sfc_link_up", "ens3f0")] == 1.0 and samples[("dpkit_sfc_link_up", "ens3f1")] == 0.0
+    assert samples[("dpkit_sfc_onload_available", "")] == 1.0
+    assert samples[("dpkit_sfc_link_speed_bits_per_second", "ens3f0")] == 25e9
     checks = {c.name: c for c in vendor.doctor()}
     assert checks["sfc driver loaded"].ok and checks["Solarflare NICs present"].ok
     assert checks["onload libraries"].ok
@@ -214,7 +217,14 @@ def test_node_labels_metrics_and_doctor(host: Any, make_vendor: Any) -> None:
 
 def test_doctor_on_an_empty_host(host: Any, make_vendor: Any) -> None:
     checks = {c.name: c for c in make_vendor().doctor()}
-    assert not checks["sfc driver loaded"].ok and checks["sfc driver loaded"].hint
+    driver = checks["sfc driver loaded"]
+    # what was looked for, where, and how to fix it (not "none of sfc")
+    assert not driver.ok
+    assert f"{host.sys}/module/sfc" in driver.detail and f"{host.sys}/bus/pci/drivers/sfc" in driver.detail
+    assert driver.detail.startswith("sfc is not loaded")
+    assert "modprobe sfc" in driver.hint and "vendor.drivers" in driver.hint
+    two = {c.name: c for c in make_vendor(drivers=["sfc", "xilinx_efct"]).doctor()}["sfc driver loaded"]
+    assert "none of sfc, xilinx_efct (vendor.drivers) is loaded" in two.detail
     assert not checks["Solarflare NICs present"].ok
     assert "missing" in checks["onload device onload_epoll"].detail
     assert not checks["onload libraries"].ok

@@ -308,11 +308,7 @@ class SfcVendor(Vendor):
     def doctor(self) -> Iterable[Check]:
         sys_root, dev_root = Path(self.settings.sys_root), Path(self.settings.dev_root)
         checks = []
-        loaded = [d for d in self.settings.drivers if (sys_root / "module" / d).exists()
-                  or (sys_root / "bus" / "pci" / "drivers" / d).exists()]
-        checks.append(Check("sfc driver loaded", bool(loaded),
-                            f"loaded: {', '.join(loaded)}" if loaded else f"none of {', '.join(self.settings.drivers)}",
-                            "modprobe sfc (or install the out-of-tree sfc driver)"))
+        checks.append(self._driver_check(sys_root))
         self.discover()
         with self._lock:
             functions, state = list(self._functions), self._onload
@@ -339,6 +335,24 @@ class SfcVendor(Vendor):
                                 "install libudev1 in the plugin image"))
         return checks
 
+    def _driver_check(self, sys_root: Path) -> Check:
+        """Whether a driver in ``vendor.drivers`` is loaded: its module or PCI driver directory in sysfs."""
+        drivers = self.settings.drivers
+        loaded = [d for d in drivers if (sys_root / "module" / d).exists()
+                  or (sys_root / "bus" / "pci" / "drivers" / d).exists()]
+        if loaded:
+            return Check("sfc driver loaded", True, f"loaded: {', '.join(loaded)}")
+        if len(drivers) == 1:
+            detail = (f"{drivers[0]} is not loaded: neither {sys_root}/module/{drivers[0]} nor "
+                      f"{sys_root}/bus/pci/drivers/{drivers[0]} exists")
+        else:
+            detail = (f"none of {', '.join(drivers)} (vendor.drivers) is loaded: no {sys_root}/module/<name> "
+                      f"or {sys_root}/bus/pci/drivers/<name> exists for any of them")
+        return Check("sfc driver loaded", False, detail,
+                     f"load the in-tree driver with 'modprobe {drivers[0]}' (kernel package 'linux-modules-extra' "
+                     "on some distributions) or install AMD's out-of-tree sfc driver; if the NICs use another "
+                     "driver, list it in vendor.drivers")
+
     def node_labels(self, snapshot: Snapshot) -> Mapping[str, str]:
         with self._lock:
             functions, state = list(self._functions), self._onload
@@ -359,14 +373,15 @@ class SfcVendor(Vendor):
     def metric_samples(self) -> Iterable[MetricSample]:
         with self._lock:
             functions, state = list(self._functions), self._onload
-        samples = [MetricSample("sfc_onload_available", "1 when Onload is usable on this node",
+        samples = [MetricSample("dpkit_sfc_onload_available", "1 when Onload is usable on this node",
                                 1.0 if state and state.available else 0.0)]
         for function in functions:
             for interface in function.interfaces:
                 labels = {"pci": function.address, "interface": interface.name}
-                samples.append(MetricSample("sfc_link_up", "1 when the interface's link is up",
+                samples.append(MetricSample("dpkit_sfc_link_up", "1 when the interface's link is up",
                                             1.0 if interface.link_up else 0.0, labels))
                 if interface.speed_mbps:
-                    samples.append(MetricSample("sfc_link_speed_mbps", "negotiated link speed",
-                                                float(interface.speed_mbps), labels))
+                    samples.append(MetricSample("dpkit_sfc_link_speed_bits_per_second",
+                                                "Negotiated link speed in bits per second (sysfs speed, Mb/s, x 1e6)",
+                                                interface.speed_mbps * 1e6, labels))
         return samples
