@@ -95,7 +95,7 @@ def test_status_command_table_and_json(plugin_process, kubelet, short_tmp, capsy
     assert data["kubelet"]["present"] is True
     assert cli.main(["status", "--state-dir", str(short_tmp / "st")]) == 0
     table = capsys.readouterr().out
-    assert "example.com/widget: 2/2 allocatable, registered" in table
+    assert "example.com/widget: 2/2 healthy, registered" in table
     assert "HEALTH" in table
 
 
@@ -133,11 +133,13 @@ def test_discover_sim_lists_devices_and_findings(capsys):
     assert report["vendor"] == "sim" and report["errors"] == []
 
 
-def test_vendors_lists_entry_points(capsys):
+def test_vendors_lists_sim_and_the_entry_points(capsys):
     assert cli.main(["vendors", "--json"]) == 0
     vendors = json.loads(capsys.readouterr().out)
-    assert "sim" not in vendors, "sim is built in, not an installed vendor package"
+    assert vendors["sim"] == "dpkit.core.sim:SimulatedVendor", "the built-in vendor is listed too"
     assert all(":" in target for target in vendors.values())
+    assert cli.main(["vendors"]) == 0
+    assert "sim\tdpkit.core.sim:SimulatedVendor  (built in" in capsys.readouterr().out
 
 
 def test_demo_runs_the_whole_story():

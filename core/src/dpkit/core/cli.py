@@ -1,4 +1,5 @@
-"""The ``dpkit`` command: run a vendor, list vendors, explain discovery, show status, demo, doctor.
+"""The ``dpkit`` command: run a vendor, list vendors, explain discovery, show status, demo, doctor,
+the kubelet emulator and the vendor scaffold; plus any command a package registers.
 
 This is the one place that turns errors into exit codes; library code only raises.
 """
@@ -7,19 +8,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
 from dpkit.core.config import Config, load_config
 from dpkit.core.control import collapse
-from dpkit.core.errors import DpkitError
-from dpkit.core.logs import get_logger, setup_logging
+from dpkit.core.errors import ConfigError, DpkitError, VendorError
+from dpkit.core.logs import get_logger, kv, setup_logging
 from dpkit.core.vendor import Vendor, installed_vendors, load_vendor_class
 
 log = get_logger("cli")
+
+#: entry-point group for extra subcommands: name = subcommand, value = ``main(argv: list[str]) -> int``
+COMMANDS_GROUP = "dpkit.commands"
+BUILTIN_COMMANDS = ("run", "vendors", "discover", "status", "doctor", "demo", "kubelet", "new-vendor")
+SIM_TARGET = "dpkit.core.sim:SimulatedVendor"
+#: seconds `dpkit run` waits for something to register before it exits 1 (env DPKIT_EMPTY_GRACE)
+DEFAULT_EMPTY_GRACE = 60.0
+
+VendorFactory = Callable[[Mapping[str, Any]], Vendor]
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -29,8 +43,71 @@ def _config(args: argparse.Namespace) -> Config:
     return config
 
 
-def _vendor(name: str, config: Config) -> Vendor:
-    return load_vendor_class(name)(config.vendor)
+def vendor_error(source: str, message: str) -> str:
+    """A vendor's config error as ``<file>: vendor: <key path>: <message>``.
+
+    Vendors name keys as ``vendor.key`` or ``vendor: ...``; the file is only known here. An error
+    about an environment variable already names its variable and is left as it is.
+    """
+    if message.startswith("environment "):
+        return message
+    if message.startswith("vendor."):
+        message = "vendor: " + message[len("vendor."):]
+    elif not message.startswith("vendor: "):
+        message = "vendor: " + message
+    return message if source == "<defaults>" else f"{source}: {message}"
+
+
+def vendor_factory(name: str, config: Config, devices: Path | None = None) -> VendorFactory:
+    """How ``run``, ``discover`` and ``doctor`` build the vendor (and ``run`` rebuilds it on SIGHUP).
+
+    For ``sim``: ``--devices`` sets ``devices_file``, and the scripted story stays off unless the
+    config asks for it (``script: true``): a scripted failure is for ``dpkit demo``, not a test run.
+    """
+    if devices is not None and name != "sim":
+        raise ConfigError(f"--devices is an option of the sim vendor only (not of {name!r})")
+    vendor_class = load_vendor_class(name)
+
+    def make(section: Mapping[str, Any]) -> Vendor:
+        section = dict(section)
+        if name == "sim":
+            section.setdefault("script", False)
+            if devices is not None:
+                section["devices_file"] = str(devices)
+        try:
+            return vendor_class(section)
+        except ConfigError as exc:
+            raise ConfigError(vendor_error(config.source, str(exc))) from exc
+
+    return make
+
+
+def _empty_grace(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (or inf), got {text!r}") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 (or inf), got {text!r}")
+    return value
+
+
+def _default_empty_grace() -> float:
+    raw = os.environ.get("DPKIT_EMPTY_GRACE")
+    if raw is None:
+        return DEFAULT_EMPTY_GRACE
+    try:
+        return _empty_grace(raw)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"environment DPKIT_EMPTY_GRACE: {exc}") from None
+
+
+def _resource_count(manager: Any) -> int | None:
+    """How many resources the manager serves; None when its state was mid-change (ask again)."""
+    try:
+        return len(manager.status()["resources"])
+    except RuntimeError:  # a dict changed size under us: the loop thread was applying a snapshot
+        return None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -38,9 +115,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dpkit.core.observers import attach_observers
 
     config = _config(args)
+    grace = args.empty_grace if args.empty_grace is not None else _default_empty_grace()
     setup_logging(config.log_format, config.log_level)
-    vendor_class = load_vendor_class(args.vendor)
-    manager = Manager(vendor_class(config.vendor), config, vendor_factory=vendor_class)
+    make = vendor_factory(args.vendor, config, args.devices)
+    manager = Manager(make(config.vendor), config, vendor_factory=make)
     attach_observers(manager)
     # Signals are taken synchronously by this thread: blocked here before any thread starts (threads
     # inherit the mask), so the kernel cannot hand them to a gRPC or zmq thread where a Python
@@ -49,25 +127,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         manager.start()
-        log.info("running; SIGTERM stops, SIGHUP reloads the config", extra={"fields": {"vendor": args.vendor}})
-        while (received := signal.sigwait(signals)) == signal.SIGHUP:
-            manager.request_reload()
-        log.info("stopping", extra={"fields": {"signal": signal.Signals(received).name}})
+        log.info("running; SIGTERM stops, SIGHUP reloads the config", extra=kv(vendor=args.vendor))
+        code = _serve(manager, signals, grace)
         manager.stop()
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
-    return 0
+    return code
+
+
+def _serve(manager: Any, signals: set[signal.Signals], grace: float) -> int:
+    """Wait for signals; exit 1 once nothing has been registrable for ``grace`` seconds."""
+    empty_since: float | None = None
+    while True:
+        info = signal.sigtimedwait(signals, 1.0)
+        if info is not None:
+            if info.si_signo == signal.SIGHUP:
+                manager.request_reload()
+                continue
+            log.info("stopping", extra=kv(signal=signal.Signals(info.si_signo).name))
+            return 0
+        count = _resource_count(manager)
+        if count is None:
+            continue
+        if count:
+            if empty_since is not None:
+                log.info("resources to register again; not exiting", extra=kv(resources=count))
+            empty_since = None
+            continue
+        now = time.monotonic()
+        if empty_since is None:
+            empty_since = now
+            log.error("nothing to register: the vendor reports no resources, or only invalid resource names "
+                      "(see `dpkit discover`); exiting with code 1 unless some appear",
+                      extra=kv(vendor=manager.vendor.name, grace_s=grace))
+        if now - empty_since >= grace:
+            log.error("nothing registered; exiting with code 1", extra=kv(after_s=round(now - empty_since, 1)))
+            return 1
 
 
 def cmd_vendors(args: argparse.Namespace) -> int:
-    vendors = installed_vendors()
+    vendors = {"sim": SIM_TARGET, **installed_vendors()}
     if args.json:
         print(json.dumps(vendors, indent=2, sort_keys=True))
         return 0
-    if not vendors:
-        print("no vendor packages installed (the built-in 'sim' vendor is always available)")
     for name, target in sorted(vendors.items()):
-        print(f"{name}\t{target}")
+        print(f"{name}\t{target}" + ("  (built in: simulated devices)" if name == "sim" else ""))
     return 0
 
 
@@ -76,7 +180,11 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
     config = _config(args)
     setup_logging(config.log_format, "warning")
-    report = explain(_vendor(args.vendor, config))
+    vendor = vendor_factory(args.vendor, config, args.devices)(config.vendor)
+    try:
+        report = explain(vendor)
+    finally:
+        vendor.close()
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -94,10 +202,15 @@ def format_discovery(report: dict[str, Any]) -> str:
             attrs = " ".join(f"{k}={v}" for k, v in dev["attributes"].items())
             name = first if count == 1 else f"{first}..{last} ({count})"
             lines.append(f"  {mark} {name:<24} {dev['health']:<9} numa={dev['numa'] or '-'} {attrs}{extra}")
-    if report["findings"]:
-        lines.append("not advertised / notes:")
-        for f in report["findings"]:
-            mark = "+" if f["advertised"] else "-"
+    if not report["resources"]:
+        lines.append("no resources: `dpkit run` would register nothing (and exit 1 after its grace period)")
+    for title, advertised in (("advertised:", True), ("not advertised / notes:", False)):
+        findings = [f for f in report["findings"] if bool(f["advertised"]) is advertised]
+        if not findings:
+            continue
+        lines.append(title)
+        for f in findings:
+            mark = "+" if advertised else "-"
             hint = f"\n      fix: {f['hint']}" if f["hint"] else ""
             where = f" [{f['resource']}]" if f["resource"] else ""
             lines.append(f"  {mark} {f['subject']}{where}: {f['reason']}{hint}")
@@ -111,21 +224,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dpkit.core.control import format_status, query
 
     state_dir = args.state_dir or load_config(args.config).state_dir
-    reply = query(state_dir, timeout=args.timeout)
-    print(json.dumps(reply["status"], indent=2) if args.json else format_status(reply["status"]))
-    return 0
+    status = query(state_dir, timeout=args.timeout)["status"]
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0 if status["resources"] else 1
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from dpkit.core.doctor import run_checks
 
+    make: VendorFactory | None = None
     try:
         config = _config(args)
         config_error = ""
     except DpkitError as exc:
         config, config_error = Config(), str(exc)
     setup_logging(config.log_format, "error")
-    checks = run_checks(args.vendor, config, config_error)
+    try:
+        make = vendor_factory(args.vendor, config, args.devices)
+    except VendorError as exc:
+        load_error = str(exc)
+    except ConfigError as exc:
+        config_error, load_error = config_error or str(exc), ""
+    else:
+        load_error = ""
+    checks = run_checks(args.vendor, config, config_error, make=make, load_error=load_error)
     failed = 0
     for check in checks:
         mark = "ok  " if check.ok else "FAIL"
@@ -145,52 +267,125 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(devices_file=args.devices, out=sys.stdout)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpkit", description="Kubernetes device plugins for many vendors.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_kubelet(args: argparse.Namespace) -> int:
+    from dpkit.core import kubelet
+
+    return kubelet.command(args)
+
+
+def cmd_new_vendor(args: argparse.Namespace) -> int:
+    from dpkit.core.scaffold import scaffold
+
+    root = args.root.resolve()
+    made = scaffold(args.name, root)
+    for path in made.created:
+        print(f"created {path.relative_to(root)}")
+    for path in made.updated:
+        print(f"updated {path.relative_to(root)}")
+    for note in made.notes:
+        print(f"note: {note}")
+    print(f"\nnext: ./hatchw run test:python -m pytest tests/{args.name}   (docs: docs/{args.name}.md)")
+    return 0
+
+
+# -- the parser ----------------------------------------------------------------------------------
+def _command_entry_points() -> dict[str, EntryPoint]:
+    """Installed extra subcommands; a name a built-in command has is never shadowed."""
+    return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP) if ep.name not in BUILTIN_COMMANDS}
+
+
+def _vendor_names() -> str:
+    return ", ".join(["sim", *sorted(installed_vendors())])
+
+
+def build_parser(describe: bool = False) -> argparse.ArgumentParser:
+    """The parser of the built-in commands. ``describe``: also list the installed vendors and extra
+    commands in the help (an entry-point scan, done only when help is shown)."""
+    vendors = _vendor_names() if describe else "see `dpkit vendors`"
+    extra = _command_entry_points() if describe else {}
+    epilog = f"vendors: {vendors}" if describe else None
+    parser = argparse.ArgumentParser(prog="dpkit", description="Kubernetes device plugins for many vendors.",
+                                     epilog=epilog)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    vendor_help = f"vendor to use: sim (built in, simulated devices) or an installed vendor package ({vendors})"
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", "-c", type=Path, help="YAML config file (env DPKIT_<KEY> overrides)")
         p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+        p.add_argument("--devices", type=Path, metavar="FILE",
+                       help="sim only: YAML devices file (format: docs/getting-started.md; default: a demo node)")
 
-    p = sub.add_parser("run", help="serve a vendor's devices to the kubelet")
-    p.add_argument("vendor")
+    p = sub.add_parser("run", help="serve a vendor's devices to the kubelet (SIGTERM stops, SIGHUP reloads)")
+    p.add_argument("vendor", help=vendor_help)
     common(p)
+    p.add_argument("--empty-grace", type=_empty_grace, metavar="SECONDS",
+                   help="exit 1 after this long with nothing to register (default: env DPKIT_EMPTY_GRACE or "
+                        f"{DEFAULT_EMPTY_GRACE:g}; inf: never)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("vendors", help="list installed vendor packages")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("vendors", help="list the vendors: sim and the installed vendor packages")
+    p.add_argument("--json", action="store_true", help="print {name: module:class} as JSON")
     p.set_defaults(func=cmd_vendors)
 
-    p = sub.add_parser("discover", help="what would be advertised, and why not")
-    p.add_argument("vendor")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("discover", help="what would be advertised, and why anything is not")
+    p.add_argument("vendor", help=vendor_help)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     common(p)
     p.set_defaults(func=cmd_discover)
 
-    p = sub.add_parser("status", help="ask a running plugin for its resources, devices and errors")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("status", help="ask a running plugin for its resources, devices and errors; "
+                                      "exit 1 when it has nothing to register")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.add_argument("--state-dir", help="the running plugin's state_dir (default: from config)")
-    p.add_argument("--timeout", type=float, default=3.0)
-    p.add_argument("--config", "-c", type=Path)
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer (default: 3)")
+    p.add_argument("--config", "-c", type=Path, help="the running plugin's config file (for its state_dir)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("doctor", help="check the node for everything a vendor needs; exit 1 on failure")
-    p.add_argument("vendor")
+    p.add_argument("vendor", help=vendor_help)
     common(p)
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("demo", help="emulated kubelet + simulated devices: the whole flow in seconds")
+    p = sub.add_parser("demo", help="emulated kubelet + simulated devices: the whole scripted flow in seconds")
     p.add_argument("--devices", type=Path, help="YAML device file (default: embedded demo node)")
-    p.add_argument("--log-json", action="store_true")
+    p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     p.add_argument("--verbose", "-v", action="store_true", help="show the plugin's info logs")
     p.set_defaults(func=cmd_demo)
+
+    from dpkit.core.kubelet import add_parser as add_kubelet_parser
+
+    add_kubelet_parser(sub, cmd_kubelet)
+
+    p = sub.add_parser("new-vendor", help="scaffold a vendor package under plugins/NAME (test, docs, image, deploy)")
+    p.add_argument("name", help="vendor name: lower case letters, digits and '_' (the `dpkit run` name)")
+    p.add_argument("--root", type=Path, default=Path("."), help="the dpkit checkout (default: current directory)")
+    p.set_defaults(func=cmd_new_vendor)
+
+    for name, ep in sorted(extra.items()):
+        dist = ep.dist.name if ep.dist is not None else ep.value
+        sub.add_parser(name, help=f"from {dist} ({ep.value}); `dpkit {name} --help` for its options",
+                       add_help=False)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run_entry_point(ep: EntryPoint, argv: list[str]) -> int:
     try:
+        command = ep.load()
+    except Exception as exc:  # an import error in a package must not kill the CLI with a traceback
+        raise DpkitError(f"command {ep.name!r} failed to load from {ep.value}: {exc}") from exc
+    return int(command(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        first = argv[0] if argv else ""
+        if first and not first.startswith("-") and first not in BUILTIN_COMMANDS:
+            ep = _command_entry_points().get(first)
+            if ep is not None:
+                return _run_entry_point(ep, argv[1:])
+        describe = first not in BUILTIN_COMMANDS or any(a in ("-h", "--help") for a in argv)
+        args = build_parser(describe=describe).parse_args(argv)
         return int(args.func(args))
     except DpkitError as exc:
         print(f"dpkit: error: {exc}", file=sys.stderr)

@@ -70,14 +70,20 @@ def format_status(status: dict[str, Any]) -> str:
         f"kubelet {'present' if status['kubelet']['present'] else 'ABSENT'} "
         f"(restarts seen: {status['kubelet']['restarts_seen']})",
     ]
+    if not status["resources"]:
+        lines.append("")
+        lines.append("NOTHING TO REGISTER: the vendor reports no resources, or only invalid resource names "
+                     "(`dpkit discover` says why); `dpkit run` exits 1 after its grace period")
     for res in status["resources"]:
         reg = "registered" if res["registered"] else "NOT registered"
+        holders = res.get("holders", {})
+        # "healthy", not "allocatable": a healthy device a pod holds is not free
+        held = f", {sum(1 for d in res['devices'] if d['id'] in holders)} held" if holders else ""
         lines.append("")
-        lines.append(f"{res['name']}: {res['allocatable']}/{res['capacity']} allocatable, {reg} "
+        lines.append(f"{res['name']}: {res['allocatable']}/{res['capacity']} healthy{held}, {reg} "
                      f"({res['registrations']}x), streams {res['streams']}, allocations {res['allocations']}")
         if res["last_error"]:
             lines.append(f"  last error: {res['last_error']}")
-        holders = res.get("holders", {})
         rows = [(first if count == 1 else f"{first}..{last} ({count})", dev)
                 for first, last, count, dev in collapse(res["devices"], holders)]
         width = max([len(name) for name, _ in rows] + [6])

@@ -24,12 +24,18 @@ def _table(kubelet: Kubelet, out: TextIO, title: str) -> None:
     out.write(f"\n== {title}\n")
     with kubelet._cond:
         resources = sorted(kubelet.endpoints)
+        held = {(a.resource, i): f"{a.namespace}/{a.pod}/{a.container}"
+                for a in kubelet.allocations for i in a.device_ids}
     for resource in resources:
         devices = kubelet.devices(resource)
-        out.write(f"  {resource}: capacity {len(devices)}, allocatable {kubelet.allocatable(resource)}\n")
+        mine = [i for i in devices if (resource, i) in held]
+        # healthy and held, not "allocatable": a healthy device a pod holds is not free
+        out.write(f"  {resource}: capacity {len(devices)}, healthy {kubelet.allocatable(resource)}, "
+                  f"held {len(mine)}\n")
         for device_id, state in sorted(devices.items()):
             numa = ",".join(map(str, state.numa)) or "-"
-            out.write(f"    {device_id:<10} {state.health:<9} numa {numa}\n")
+            by = f"  held by {held[resource, device_id]}" if (resource, device_id) in held else ""
+            out.write(f"    {device_id:<10} {state.health:<9} numa {numa}{by}\n")
     out.flush()
 
 
@@ -55,7 +61,7 @@ def _follow(kubelet: Kubelet, resources: list[str], vendor: SimulatedVendor, out
             notes += [f"{i}: {before[i].health} -> {now[i].health}" for i in sorted(set(now) & set(before))
                       if now[i].health != before[i].health]
             shown[resource] = now
-            out.write(f"  {resource}: allocatable {kubelet.allocatable(resource)}/{len(now)}  {'; '.join(notes)}\n")
+            out.write(f"  {resource}: healthy {kubelet.allocatable(resource)}/{len(now)}  {'; '.join(notes)}\n")
             out.flush()
 
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from dpkit.core.config import Config
-from dpkit.core.device import DeviceNode
-from dpkit.core.errors import DpkitError
-from dpkit.core.events import connect_error
+from dpkit.core.device import Device, DeviceNode
+from dpkit.core.errors import ConfigError, DpkitError
+from dpkit.core.events import connect_error, validate_snapshot
+from dpkit.core.validation import check_resource_name
 from dpkit.core.vendor import Check, Vendor, load_vendor_class
 
 MAX_LISTED = 5  # problems named in one line; the rest are counted
@@ -122,6 +124,7 @@ def check_device_nodes(nodes: Iterable[DeviceNode], name: str = "device nodes pr
 
 # -- the core's checks --------------------------------------------------------------------------
 def core_checks(config: Config, config_error: str) -> list[Check]:
+    """The node-level checks, with hints naming the paths this config uses (not the defaults)."""
     checks = [
         Check("config valid", not config_error, config_error or f"{config.source} loaded",
               "fix the key named above in the ConfigMap or environment" if config_error else ""),
@@ -130,14 +133,17 @@ def core_checks(config: Config, config_error: str) -> list[Check]:
     writable = plugin_dir.is_dir() and os.access(plugin_dir, os.W_OK)
     checks.append(Check("plugin directory writable", writable,
                         f"{plugin_dir} {'is writable' if writable else 'is missing or not writable'}",
-                        "mount the host's /var/lib/kubelet/device-plugins read-write into the pod"))
+                        f"mount the host's kubelet device-plugin directory read-write at {plugin_dir} "
+                        "(or set plugin_dir to where it is)"))
     checks.append(check_socket("kubelet socket reachable", config.kubelet_socket_path,
-                               "is the kubelet running, and is /var/lib/kubelet/device-plugins mounted into the pod?"))
+                               f"is the kubelet running, and is its device-plugin directory mounted at {plugin_dir}? "
+                               "(to try dpkit without a cluster: `dpkit kubelet --dir DIR`)"))
     checks.append(check_writable_dir("state directory usable", config.state_dir,
                                      "state_dir must be a writable local directory (an emptyDir is fine)"))
     if config.pod_resources_socket:
+        where = Path(config.pod_resources_socket).parent
         checks.append(check_socket("pod-resources socket reachable", config.pod_resources_socket,
-                                   "mount the host's /var/lib/kubelet/pod-resources into the pod (needed for "
+                                   f"mount the host's kubelet pod-resources directory at {where} (needed for "
                                    "'HELD BY' in dpkit status), or set pod_resources_socket: '' to skip it"))
     if config.cdi_allocate and not config.cdi_dir:
         checks.append(Check("CDI settings", False, "cdi_allocate is true but cdi_dir is empty",
@@ -163,18 +169,27 @@ def vendor_checks(vendor: Vendor) -> list[Check]:
     """Discovery runs, every device node a container would get is usable, then the vendor's own checks."""
     checks: list[Check] = []
     try:
-        snapshot = dict(vendor.discover())
+        raw = vendor.discover()
     except Exception as exc:
         checks.append(Check(f"vendor {vendor.name} discovery", False, f"{type(exc).__name__}: {exc}",
                             f"run `dpkit discover {vendor.name}` for details"))
-        snapshot = {}
+        snapshot: dict[str, tuple[Device, ...]] = {}
     else:
+        # what `dpkit run` keeps: invalid resource names and entries are dropped there too
+        snapshot, problems = validate_snapshot(raw, check_resource_name)
         total = sum(len(d) for d in snapshot.values())
         sick = [f"{d.id} ({d.reason or 'unhealthy'})" for devs in snapshot.values() for d in devs if not d.healthy]
         detail = f"{total} device(s) in {len(snapshot)} resource(s)"
         if sick:
             detail += f"; unhealthy: {_listing(sick)}"
         checks.append(Check(f"vendor {vendor.name} discovery", True, detail))
+        if problems:
+            checks.append(Check("vendor data valid", False, f"dropped by `dpkit run`: {_listing(problems)}",
+                                "a vendor bug or a bad resource name in the vendor's config"))
+        checks.append(Check("resources to register", bool(snapshot),
+                            f"{len(snapshot)}: {_listing(sorted(snapshot))}" if snapshot else
+                            "none: `dpkit run` would register nothing and exit 1 after its grace period",
+                            "" if snapshot else f"run `dpkit discover {vendor.name}` to see why nothing is offered"))
     nodes: list[DeviceNode] = []
     spec_errors: list[str] = []
     for resource, devices in snapshot.items():
@@ -206,13 +221,26 @@ def vendor_checks(vendor: Vendor) -> list[Check]:
     return checks
 
 
-def run_checks(vendor_name: str, config: Config, config_error: str = "") -> list[Check]:
+def run_checks(vendor_name: str, config: Config, config_error: str = "",
+               make: Callable[[Mapping[str, Any]], Vendor] | None = None, load_error: str = "") -> list[Check]:
+    """Every check, building the vendor the way `dpkit run` does (``make``: the CLI's vendor factory).
+
+    A config error in the ``vendor:`` section fails "config valid" itself: the file is not valid
+    for `dpkit run`, so doctor must not call it valid first.
+    """
+    vendor: Vendor | None = None
+    if not config_error and not load_error:
+        try:
+            vendor = (make or load_vendor_class(vendor_name))(config.vendor)
+        except ConfigError as exc:
+            config_error = str(exc)
+        except DpkitError as exc:
+            load_error = str(exc)
     checks = core_checks(config, config_error)
-    try:
-        vendor = load_vendor_class(vendor_name)(config.vendor)
-    except DpkitError as exc:
-        checks.append(Check(f"vendor {vendor_name} loads", False, str(exc),
-                            "install the vendor package or fix its config section"))
+    if vendor is None:
+        if load_error:
+            checks.append(Check(f"vendor {vendor_name} loads", False, load_error,
+                                "install the vendor package (`dpkit vendors` lists what is installed)"))
         return checks
     checks.append(Check(f"vendor {vendor_name} loads", True, type(vendor).__module__))
     try:
