@@ -151,9 +151,12 @@ def test_resource_renames_by_product_pattern(host, vendors):
     node = FakeNode.with_gpus(2)
     node.gpus[1].name = "NVIDIA A100-SXM4-80GB"
     host.apply(node)
-    document = {"resources": {"gpus": [{"pattern": "A100", "name": "a100"}, {"pattern": "H100*", "name": "h100"}]}}
+    # patterns match the whole product name, as NVIDIA's are anchored now: 'A100' alone matches nothing here
+    document = {"resources": {"gpus": [{"pattern": "A100", "name": "exact"}, {"pattern": "*A100*", "name": "a100"},
+                                       {"pattern": "*H100*", "name": "h100"}]}}
     vendor = vendors(host.vendor_config(document=document))
     snapshot = vendor.discover()
+    assert not snapshot.get("nvidia.com/exact")
     assert list(by_id(snapshot, "nvidia.com/a100")) == [gpu_uuid(1)]
     assert list(by_id(snapshot, "nvidia.com/h100")) == [gpu_uuid(0)]
     node.gpus[0].name = "Tesla T4"

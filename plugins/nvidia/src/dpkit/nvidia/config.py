@@ -1,7 +1,8 @@
 """Settings: NVIDIA's v1 config file and environment variables, plus dpkit's own vendor keys.
 
 An operator keeps their NVIDIA config file (``version: v1`` with ``flags``, ``resources``,
-``sharing.timeSlicing`` / ``sharing.mps``, ``imex``) and their environment (``MIG_STRATEGY``, ``DEVICE_LIST_STRATEGY``...).
+``sharing.timeSlicing`` / ``sharing.mps``, ``imex``) and their environment (``MIG_STRATEGY``,
+``DEVICE_LIST_STRATEGY``...).
 Precedence is NVIDIA's: environment over file over defaults. Unlike NVIDIA's loader, an unknown
 key or a wrong value is a :class:`ConfigError` naming the key, so a typo cannot silently change
 what pods get.

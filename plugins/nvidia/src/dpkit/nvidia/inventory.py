@@ -43,6 +43,7 @@ class Inventory:
     driver: str = ""
     cuda: str = ""
     units: tuple[Unit, ...] = field(default=())
+    imex_channels: tuple[int, ...] = ()  # configured IMEX channels whose node exists
 
 
 def default_resources(settings: Settings) -> tuple[str, ...]:
@@ -78,6 +79,9 @@ def build(settings: Settings, node: NodeInfo) -> Inventory:
         else:
             units.extend(_gpu_unit(settings, gpu, findings))
     units = _check_single(settings, units)
+    channels, imex_problem = _imex_channels(settings, findings)
+    if imex_problem:
+        units = [replace(u, problems=(*u.problems, imex_problem)) for u in units]
     for unit in units:
         for node_path in unit.nodes:
             problem = hostfiles.node_state(settings.dev_root, node_path)
@@ -91,7 +95,28 @@ def build(settings: Settings, node: NodeInfo) -> Inventory:
         if device is not None:
             snapshot.setdefault(resource, []).append(device)
     return Inventory({r: tuple(d) for r, d in snapshot.items()}, tuple(findings), node.gpus, node.driver,
-                     node.cuda, tuple(units))
+                     node.cuda, tuple(units), channels)
+
+
+def _imex_channels(settings: Settings, findings: list[Finding]) -> tuple[tuple[int, ...], str]:
+    """The configured channels whose node exists, and a problem when a required one is missing.
+
+    As NVIDIA's plugin: a missing channel is skipped unless ``imex.required``; then the plugin
+    serves nothing (NVIDIA's exits at start; dpkit keeps running with every device Unhealthy
+    and the reason, and serves them once the node appears).
+    """
+    present = []
+    for channel in settings.imex_channel_ids:
+        path = spec.imex_channel_path(channel)
+        problem = hostfiles.node_state(settings.dev_root, path)
+        if not problem:
+            present.append(channel)
+            continue
+        findings.append(Finding(f"IMEX channel {channel}", False, f"not injected: {problem}",
+                                hint="create the channel (nvidia-modprobe -i 0 or the IMEX driver) on the node"))
+        if settings.imex_required:
+            return tuple(present), f"required IMEX channel {channel} is missing ({problem})"
+    return tuple(present), ""
 
 
 def _mig_word(enabled: bool) -> str:
@@ -169,6 +194,8 @@ def _replicate(settings: Settings, units: Sequence[Unit]) -> list[tuple[str, str
             if shared is None or unit not in chosen:
                 out.append((resource, unit.uuid, unit, 0))
                 continue
+            if settings.mps and unit.mig is not None:
+                unit = replace(unit, problems=(*unit.problems, "sharing using MPS is not supported for MIG devices"))
             target = shared.rename or resource
             out.extend((target, sharing.replica_id(unit.uuid, n), unit, shared.replicas)
                        for n in range(shared.replicas))

@@ -10,13 +10,14 @@ import json
 import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from dpkit.core.device import ContainerSpec, Device, Snapshot
 from dpkit.core.errors import ValidationError, VendorError
 from dpkit.core.logs import get_logger, kv
 from dpkit.core.vendor import Check, Finding, MetricSample, Probe, Vendor
-from dpkit.nvidia import diagnostics, health, inventory, nvml, sharing, spec, topology
+from dpkit.nvidia import diagnostics, health, inventory, mps, nvml, sharing, spec, topology
 from dpkit.nvidia.config import Settings, load_settings
 from dpkit.nvidia.gpus import NodeReader
 from dpkit.nvidia.guard import Guard, Hung
@@ -45,6 +46,8 @@ class NvidiaVendor(Vendor):
         self._failures = 0
         for note in self.settings.notes:
             log.info(note, extra=kv(source=self.settings.source))
+        for warning in self.settings.warnings:
+            log.warning(warning, extra=kv(source=self.settings.source))
 
     # -- discovery -------------------------------------------------------------------------
     def discover(self) -> Snapshot:
@@ -62,8 +65,10 @@ class NvidiaVendor(Vendor):
             return self._unavailable(Finding("NVML", False, f"NVML query failed: {nvml.error_name(exc)}"))
         self._nvml_error = None
         built = inventory.build(self.settings, node)
+        if self.settings.mps:
+            built = replace(built, snapshot=mps.apply_daemon_health(self.settings, built.snapshot))
         if not node.gpus:
-            built = inventory.Inventory(built.snapshot, (*built.findings, diagnostics.no_gpu_finding()))
+            built = replace(built, findings=(*built.findings, diagnostics.no_gpu_finding()))
         with self._lock:
             previous, self._inventory = self._inventory, built
             self._topology = topology.build(node.gpus, node.pcie)
@@ -87,11 +92,15 @@ class NvidiaVendor(Vendor):
 
     # -- allocation ---------------------------------------------------------------------------
     def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
-        if (self.settings.fail_requests_greater_than_one and len(devices) > 1
-                and any(sharing.is_replica(d.id) for d in devices)):
-            raise ValidationError(f"request for '{resource}: {len(devices)}' too large: maximum request size "
-                                  "for shared resources is 1")
-        return spec.container_spec(self.settings, devices)
+        """NVIDIA's answer; more than one replica fails under MPS always, under time-slicing when
+        ``failRequestsGreaterThanOne`` says so, with NVIDIA's message."""
+        limited = self.settings.mps or self.settings.fail_requests_greater_than_one
+        if limited and len(devices) > 1 and any(sharing.is_replica(d.id) for d in devices):
+            raise ValidationError(f'invalid allocation request for "{resource}": invalid request: maximum request '
+                                  f"size for shared resources is 1; found {len(devices)}")
+        with self._lock:
+            channels = self._inventory.imex_channels if self._inventory else ()
+        return spec.container_spec(self.settings, devices, resource, channels)
 
     def preferred_allocation(
         self, resource: str, available: Sequence[Device], must_include: Sequence[Device], size: int
@@ -101,7 +110,8 @@ class NvidiaVendor(Vendor):
             with self._lock:
                 current = self._inventory.snapshot.get(resource, ()) if self._inventory else ()
             all_ids = [d.id for d in current] or [d.id for d in available]
-            return sharing.distributed(all_ids, [d.id for d in available], [d.id for d in must_include], size)
+            return sharing.distributed(all_ids, [d.id for d in available], [d.id for d in must_include], size,
+                                       self.settings.allocation_policy)
         if any("mig_profile" in d.attributes for d in available):
             return None
         with self._lock:
@@ -137,6 +147,7 @@ class NvidiaVendor(Vendor):
                    f"deviceIDStrategy {s.id_strategy}, config {s.source}")
         findings = [Finding("nvidia", bool(current.gpus), summary)]
         findings += [Finding("config", True, note) for note in s.notes]
+        findings += [Finding("config", False, warning) for warning in s.warnings]
         findings += current.findings
         return findings
 
@@ -157,7 +168,7 @@ class NvidiaVendor(Vendor):
             "nvidia.com/gpu.memory": str(first.memory >> 20),
             "nvidia.com/mig.strategy": self.settings.mig_strategy,
             "nvidia.com/mig.capable": "true" if all(g.mig_capable for g in current.gpus) else "false",
-            "nvidia.com/gpu.sharing-strategy": "time-slicing" if self.settings.shared else "none",
+            "nvidia.com/gpu.sharing-strategy": self.settings.sharing_strategy,
         }
         if self.settings.shared:
             labels["nvidia.com/gpu.replicas"] = str(max(s.replicas for s in self.settings.shared))
