@@ -146,7 +146,7 @@ def test_a_failing_rescan_is_logged_and_the_watch_goes_on(
             raise AssertionError("not used")
 
     monkeypatch.setattr(vendor, "discover", flaky)
-    monkeypatch.setattr(watch, "open_monitor", lambda source: None)
+    monkeypatch.setattr(watch, "open_monitor", lambda source, subsystems=(): None)
     sink = Sink()
     with caplog.at_level("ERROR", logger="dpkit"):
         thread = threading.Thread(target=vendor.watch, args=(sink, stop))

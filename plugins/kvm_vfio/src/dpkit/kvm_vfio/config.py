@@ -1,7 +1,9 @@
 """The ``vendor:`` section for kvm_vfio, validated once so the rest of the package trusts it.
 
 Every error is a :class:`ConfigError` naming the key (``vendor.pci_host_devices[0].resource_name``)
-and what was expected. See docs/kubevirt.md for the meaning of each key.
+and what was expected. Two formats are accepted side by side: dpkit's own (``pci_host_devices``)
+and the KubeVirt CR's ``permittedHostDevices`` block as-is (see :mod:`dpkit.kvm_vfio.kubevirt`).
+See docs/kubevirt.md for the meaning of each key.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from typing import Any
 
 from dpkit.core.errors import ConfigError, ValidationError
 from dpkit.core.validation import check_host_path, check_resource_name
+from dpkit.kvm_vfio.kubevirt import Permitted, parse_permitted
+from dpkit.kvm_vfio.selectors import SHARED_RESOURCES, ConfigNote, MdevSelector, Selector, UsbSelector
+
+__all__ = ["SHARED_RESOURCES", "ConfigNote", "KvmVfioConfig", "MdevSelector", "Selector", "UsbSelector", "parse_config"]
 
 #: KubeVirt's virt-handler advertises this many slots of each shared node ("max VMIs per node").
 DEFAULT_SLOTS = 1000
@@ -20,35 +26,11 @@ MAX_SLOTS = 100_000
 _HEX4 = re.compile(r"^(0x)?[0-9a-fA-F]{1,4}$")
 _CLASS = re.compile(r"^(0x)?[0-9a-fA-F]{2,6}$")
 _PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-#: the shared-node resources; a selector may not reuse them
-SHARED_RESOURCES = ("devices.kubevirt.io/kvm", "devices.kubevirt.io/vhost-net", "devices.kubevirt.io/tun")
 _SELECTOR_KEYS = {"pci_vendor_selector", "resource_name", "class", "addresses"}
 _TOP_KEYS = {"sys_root", "dev_root", "kvm_slots", "vhost_net_slots", "tun_slots", "pci_host_devices",
-             "health_interval", "uevent_source", "pci_ids"}
-
-
-@dataclass(frozen=True)
-class Selector:
-    """One ``pci_host_devices`` entry: which PCI functions to pass through, under which name.
-
-    ``vendor``/``device`` are lower-case 4-digit hex; ``pci_class`` a lower-case hex prefix of
-    the 6-digit class code (``0302`` matches 3D controllers); ``addresses`` limits the match to
-    those functions. An empty ``resource_name`` means "derive it from the device's name".
-    """
-
-    vendor: str
-    device: str
-    resource_name: str = ""
-    pci_class: str = ""
-    addresses: tuple[str, ...] = ()
-
-    def matches(self, vendor: str, device: str, pci_class: str, address: str) -> bool:
-        return (
-            vendor == self.vendor
-            and device == self.device
-            and (not self.pci_class or pci_class.startswith(self.pci_class))
-            and (not self.addresses or address in self.addresses)
-        )
+             "health_interval", "uevent_source", "pci_ids", "permittedHostDevices", "usb_owner"}
+#: KubeVirt's non-root virt-launcher runs QEMU as this user; KubeVirt hands USB nodes to it
+KUBEVIRT_QEMU_UID = 107
 
 
 @dataclass(frozen=True)
@@ -62,28 +44,62 @@ class KvmVfioConfig:
     health_interval: float = 5.0
     uevent_source: str = "udev"
     pci_ids: str = ""  # empty: the first of PCI_IDS_PATHS that exists
+    mdevs: tuple[MdevSelector, ...] = ()
+    usbs: tuple[UsbSelector, ...] = ()
+    #: what ``permittedHostDevices`` says that dpkit does not serve, for ``dpkit discover``
+    notes: tuple[ConfigNote, ...] = ()
+    usb_owner: int | None = KUBEVIRT_QEMU_UID
 
 
 def parse_config(raw: Mapping[str, Any]) -> KvmVfioConfig:
     """Validate the ``vendor:`` mapping; raise :class:`ConfigError` naming the first bad key."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"vendor: expected a mapping of kvm_vfio settings, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - _TOP_KEYS)
+    unknown = sorted(set(raw) - _TOP_KEYS, key=str)
     if unknown:
         raise ConfigError(f"vendor: unknown key(s) {', '.join(map(str, unknown))} for vendor kvm_vfio "
                           f"(known: {', '.join(sorted(_TOP_KEYS))})")
     defaults = KvmVfioConfig()
+    selectors = _selectors(raw.get("pci_host_devices", []))
+    permitted = parse_permitted(raw.get("permittedHostDevices"), "vendor.permittedHostDevices")
+    _check_resource_kinds(selectors, permitted)
     return KvmVfioConfig(
         sys_root=_path(raw, "sys_root", defaults.sys_root),
         dev_root=_path(raw, "dev_root", defaults.dev_root),
         kvm_slots=_slots(raw, "kvm_slots"),
         vhost_net_slots=_slots(raw, "vhost_net_slots"),
         tun_slots=_slots(raw, "tun_slots"),
-        selectors=_selectors(raw.get("pci_host_devices", [])),
+        selectors=selectors + permitted.pci,
         health_interval=_seconds(raw, "health_interval", defaults.health_interval),
         uevent_source=_choice(raw, "uevent_source", ("udev", "kernel"), defaults.uevent_source),
         pci_ids=_path(raw, "pci_ids", "") if "pci_ids" in raw else "",
+        mdevs=permitted.mdevs,
+        usbs=permitted.usbs,
+        notes=permitted.notes,
+        usb_owner=_owner(raw),
     )
+
+
+def _owner(raw: Mapping[str, Any]) -> int | None:
+    value = raw.get("usb_owner", KUBEVIRT_QEMU_UID)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31):
+        raise ConfigError(f"vendor.usb_owner: expected a user ID (KubeVirt's QEMU runs as {KUBEVIRT_QEMU_UID}) "
+                          f"or null to leave USB nodes alone, got {value!r}")
+    return value
+
+
+def _check_resource_kinds(selectors: tuple[Selector, ...], permitted: Permitted) -> None:
+    """One resource, one kind of device: its IDs and its env variable depend on the kind."""
+    kinds: dict[str, str] = {}
+    named = [(s.resource_name, "vendor.pci_host_devices") for s in selectors if s.resource_name]
+    named += [(s.resource_name, "vendor.permittedHostDevices.pciHostDevices") for s in permitted.pci]
+    named += [(m.resource_name, "vendor.permittedHostDevices.mediatedDevices") for m in permitted.mdevs]
+    named += [(u.resource_name, "vendor.permittedHostDevices.usb") for u in permitted.usbs]
+    for resource, where in named:
+        first = kinds.setdefault(resource, where)
+        if first != where:
+            raise ConfigError(f"{where}: resource {resource!r} is also served by {first}; "
+                              "give each kind of device its own resource name")
 
 
 def _path(raw: Mapping[str, Any], key: str, default: str) -> str:

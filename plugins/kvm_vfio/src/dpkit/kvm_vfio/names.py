@@ -14,6 +14,8 @@ import re
 
 PCI_IDS_PATHS = ("/usr/share/misc/pci.ids", "/usr/share/hwdata/pci.ids", "/usr/share/pci.ids")
 PCI_RESOURCE_PREFIX = "PCI_RESOURCE_"
+MDEV_RESOURCE_PREFIX = "MDEV_PCI_RESOURCE_"
+USB_RESOURCE_PREFIX = "USB_RESOURCE_"
 DEFAULT_DOMAIN = "devices.kubevirt.io"
 VENDOR_DOMAINS = {
     "10de": "nvidia.com",
@@ -29,7 +31,12 @@ VENDOR_DOMAINS = {
 def pci_resource_env(resource: str) -> str:
     """``PCI_RESOURCE_<NAME>``: upper-cased, ``/`` and ``.`` as ``_``, exactly KubeVirt's
     ``ResourceNameToEnvVar``: virt-launcher looks the variable up by that name, so ``-`` stays."""
-    return PCI_RESOURCE_PREFIX + resource.upper().replace("/", "_").replace(".", "_")
+    return resource_env(PCI_RESOURCE_PREFIX, resource)
+
+
+def resource_env(prefix: str, resource: str) -> str:
+    """``<prefix><NAME>`` as KubeVirt forms it for PCI, mdev (``MDEV_PCI_RESOURCE_``) and USB (``USB_RESOURCE_``)."""
+    return prefix + resource.upper().replace("/", "_").replace(".", "_")
 
 
 def default_resource_name(vendor: str, device: str, pci_ids: str = "") -> str:

@@ -35,6 +35,31 @@ class PciFunction:
     vfio_cdev: str = ""  # "vfioN" when the kernel offers the iommufd device node
 
 
+def read_attr(path: Path) -> str:
+    """A sysfs attribute, stripped (at most 256 bytes: attributes are short, garbage is not)."""
+    return _read(path)
+
+
+def link_name(path: Path) -> str:
+    """The last component of a symlink's target, or "" when there is no link."""
+    return _link_name(path)
+
+
+def listdir(path: Path) -> list[str]:
+    """The names in a directory, or none when it cannot be read."""
+    return _listdir(path)
+
+
+def numa_node(sys_root: str, address: str) -> int | None:
+    """A PCI function's NUMA node as sysfs writes it (None: unknown, -1, or not a number)."""
+    try:
+        raw = _read(Path(sys_root, "bus/pci/devices", address, "numa_node"))
+    except OSError:
+        return None
+    numa = int(raw) if re.fullmatch(r"-?[0-9]{1,4}", raw) else None
+    return numa if numa is not None and numa >= 0 else None
+
+
 def _read(path: Path) -> str:
     with open(path, encoding="ascii", errors="replace") as handle:
         return handle.read(256).strip()
@@ -63,12 +88,7 @@ def read_function(sys_root: str, address: str) -> PciFunction:
         if not pattern.match(value):
             raise ValueError(f"{name} is {value[:40]!r}, not a hex ID")
     group = _link_name(base / "iommu_group")
-    numa: int | None = None
-    try:
-        raw_numa = _read(base / "numa_node")
-        numa = int(raw_numa) if re.fullmatch(r"-?[0-9]{1,4}", raw_numa) else None
-    except OSError:
-        pass
+    numa = numa_node(sys_root, address)
     cdevs = sorted(n for n in _listdir(base / "vfio-dev") if _VFIO_CDEV.match(n))
     return PciFunction(
         address=address,
@@ -77,7 +97,7 @@ def read_function(sys_root: str, address: str) -> PciFunction:
         pci_class=pci_class[2:],
         driver=driver_of(sys_root, address),
         iommu_group=group if _GROUP.match(group) else "",
-        numa_node=numa if numa is not None and numa >= 0 else None,
+        numa_node=numa,
         vfio_cdev=cdevs[0] if cdevs else "",
     )
 
@@ -97,6 +117,11 @@ def read_functions(sys_root: str) -> tuple[list[PciFunction], list[str]]:
         except (OSError, ValueError) as exc:
             problems.append(f"ignoring PCI function {name}: {exc}")
     return functions, problems
+
+
+def is_group(name: str) -> bool:
+    """Whether ``name`` is an IOMMU group number (what sysfs links to, never trusted blindly)."""
+    return bool(_GROUP.match(name))
 
 
 def iommu_groups(sys_root: str) -> list[str]:

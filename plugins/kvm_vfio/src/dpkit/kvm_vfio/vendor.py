@@ -1,7 +1,10 @@
 """The kvm_vfio vendor: what KubeVirt's virt-handler device plugins offer, on the dpkit core.
 
-Resources: ``devices.kubevirt.io/kvm``, ``/vhost-net`` and ``/tun`` as shared slots, and one
-resource per ``pci_host_devices`` selector for VFIO passthrough (env ``PCI_RESOURCE_<NAME>``).
+Resources: ``devices.kubevirt.io/kvm``, ``/vhost-net`` and ``/tun`` as shared slots, one resource
+per ``pci_host_devices`` selector for VFIO passthrough (env ``PCI_RESOURCE_<NAME>``), and the
+entries of KubeVirt's ``permittedHostDevices`` block that hand their resource to an external
+provider: PCI functions, mediated devices (``MDEV_PCI_RESOURCE_<NAME>``) and USB devices
+(``USB_RESOURCE_<NAME>``).
 Discovery is a full rescan of sysfs and /dev (cheap); :meth:`watch` reruns it on every uevent
 burst and on a timer. See docs/kubevirt.md.
 """
@@ -16,6 +19,7 @@ from typing import Any
 from dpkit.core.device import Device, Snapshot
 from dpkit.core.logs import get_logger, kv
 from dpkit.core.vendor import Check, EventSink, Finding, Vendor
+from dpkit.kvm_vfio import mdev, usb
 from dpkit.kvm_vfio import watch as uevents
 from dpkit.kvm_vfio.allocation import prefer_groups
 from dpkit.kvm_vfio.config import parse_config
@@ -52,6 +56,15 @@ class KvmVfioVendor(Vendor):
                 vfio_snapshot, vfio_findings = self._vfio()
                 snapshot.update(vfio_snapshot)
                 findings += vfio_findings
+            if self.settings.mdevs:
+                mdevs, mdev_findings = mdev.scan(self.settings.mdevs, self.settings.sys_root, self.settings.dev_root)
+                snapshot.update({r: tuple(d) for r, d in mdevs.items()})
+                findings += mdev_findings
+            if self.settings.usbs:
+                usbs, usb_findings = usb.scan(self.settings.usbs, self.settings.sys_root, self.settings.dev_root)
+                snapshot.update({r: tuple(d) for r, d in usbs.items()})
+                findings += usb_findings
+            findings += [Finding(n.where, False, n.reason, n.resource, n.hint) for n in self.settings.notes]
             self._log_unhealthy(snapshot)
             return snapshot, findings
 
@@ -123,15 +136,36 @@ class KvmVfioVendor(Vendor):
 
         try:
             uevents.run(rescan, stop, self.settings.health_interval, self.settings.uevent_source,
-                        self.listening)
+                        self.listening, self._subsystems())
         finally:
             self.listening.clear()
+
+    def _subsystems(self) -> tuple[str, ...]:
+        """The uevent subsystems worth a rescan (USB only when USB devices are served: keyboards are chatty)."""
+        return uevents.SUBSYSTEMS + (("usb",) if self.settings.usbs else ())
+
+    def pre_start(self, resource: str, devices: Sequence[Device]) -> None:
+        """Give allocated USB nodes to QEMU's user, as KubeVirt's USB plugin does on Allocate.
+
+        KubeVirt's virt-launcher runs QEMU as an unprivileged user (``usb_owner``, 107) that must
+        open ``/dev/bus/usb/BBB/DDD``; other resources need nothing. Links are never followed.
+        """
+        owner = self.settings.usb_owner
+        if owner is None or resource not in self._usb_resources:
+            return
+        for device in devices:
+            for node in device.spec.devices:
+                os.chown(node.host_path, owner, owner, follow_symlinks=False)
+
+    @property
+    def _usb_resources(self) -> set[str]:
+        return {u.resource_name for u in self.settings.usbs}
 
     def preferred_allocation(
         self, resource: str, available: Sequence[Device], must_include: Sequence[Device], size: int
     ) -> Sequence[str] | None:
-        if resource in _SHARED:
-            return None  # identical slots: any choice is as good
+        if resource in _SHARED or resource in self._usb_resources:
+            return None  # identical slots, or USB devices without topology: the core's packing will do
         return prefer_groups(available, must_include, size)
 
     def explain(self) -> Iterable[Finding]:

@@ -1,7 +1,9 @@
 """PCI passthrough through VFIO: selected functions, their IOMMU groups, health and container spec.
 
 Each selected PCI function is one device (ID = its PCI address), carrying its IOMMU group and
-NUMA node. A function is Healthy only when it is bound to ``vfio-pci``, its group is viable
+NUMA node. Functions picked by a ``permittedHostDevices`` entry are reported as KubeVirt's own
+plugin reports them: one device per IOMMU group, ID = the group number, so a kubelet checkpoint
+written under KubeVirt stays valid. A function is Healthy only when it is bound to ``vfio-pci``, its group is viable
 (every other member bound to a VFIO driver, to one that leaves DMA alone -- ``pci-stub``,
 ``pcieport`` -- or to none, as the kernel requires), the group node exists and the group serves a
 single resource. Everything else is listed Unhealthy with the reason, so ``status`` and
@@ -14,7 +16,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from dpkit.core.device import ContainerSpec, Device, DeviceNode, Health
+from dpkit.core.device import ContainerSpec, Device, DeviceNode, Health, merge_specs
 from dpkit.core.errors import ValidationError
 from dpkit.core.validation import check_resource_name
 from dpkit.core.vendor import Finding
@@ -44,6 +46,7 @@ class VfioScan:
 class _Candidate:
     function: PciFunction
     resource: str
+    kubevirt: bool = False
 
 
 def scan(
@@ -58,13 +61,41 @@ def scan(
     for c in candidates:
         if c.function.iommu_group:
             group_resources.setdefault(c.function.iommu_group, set()).add(c.resource)
+    by_group: dict[tuple[str, str], list[Device]] = {}
     for c in candidates:
         device = _device(c, sys_root, dev_root, group_resources, pci_ids)
-        result.resources[c.resource].append(device)
         if not device.healthy:
             result.findings.append(Finding(c.function.address, False, f"listed Unhealthy: {device.reason}",
                                           c.resource, _hint(device.reason, c.function.address)))
+        if not c.kubevirt:
+            result.resources[c.resource].append(device)
+        elif c.function.iommu_group:
+            by_group.setdefault((c.resource, c.function.iommu_group), []).append(device)
+        else:
+            result.findings.append(Finding(c.function.address, False, "not advertised: no IOMMU group, and "
+                                           "KubeVirt's device IDs are IOMMU groups", c.resource, IOMMU_HINT))
+    for (resource, group), members in sorted(by_group.items(), key=lambda item: (item[0][0], int(item[0][1]))):
+        result.resources[resource].append(group_device(group, members))
+    for group, resources in group_resources.items():
+        if len(resources) > 1 and group in {g for _, g in by_group}:
+            result.findings.append(Finding(f"IOMMU group {group}", True, f"shared by {', '.join(sorted(resources))}: "
+                                           "a VM must request them together (the group opens once)"))
     return result
+
+
+def group_device(group: str, members: Sequence[Device], key: str = "pci_address") -> Device:
+    """One device for an IOMMU group, as KubeVirt reports it: ID = group, env = its members' IDs.
+
+    ``members`` are the group's devices with their own IDs (PCI addresses, mdev UUIDs), listed
+    under the ``key`` attribute.
+    """
+    sick = [d for d in members if not d.healthy]
+    reason = sick[0].reason if len(members) == 1 or not sick else f"{sick[0].id}: {sick[0].reason}"
+    attributes = dict(members[0].attributes)
+    attributes[key] = ",".join(d.id for d in members)
+    return Device(group, Health.UNHEALTHY if sick else Health.HEALTHY,
+                  tuple(sorted({n for d in members for n in d.numa_nodes})),
+                  merge_specs(d.spec for d in members), reason, attributes)
 
 
 def _resource_names(selectors: Sequence[Selector], pci_ids: str, result: VfioScan) -> dict[int, str]:
@@ -93,7 +124,7 @@ def _select(
         for index, selector in enumerate(selectors):
             if selector.matches(function.vendor, function.device, function.pci_class, function.address):
                 if index in names:
-                    chosen.append(_Candidate(function, names[index]))
+                    chosen.append(_Candidate(function, names[index], selector.kubevirt))
                 matched.add(index)
                 break
     for index, selector in enumerate(selectors):
@@ -115,7 +146,8 @@ def _device(c: _Candidate, sys_root: str, dev_root: str, group_resources: dict[s
     if name:
         attributes["name"] = name
     numa = () if f.numa_node is None else (f.numa_node,)
-    problem = _problem(f, sys_root, dev_root, group_resources)
+    # KubeVirt serves a group split between resources (GPU and its audio function): so do its entries
+    problem = _problem(f, sys_root, dev_root, {} if c.kubevirt else group_resources)
     try:
         spec = container_spec(f, c.resource, dev_root) if f.iommu_group else ContainerSpec()
         return Device(f.address, Health.UNHEALTHY if problem else Health.HEALTHY, numa, spec, problem, attributes)

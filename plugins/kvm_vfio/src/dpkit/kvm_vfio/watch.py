@@ -1,7 +1,8 @@
 """Uevent-driven rescans: a pyudev monitor wakes the watch loop the moment a device changes.
 
 Hotplug, removal and driver re-binds arrive as ``add``/``remove``/``bind``/``unbind`` uevents on
-the ``pci``, ``vfio`` and ``misc`` subsystems; every burst triggers one full rescan. A timer
+the ``pci``, ``vfio``, ``misc`` and ``mdev`` subsystems (and ``usb`` when USB devices are served);
+every burst triggers one full rescan. A timer
 rescans too, for what sends no uevent (a node's permissions changing). When no monitor can be
 opened (no netlink access), the timer alone keeps the view fresh, and that is logged.
 """
@@ -18,17 +19,17 @@ from dpkit.core.logs import get_logger, kv
 
 log = get_logger("kvm_vfio.watch")
 
-SUBSYSTEMS = ("pci", "vfio", "vfio-dev", "misc")
+SUBSYSTEMS = ("pci", "vfio", "vfio-dev", "misc", "mdev")
 STOP_CHECK = 0.25  # seconds: how quickly a stop request is noticed
 
 
-def open_monitor(source: str) -> Any | None:
-    """A started pyudev monitor for our subsystems, or None (logged) when netlink is unavailable."""
+def open_monitor(source: str, subsystems: tuple[str, ...] = SUBSYSTEMS) -> Any | None:
+    """A started pyudev monitor for ``subsystems``, or None (logged) when netlink is unavailable."""
     try:
         import pyudev
 
         monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source=source)
-        for subsystem in SUBSYSTEMS:
+        for subsystem in subsystems:
             monitor.filter_by(subsystem)
         monitor.start()
         return monitor
@@ -48,13 +49,13 @@ def drain(monitor: Any) -> list[str]:
 
 
 def run(rescan: Callable[[str], None], stop: threading.Event, interval: float, source: str,
-        listening: threading.Event | None = None) -> None:
+        listening: threading.Event | None = None, subsystems: tuple[str, ...] = SUBSYSTEMS) -> None:
     """Call ``rescan(why)`` after each burst of uevents and every ``interval`` s, until ``stop``.
 
     One rescan runs as soon as the monitor listens, catching changes made before it did;
     ``listening`` is set after it (also when only the timer could be had).
     """
-    monitor = open_monitor(source)
+    monitor = open_monitor(source, subsystems)
     rescan("start")
     if listening is not None:
         listening.set()
