@@ -569,3 +569,35 @@ int nvmlEventSetFree(eventset_t *set) {
     free(set);
     return OK;
 }
+
+/* ---- compute mode (MPS) ---------------------------------------------------------------------- */
+/* Kept in memory per GPU; every change is also appended to "$FAKENVML_CONFIG.compute" as
+   "<uuid> <mode>" so a test can see what another process (the MPS daemon) set. */
+static unsigned compute_modes[MAX_GPUS];
+
+int nvmlDeviceSetComputeMode(handle_t *h, unsigned mode) {
+    enter("nvmlDeviceSetComputeMode", gpu_of(h));
+    int rc = check(h);
+    if (rc) return leave(rc);
+    if (h->mig >= 0 || mode > 3) return leave(INVALID_ARGUMENT);
+    compute_modes[h->gpu] = mode;
+    const char *cfg = getenv("FAKENVML_CONFIG");
+    if (cfg) {
+        char path[4096];
+        snprintf(path, sizeof(path), "%s.compute", cfg);
+        FILE *f = fopen(path, "a");
+        if (f) {
+            fprintf(f, "%s %u\n", st.gpus[h->gpu].uuid, mode);
+            fclose(f);
+        }
+    }
+    return leave(OK);
+}
+
+int nvmlDeviceGetComputeMode(handle_t *h, unsigned *mode) {
+    enter("nvmlDeviceGetComputeMode", gpu_of(h));
+    int rc = check(h);
+    if (rc) return leave(rc);
+    *mode = compute_modes[h->gpu];
+    return leave(OK);
+}

@@ -94,21 +94,23 @@ def write_health(root: str, resource: str, healthy: bool, reason: str = "") -> N
 def daemon_problem(root: str, resource: str, now: float | None = None) -> str:
     """Why the daemon of ``resource`` cannot serve clients now ("" when it can)."""
     base = resource_dir(root, resource)
-    if not (base / READY).exists():
-        return f"MPS control daemon for {resource} is not ready ({base / READY} absent; is the " \
-               "mps-control-daemon container running?)"
     try:
         report = json.loads((base / HEALTH).read_text())
         healthy, reason, checked = bool(report["healthy"]), str(report["reason"]), float(report["checked"])
     except FileNotFoundError:
-        return f"MPS control daemon for {resource} has not reported its health yet"
+        healthy, reason, checked = True, "", -1.0
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"MPS control daemon for {resource}: unreadable {base / HEALTH}: {exc}"
+    if not healthy:
+        return f"MPS control daemon for {resource} unhealthy: {reason[:300]}"
+    if not (base / READY).exists():
+        return (f"MPS control daemon for {resource} is not ready ({base / READY} absent; is the "
+                "mps-control-daemon container running?)")
+    if checked < 0:
+        return f"MPS control daemon for {resource} has not reported its health yet"
     age = (time.time() if now is None else now) - checked
     if age > STALE_AFTER:
         return f"MPS control daemon for {resource} silent for {age:.0f} s (last health check too old)"
-    if not healthy:
-        return f"MPS control daemon for {resource} unhealthy: {reason[:200]}"
     return ""
 
 
