@@ -50,7 +50,7 @@ def test_allocate_gives_the_container_its_own_restricted_z90crypt(
         "/dev/z90crypt", str(tmp_path / "dev" / "zcrypt-apqn-1-5-0"), "rw")
     assert dict(response.envs) == {"CEX_APQNS": "01.0005,02.0005", "CEX_MODE": "cca", "CEX_CONFIGSET": "cca-blue"}
     assert [m.container_path for m in response.mounts] == [
-        "/sys/bus/ap", "/sys/devices/ap", "/sys/devices/ap/card01/01.0005", "/sys/devices/ap/card02/02.0005"]
+        "/sys/bus/ap", "/sys/devices/ap", "/sys/bus/ap/devices/01.0005", "/sys/bus/ap/devices/02.0005"]
     assert all(m.read_only for m in response.mounts)
     node = kernel.node("zcrypt-apqn-1-5-0")
     assert (node / "apmask").read_text() == mask({1, 2}) + "\n" and (node / "aqmask").read_text() == mask({5}) + "\n"

@@ -36,9 +36,28 @@ def test_the_shadow_shows_only_the_allocated_apqns(tree: ApTree, tmp_path: Path)
     assert shadow.keys(tmp_path / "shadow") == ["apqn-1-5-0"]
 
 
-def test_live_sysfs_mounts_the_real_queue_directories(tree: ApTree, tmp_path: Path) -> None:
+def test_live_sysfs_mounts_the_real_queue_directories_where_ibm_does(tree: ApTree, tmp_path: Path) -> None:
     built = shadow.build(tmp_path / "shadow", "apqn-1-5-0", scan(tree.root), [(1, 5)], live=True)
-    assert built.live == ((str(tree.devices / "card01" / "01.0005"), "/sys/devices/ap/card01/01.0005"),)
+    # IBM's shadowsysfs.go addLiveMounts: host <APSYSFS_DEVSDIR>/cardAA/AA.DDDD, container /sys/bus/ap/devices/AA.DDDD
+    assert built.live == ((str(tree.devices / "card01" / "01.0005"), "/sys/bus/ap/devices/01.0005"),)
+    # the target is the shadow bus link, which the runtime follows to the shadow queue directory
+    target = built.bus_dir / "devices" / "01.0005"
+    assert target.is_symlink() and target.resolve() == (built.devices_dir / "card01" / "01.0005").resolve()
+    # and, as in IBM's live view, the card's state and counters are its queue's
+    card = built.devices_dir / "card01"
+    for name in ("online", "pendingq_count", "request_count", "requestq_count"):
+        assert os.readlink(card / name) == f"01.0005/{name}"
+    assert (card / "load").read_text() == "0\n"
+    static = shadow.build(tmp_path / "shadow", "apqn-1-5-0", scan(tree.root), [(1, 5)], live=False)
+    assert static.live == () and not (static.devices_dir / "card01" / "online").is_symlink()
+
+
+def test_ibm_devices_dir_sets_the_live_host_path(tree: ApTree, tmp_path: Path) -> None:
+    tree_layout = shadow.layout(tmp_path / "shadow", "apqn-2-5-0", [(2, 5)], live=True, bus_dir=tree.bus,
+                                devices_dir="/srv/ap")
+    assert tree_layout.live == (("/srv/ap/card02/02.0005", "/sys/bus/ap/devices/02.0005"),)
+    default = shadow.layout(tmp_path / "shadow", "apqn-2-5-0", [(2, 5)], live=True, bus_dir=tree.bus)
+    assert default.live == ((str(tree.devices / "card02" / "02.0005"), "/sys/bus/ap/devices/02.0005"),)
 
 
 def test_rebuild_replaces_and_remove_deletes(tree: ApTree, tmp_path: Path) -> None:

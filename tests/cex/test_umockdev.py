@@ -25,7 +25,7 @@ def test_discovery_uevents_and_allocation_over_a_umockdev_ap_bus(tmp_path: Path)
     node = result["node"]
     assert node["container"] == "/dev/z90crypt" and node["host"] == str(tmp_path / "dev" / "zcrypt-apqn-3-5-0")
     assert node["apmask"] == "0x10" + "0" * 62 and node["aqmask"] == "0x04" + "0" * 62
-    assert node["mounts"][2] == ["/sys/devices/card03/03.0005", "/sys/devices/ap/card03/03.0005"]
+    assert node["mounts"][2] == ["/sys/devices/card03/03.0005", "/sys/bus/ap/devices/03.0005"]
     # the poll interval is 60 s: only the uevents can explain changes seen within seconds
     assert result["first"] is not None
     for key in ("offline_after", "online_after", "hotplug_after"):

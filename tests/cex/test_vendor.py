@@ -164,8 +164,8 @@ def test_container_spec_describes_an_isolated_node_that_pre_start_makes(
     assert [(m.host_path, m.container_path, m.read_only) for m in spec.mounts] == [
         (str(shadow_root / "bus" / "ap"), "/sys/bus/ap", True),
         (str(shadow_root / "devices" / "ap"), "/sys/devices/ap", True),
-        (str(tree.devices / "card01" / "01.0005"), "/sys/devices/ap/card01/01.0005", True),
-        (str(tree.devices / "card02" / "02.0005"), "/sys/devices/ap/card02/02.0005", True),
+        (str(tree.devices / "card01" / "01.0005"), "/sys/bus/ap/devices/01.0005", True),
+        (str(tree.devices / "card02" / "02.0005"), "/sys/bus/ap/devices/02.0005", True),
     ]
     assert kernel.created == [] and not shadow_root.exists()          # a description only
     vendor.pre_start(CCA, devices)
@@ -195,7 +195,7 @@ def test_a_reused_key_gets_a_node_and_tree_for_its_new_apqns(
     assert sorted(os.listdir(cards)) == ["card01", "card02"]            # and the tree rebuilt
     assert all(Path(m.host_path).is_dir() for m in spec.mounts)
     assert all((tmp_path / "shadow" / "sysfs-apqn-1-5-0" / m.container_path.removeprefix("/sys/")).is_dir()
-               for m in spec.mounts if m.container_path.startswith("/sys/devices/ap/"))  # live mount targets
+               for m in spec.mounts if m.container_path.startswith("/sys/bus/ap/devices/"))  # live mount targets
     # and back to a single APQN of another domain: nothing of the last container shows
     vendor.pre_start(CCA, _devices(vendor, CCA, "apqn-1-5-0"))
     assert sorted(os.listdir(cards)) == ["card01"] and (node / "apmask").read_text() == mask({1}) + "\n"

@@ -124,6 +124,7 @@ class ApBus:
     queues: dict[tuple[int, int], Queue]
     usage_domains: frozenset[int] | None
     notes: tuple[str, ...]
+    bus_dir: Path = Path("/sys/bus/ap")
 
     def request_count(self, queue: Queue) -> int | None:
         """The queue's ``request_count`` (requests processed), None when unreadable."""
@@ -167,10 +168,10 @@ def _adapter(number: int, path: Path) -> Adapter:
     return Adapter(number, path, type_text[:16], gen, mode, _state_problems(path, what))
 
 
-def scan(root: str | Path) -> ApBus:
-    """Scan ``<root>/bus/ap``; never raises for what sysfs holds."""
+def scan(root: str | Path, bus_dir: str | Path | None = None) -> ApBus:
+    """Scan ``bus_dir`` (default ``<root>/bus/ap``; IBM's ``APSYSFS_BUSDIR``); never raises for what sysfs holds."""
     root = Path(root)
-    bus = root / "bus" / "ap"
+    bus = Path(bus_dir) if bus_dir is not None else root / "bus" / "ap"
     notes: list[str] = []
     try:
         names = sorted(os.listdir(bus / "devices"))
@@ -178,7 +179,7 @@ def scan(root: str | Path) -> ApBus:
         present = bus.is_dir()
         if present:
             notes.append(f"cannot list {bus / 'devices'}: {exc.strerror or exc}")
-        return ApBus(root, present, {}, {}, None, tuple(notes))
+        return ApBus(root, present, {}, {}, None, tuple(notes), bus)
     adapters: dict[int, Adapter] = {}
     queue_names: list[tuple[int, int, str]] = []
     for name in names:
@@ -207,4 +208,4 @@ def scan(root: str | Path) -> ApBus:
                      + (f" ({mask_text[:70]!r})" if mask_text else "") + "; not filtering by usage domain")
     if notes:
         log.debug("AP bus scan notes", extra=kv(notes="; ".join(notes)))
-    return ApBus(root, True, adapters, queues, usage, tuple(notes))
+    return ApBus(root, True, adapters, queues, usage, tuple(notes), bus)

@@ -12,6 +12,12 @@ may appear once in the whole file unless every occurrence is pinned to a differe
 Keys match as Go's ``encoding/json`` matches them for IBM's plugin: exactly, else ignoring case
 (``SetName``, ``Adapter``); of two keys for one field the later wins. Unknown keys are ignored
 (IBM's parser ignores them too) but reported, to catch typos.
+
+The file is untrusted input that may change under a running plugin: its size, nesting and
+numbers are bounded, and every way it can be wrong (not JSON, nested too deep, a number beyond
+Go's int, a bad value) is a :class:`ConfigError`, so a running plugin rejects the change and
+keeps the last good version. Every check is linear in the file's size (a file may pin one APQN
+to tens of thousands of machines).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from dpkit.core.errors import ConfigError, ValidationError
 from dpkit.core.validation import check_resource_name
 
 RESOURCE_DOMAIN = "cex.s390.ibm.com"
+MAX_FILE_BYTES = 4 * 1024 * 1024  # a ConfigMap holds at most 1 MiB; room for a hand-made file, not for abuse
+DOCS = "docs/cex.md, section 'Crypto config sets (cex_resources.json)'"
 MODES = ("cca", "ep11", "accel")
 MAX_SET_OVERCOMMIT = 1000  # IBM's plugin has no cap; this one keeps a typo from flooding the kubelet
 _GEN = re.compile(r"^cex([1-9][0-9]?)$")
@@ -180,26 +188,69 @@ def _parse_set(where: str, raw: Any, overcommit: int, livesysfs: bool, ignored: 
     )
 
 
+@dataclass
+class _Uses:
+    """Where one APQN was used so far: by machine id, and the set of an unpinned use (if any)."""
+
+    first: str
+    unpinned: str | None
+    machines: dict[str, str]
+
+
 def _check_overlaps(sets: tuple[ConfigSet, ...], source: str) -> None:
-    """An APQN twice in the file is an error unless each use is pinned to a different machine."""
-    seen: dict[tuple[int, int], list[tuple[str, str]]] = {}
+    """An APQN twice in the file is an error unless each use is pinned to a different machine.
+
+    IBM's rule (two uses clash when their machine ids are equal or either is empty), checked in
+    one pass with O(1) work per entry instead of comparing every pair.
+    """
+    seen: dict[tuple[int, int], _Uses] = {}
     for s in sets:
         for a in s.apqns:
-            for other_set, other_machine in seen.get((a.adapter, a.domain), []):
-                if not a.machineid or not other_machine or a.machineid == other_machine:
-                    where = "twice in set" if other_set == s.setname else f"in sets {other_set!r} and"
-                    raise ConfigError(
-                        f"{source}: APQN ({a.adapter},{a.domain}) appears {where} {s.setname!r}; "
-                        "sets must not overlap (pin each use to a different machineid, or remove one)")
-            seen.setdefault((a.adapter, a.domain), []).append((s.setname, a.machineid))
+            key = (a.adapter, a.domain)
+            uses = seen.get(key)
+            if uses is None:
+                seen[key] = _Uses(s.setname, None if a.machineid else s.setname,
+                                  {a.machineid: s.setname} if a.machineid else {})
+                continue
+            other = uses.unpinned or (uses.first if not a.machineid else uses.machines.get(a.machineid))
+            if other is not None:
+                where = "twice in set" if other == s.setname else f"in sets {other!r} and"
+                raise ConfigError(
+                    f"{source}: APQN ({a.adapter},{a.domain}) appears {where} {s.setname!r}; "
+                    "sets must not overlap (pin each use to a different machineid, or remove one)")
+            uses.machines[a.machineid] = s.setname
+
+
+def _go_int(source: str) -> Any:
+    """``parse_int`` for :func:`json.loads`: what fits Go's int (IBM's fields are ints), else an error.
+
+    Bounding the digits first also keeps a 5,000-digit number from reaching ``int()``.
+    """
+    def parse(text: str) -> int:
+        digits = text.lstrip("-")
+        value = int(text) if len(digits) <= 19 else None
+        if value is None or not -2**63 <= value < 2**63:
+            shown = text if len(text) <= 24 else f"{text[:20]}... ({len(digits)} digits)"
+            raise ConfigError(f"{source}: number {shown} is out of range (IBM's plugin reads integers "
+                              "into Go's 64-bit int)")
+        return value
+
+    return parse
 
 
 def parse_crypto_config(text: str, source: str, *, overcommit: int = 1, livesysfs: bool = True) -> CryptoConfig:
     """Verify a ``cex_resources.json`` text; ``overcommit``/``livesysfs`` fill absent set fields."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(f"{source}: {len(text)} characters; at most {MAX_FILE_BYTES} are read "
+                          "(a ConfigMap holds 1 MiB)")
     try:
-        raw = json.loads(text) if text.strip() else {}
+        raw = json.loads(text, parse_int=_go_int(source)) if text.strip() else {}
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{source}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: JSON nested too deeply (a crypto config set file is 4 levels deep)") from None
+    except ValueError as exc:  # anything else json or int() refuses
+        raise ConfigError(f"{source}: not valid JSON: {str(exc)[:200]}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -210,29 +261,45 @@ def parse_crypto_config(text: str, source: str, *, overcommit: int = 1, livesysf
         raise ConfigError(f"{source}: cryptoconfigsets: expected a list, got {type(sets_raw).__name__}")
     sets = tuple(_parse_set(f"{source}: cryptoconfigsets[{i}]", s, overcommit, livesysfs, ignored)
                  for i, s in enumerate(sets_raw))
-    names = [s.setname for s in sets]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate is not None:
-        raise ConfigError(f"{source}: setname {duplicate!r} is used by more than one set")
+    names: set[str] = set()
+    for config_set in sets:
+        if config_set.setname in names:
+            raise ConfigError(f"{source}: setname {config_set.setname!r} is used by more than one set")
+        names.add(config_set.setname)
     _check_overlaps(sets, source)
     digest = hashlib.sha256(text.encode()).hexdigest()
     return CryptoConfig(sets, digest, source, tuple(ignored))
 
 
+def unreadable(path: str | Path, reason: str) -> str:
+    """Why ``path`` could not be read, what the file is and how to get one (for discover and doctor)."""
+    return (f"cannot read {path} ({reason}): this is cex_resources.json, the crypto config sets of "
+            f"IBM's cex-resources-config ConfigMap, which the plugin pod mounts as a whole volume "
+            f"(not subPath) at {Path(path).parent}; point vendor.config_file (or CCS_JSON_FILE) "
+            f"elsewhere if it lives elsewhere. Format and an example: {DOCS}")
+
+
+def _read_bounded(path: str | Path) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    return data
+
+
 def read_crypto_config(path: str | Path, *, overcommit: int = 1, livesysfs: bool = True) -> CryptoConfig:
-    """Read and verify the file; a missing or unreadable file names ``vendor.config_file``."""
+    """Read and verify the file; a missing or unreadable one says what the file is and where it is expected."""
     try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError(f"vendor.config_file: cannot read {path}: {reason}") from None
+        text = _read_bounded(path).decode()
+    except OSError as exc:
+        raise ConfigError(f"vendor.config_file: {unreadable(path, exc.strerror or str(exc))}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     return parse_crypto_config(text, str(path), overcommit=overcommit, livesysfs=livesysfs)
 
 
 def file_digest(path: str | Path) -> str | None:
     """The digest :func:`parse_crypto_config` would record, or None when unreadable."""
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return hashlib.sha256(_read_bounded(path)).hexdigest()
     except OSError:
         return None
 

@@ -4,7 +4,9 @@ Tools in the container (``lszcrypt``, ``ivp.e``, openCryptoki) explore ``/sys/bu
 ``/sys/devices/ap``; mounted over those, the shadow tree shows just the allocated adapters,
 domains and queues, with masks to match. It is a static copy taken at allocation, counters at
 0, as in IBM's plugin. With *live sysfs* each allocated queue's real directory is mounted over
-its shadow copy as well, so ``online``, counters and ``mkvps`` stay current.
+its shadow copy as well, so ``online``, counters and ``mkvps`` stay current. As in IBM's plugin the
+mount target is the queue's bus link, ``/sys/bus/ap/devices/AA.DDDD`` (the runtime follows it to
+the shadow queue directory), and the card's ``online`` and counters link to the queue's files.
 
 The tree is built in a scratch directory and renamed into place, so a half-made tree is
 never mounted. Its root (never mounted) holds a marker naming the APQNs it shows: a key is a
@@ -34,6 +36,8 @@ _CARD_FILES = ("ap_functions", "depth", "hwtype", "raw_hwtype", "type", "API_ord
                "op_modes", "serialnr", "online", "config", "chkstop")
 _QUEUE_FILES = ("interrupt", "reset", "mkvps", "op_modes", "online", "config", "chkstop")
 _COUNTERS = ("load", "pendingq_count", "request_count", "requestq_count")
+_LIVE_CARD_LINKS = ("online", "pendingq_count", "request_count", "requestq_count")  # -> the queue's files
+CONTAINER_BUS_DEVICES = "/sys/bus/ap/devices"  # where IBM's plugin mounts a live queue
 
 
 class ShadowError(DpkitError):
@@ -66,13 +70,13 @@ def _copy(src_dir: Path, dst_dir: Path, names: Sequence[str]) -> None:
             _file(dst_dir / name, value + "\n")
 
 
-def _populate(top: Path, bus: ApBus, apqns: Sequence[tuple[int, int]]) -> None:
+def _populate(top: Path, bus: ApBus, apqns: Sequence[tuple[int, int]], live: bool) -> None:
     adapters = sorted({a for a, _ in apqns})
     domains = sorted({d for _, d in apqns})
     bus_dir, devices_dir = top / "bus" / "ap", top / "devices" / "ap"
     for d in (bus_dir / "devices", bus_dir / "drivers" / "cex4card", bus_dir / "drivers" / "cex4queue", devices_dir):
         d.mkdir(parents=True, mode=0o755)
-    _copy(bus.root / "bus" / "ap", bus_dir, _BUS_FILES)
+    _copy(bus.bus_dir, bus_dir, _BUS_FILES)
     _file(bus_dir / "ap_adapter_mask", format_mask(set(adapters)) + "\n")
     _file(bus_dir / "ap_usage_domain_mask", format_mask(set(domains)) + "\n")
     _file(bus_dir / "ap_control_domain_mask", format_mask(set()) + "\n")
@@ -86,6 +90,11 @@ def _populate(top: Path, bus: ApBus, apqns: Sequence[tuple[int, int]]) -> None:
         _copy(bus.adapters[number].path, card_dir, _CARD_FILES)
         for counter in _COUNTERS:
             _file(card_dir / counter, "0\n")
+        if live:  # IBM's live view: the card shows its (first) queue's state and counters
+            first_queue = apqn_name(number, min(d for a, d in apqns if a == number))
+            for name in _LIVE_CARD_LINKS:
+                (card_dir / name).unlink(missing_ok=True)
+                _link(card_dir / name, f"{first_queue}/{name}")
         _link(card_dir / "driver", "../../../bus/ap/drivers/cex4card")
         _link(card_dir / "subsystem", "../../../bus/ap")
         _link(bus_dir / "devices" / card, f"../../../devices/ap/{card}")
@@ -103,16 +112,26 @@ def _populate(top: Path, bus: ApBus, apqns: Sequence[tuple[int, int]]) -> None:
         _link(bus_dir / "drivers" / "cex4queue" / name, f"../../../../devices/ap/{card}/{name}")
 
 
-def layout(base: str | Path, key: str, queues: Sequence[tuple[int, int, Path]], *, live: bool) -> ShadowTree:
+def layout(base: str | Path, key: str, apqns: Sequence[tuple[int, int]], *, live: bool,
+           bus_dir: str | Path, devices_dir: str | Path | None = None) -> ShadowTree:
     """Where ``key``'s tree lives and, with live sysfs, which real queue directories go over it.
 
-    ``queues`` are (adapter, domain, sysfs path) of the allocated APQNs. Builds nothing.
+    A live queue's host path is ``<devices_dir>/cardAA/AA.DDDD`` when ``devices_dir`` (IBM's
+    ``APSYSFS_DEVSDIR``) is given, else wherever the bus's link ``<bus_dir>/devices/AA.DDDD``
+    leads (the same place on a real kernel); its container path is IBM's
+    ``/sys/bus/ap/devices/AA.DDDD``. Builds nothing.
     """
     if not _KEY.match(key):
         raise ShadowError(f"invalid shadow key {key!r}")
     root = Path(base) / f"{PREFIX}{key}"
-    mounts = tuple((os.path.realpath(path), f"/sys/devices/ap/card{adapter:02x}/{apqn_name(adapter, domain)}")
-                   for adapter, domain, path in sorted(queues)) if live else ()
+
+    def host(adapter: int, domain: int) -> str:
+        if devices_dir is not None:
+            return str(Path(devices_dir) / f"card{adapter:02x}" / apqn_name(adapter, domain))
+        return os.path.realpath(Path(bus_dir) / "devices" / apqn_name(adapter, domain))
+
+    mounts = tuple((host(a, d), f"{CONTAINER_BUS_DEVICES}/{apqn_name(a, d)}")
+                   for a, d in sorted(set(apqns))) if live else ()
     return ShadowTree(root, root / "bus" / "ap", root / "devices" / "ap", mounts)
 
 
@@ -120,12 +139,16 @@ def _apqn_list(apqns: Sequence[tuple[int, int]]) -> str:
     return ",".join(apqn_name(a, d) for a, d in sorted(set(apqns)))
 
 
-def build(base: str | Path, key: str, bus: ApBus, apqns: Sequence[tuple[int, int]], *, live: bool) -> ShadowTree:
-    """(Re)build ``<base>/sysfs-<key>`` for ``apqns``, which must all be on ``bus``."""
+def build(base: str | Path, key: str, bus: ApBus, apqns: Sequence[tuple[int, int]], *, live: bool,
+          devices_dir: str | Path | None = None) -> ShadowTree:
+    """(Re)build ``<base>/sysfs-<key>`` for ``apqns``, which must all be on ``bus``.
+
+    ``devices_dir`` as for :func:`layout`.
+    """
     missing = [apqn_name(a, d) for a, d in apqns if (a, d) not in bus.queues]
     if not apqns or missing:
         raise ShadowError(f"cannot shadow APQN(s) not on the AP bus: {', '.join(missing) or 'none given'}")
-    tree = layout(base, key, [(a, d, bus.queues[(a, d)].path) for a, d in apqns], live=live)
+    tree = layout(base, key, apqns, live=live, bus_dir=bus.bus_dir, devices_dir=devices_dir)
     base = Path(base)
     try:
         base.mkdir(parents=True, exist_ok=True)
@@ -135,7 +158,7 @@ def build(base: str | Path, key: str, bus: ApBus, apqns: Sequence[tuple[int, int
         raise ShadowError(f"cannot create a shadow sysfs in {base}: {exc.strerror or exc}") from None
     old: Path | None = None
     try:
-        _populate(scratch, bus, apqns)
+        _populate(scratch, bus, apqns, live)
         _file(scratch / MARKER, _apqn_list(apqns) + "\n")
         if tree.root.exists() or tree.root.is_symlink():  # set the old tree aside whole, then swap
             old = Path(tempfile.mkdtemp(prefix=f".old-{PREFIX}", dir=base))

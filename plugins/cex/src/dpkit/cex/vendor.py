@@ -2,8 +2,9 @@
 
 Read like configuration of the core: discovery is a full snapshot of every set
 (:mod:`dpkit.cex.inventory` over an :mod:`dpkit.cex.apbus` scan); :meth:`CexVendor.watch`
-rescans on AP uevents and every poll interval, re-reads ``cex_resources.json`` when it changes
-and reconciles zcrypt nodes against the kubelet; :meth:`CexVendor.container_spec` describes
+rescans on AP uevents and every poll interval and reconciles zcrypt nodes against the kubelet,
+while a thread of its own re-reads ``cex_resources.json`` when it changes (a slow or hostile file
+never delays health); :meth:`CexVendor.container_spec` describes
 the container's restricted zcrypt node and shadow sysfs, which :meth:`CexVendor.pre_start`
 makes (:mod:`dpkit.cex.zcrypt`, :mod:`dpkit.cex.shadow`) before triggering a reconcile. See
 docs/cex.md.
@@ -33,18 +34,35 @@ from dpkit.cex.cryptoconfig import (
 )
 from dpkit.cex.inventory import Inventory, build, device_id, parse_device_id
 from dpkit.cex.nodes import NodeKeeper
-from dpkit.cex.podresources import Holding, PodResourcesError, list_holdings
 from dpkit.cex.settings import CexSettings, load_settings
 from dpkit.cex.zcrypt import NODE_PREFIX, ZcryptNodes
 from dpkit.core.device import ContainerSpec, Device, DeviceNode, Mount, Snapshot
 from dpkit.core.errors import ConfigError, DpkitError
 from dpkit.core.logs import get_logger, kv
+from dpkit.core.podresources import Holder, PodResourcesClient, PodResourcesError
 from dpkit.core.vendor import Check, EventSink, Finding, MetricSample, Vendor
 
 log = get_logger("cex")
 
 CONTAINER_NODE = "/dev/z90crypt"
 _UNREADABLE = "unreadable"  # stands for a digest in CexVendor._rejected
+_WAIT_SLICE = 0.25  # seconds: how often a wait looks at stop, uevents and config changes
+
+
+def holdings(client: PodResourcesClient) -> list[tuple[Holder, str, tuple[str, ...]]]:
+    """(container, resource, its device IDs) for every container holding cex devices.
+
+    The core's client answers per device; a zcrypt node is per container (named after its
+    first device), so the answer is regrouped here.
+    """
+    grouped: dict[tuple[Holder, str], list[str]] = {}
+    for resource, devices in client.holders().items():
+        if not resource.startswith(RESOURCE_DOMAIN + "/"):
+            continue
+        for device, holders in devices.items():
+            for holder in holders:
+                grouped.setdefault((holder, resource), []).append(device)
+    return [(holder, resource, tuple(sorted(ids))) for (holder, resource), ids in sorted(grouped.items())]
 
 
 class CexError(DpkitError):
@@ -90,12 +108,16 @@ class CexVendor(Vendor):
         s = self.settings
         self.poll_interval = s.poll_interval
         self.crypto: CryptoConfig = read_crypto_config(s.config_file, overcommit=s.overcommit, livesysfs=s.live_sysfs)
+        self._config_changed = threading.Event()  # set by the config thread when a new version is in use
         self.config_error = ""  # why the newest version of the file was rejected ("" when in use)
         self._rejected: str | None = None
         self.machine_id = read_machine_id(s.sysinfo_path)
         self.sysfs_root = Path(s.sysfs_root)
         self.shadow_base = Path(s.shadow_dir) if s.shadow_sysfs else None
-        self.zcrypt = ZcryptNodes(s.sysfs_root, s.dev_dir, s.node_timeout)
+        self.zcrypt = ZcryptNodes(s.sysfs_root, s.dev_dir, s.node_timeout, class_dir=s.class_dir)
+        self.pod_resources = PodResourcesClient(s.pod_resources_socket, timeout=5.0)
+        # live queue host paths: IBM's APSYSFS_DEVSDIR when set, else where the bus links lead
+        self._devices_dir = s.devices_dir if s.ap_devices_dir else None
         self.keeper = NodeKeeper(self.zcrypt, self.shadow_base, unused_after=s.delete_unused_after,
                                  never_used_after=s.delete_never_used_after)
         self._reported: frozenset[tuple[str, str, str]] = frozenset()
@@ -106,8 +128,11 @@ class CexVendor(Vendor):
             log.warning("ignored key in crypto config", extra=kv(key=key))
 
     # -- discovery -----------------------------------------------------------------------
+    def scan(self) -> ApBus:
+        return scan(self.sysfs_root, self.settings.bus_dir)
+
     def inventory(self) -> tuple[ApBus, Inventory]:
-        bus = scan(self.sysfs_root)
+        bus = self.scan()
         return bus, build(self.crypto, bus, self.machine_id)
 
     def discover(self) -> Snapshot:
@@ -127,9 +152,10 @@ class CexVendor(Vendor):
     def reload_config(self) -> bool:
         """Re-read ``cex_resources.json`` if it changed; True when a new version is in use.
 
-        A version that fails verification is logged once and the previous one kept serving
-        (IBM's plugin serves nothing until it is fixed; dropping every resource for a typo
-        would evict nothing but block every new pod).
+        A version that fails verification, or cannot be parsed at all, is logged once as a
+        rejected change and the previous one kept serving (IBM's plugin serves nothing until it
+        is fixed; dropping every resource for a typo would evict nothing but block every new
+        pod). Never raises: it runs on the config thread, whose death would freeze the config.
         """
         path = self.settings.config_file
         digest = file_digest(path)
@@ -139,15 +165,17 @@ class CexVendor(Vendor):
         if digest is None:
             if self._rejected != _UNREADABLE:
                 self._rejected, self.config_error = _UNREADABLE, f"vendor.config_file: cannot read {path}"
-                log.error("crypto config unreadable; keeping the previous version", extra=kv(file=path))
+                log.error("crypto config change rejected: file unreadable; keeping the previous version",
+                          extra=kv(file=path))
             return False
         if digest == self._rejected:  # already logged
             return False
         try:
             crypto = read_crypto_config(path, overcommit=self.settings.overcommit, livesysfs=self.settings.live_sysfs)
-        except ConfigError as exc:
-            self._rejected, self.config_error = digest, str(exc)
-            log.error("crypto config change rejected; keeping the previous version", extra=kv(error=str(exc)))
+        except Exception as exc:  # ConfigError, or whatever else a hostile file provokes
+            error = str(exc) if isinstance(exc, ConfigError) else f"{path}: {type(exc).__name__}: {str(exc)[:200]}"
+            self._rejected, self.config_error = digest, error[:2000]
+            log.error("crypto config change rejected; keeping the previous version", extra=kv(error=error[:2000]))
             return False
         self.crypto, self._rejected, self.config_error = crypto, None, ""
         if crypto.uses_machine_ids():
@@ -173,46 +201,61 @@ class CexVendor(Vendor):
             log.warning("cannot listen for AP uevents; polling only", extra=kv(error=str(exc)))
             return None
 
-    @staticmethod
-    def _wait(monitor: Any, stop: threading.Event, timeout: float) -> bool:
-        """Wait up to ``timeout`` s; True as soon as a uevent is readable."""
+    def _wait(self, monitor: Any, stop: threading.Event, timeout: float) -> bool:
+        """Wait up to ``timeout`` s; True as soon as a uevent is readable or a new config is in use."""
         deadline = time.monotonic() + timeout
         while not stop.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
+            if self._config_changed.is_set():
+                self._config_changed.clear()
+                return True
             if monitor is None:
-                stop.wait(remaining)
-            elif select.select([monitor], [], [], min(remaining, 0.25))[0]:
+                if self._config_changed.wait(min(remaining, _WAIT_SLICE)):
+                    continue  # handled at the top, after the stop check
+            elif select.select([monitor], [], [], min(remaining, _WAIT_SLICE))[0]:
                 while (event := monitor.poll(timeout=0)) is not None:
                     log.debug("AP uevent", extra=kv(action=event.action, device=event.sys_name))
                 return True
         return False
 
+    def _watch_config(self, done: threading.Event) -> None:
+        """The config thread: re-read the file every ``config_check_interval``; wake the rescan on a new version."""
+        while not done.wait(self.settings.config_check_interval):
+            if self.reload_config():
+                self._config_changed.set()
+
     def watch(self, sink: EventSink, stop: threading.Event) -> None:
-        """Rescan on AP uevents and every poll interval; re-read config; reconcile nodes."""
+        """Rescan on AP uevents, new config versions and every poll interval; reconcile nodes.
+
+        The file is parsed on a thread of its own, so however long a (hostile) file takes to
+        parse or reject, APQN health keeps its pace here.
+        """
         s = self.settings
         monitor = self._open_monitor()
+        done = threading.Event()  # ends the config thread when this loop ends, however it ends
+        config_thread = threading.Thread(target=self._watch_config, args=(done,), name="cex-config", daemon=True)
+        config_thread.start()
         last: Snapshot | None = None
-        now = time.monotonic()
-        next_poll, next_config, next_reconcile = now, now + s.config_check_interval, now
-        while not stop.is_set():
-            now = time.monotonic()
-            rescan = now >= next_poll
-            if now >= next_config:
-                rescan = self.reload_config() or rescan
-                next_config = now + s.config_check_interval
-            if rescan:
-                snapshot = self.discover()
-                if snapshot != last:
-                    sink.snapshot(snapshot)
-                    last = snapshot
-                next_poll = now + s.poll_interval
-            if now >= next_reconcile:
-                self.reconcile()
-                next_reconcile = time.monotonic() + s.reconcile_interval
-            if self._wait(monitor, stop, min(next_poll, next_config, next_reconcile) - time.monotonic()):
-                next_poll = time.monotonic()  # a uevent: rescan at once
+        next_poll = next_reconcile = time.monotonic()
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                if now >= next_poll:
+                    snapshot = self.discover()
+                    if snapshot != last:
+                        sink.snapshot(snapshot)
+                        last = snapshot
+                    next_poll = now + s.poll_interval
+                if now >= next_reconcile:
+                    self.reconcile()
+                    next_reconcile = time.monotonic() + s.reconcile_interval
+                if self._wait(monitor, stop, min(next_poll, next_reconcile) - time.monotonic()):
+                    next_poll = time.monotonic()  # a uevent or a new config: rescan at once
+        finally:
+            done.set()
+            config_thread.join(timeout=1.0)  # a parse in progress finishes on its own (daemon thread)
 
     # -- allocation --------------------------------------------------------------------------
     def _set(self, resource: str) -> ConfigSet:
@@ -221,12 +264,10 @@ class CexVendor(Vendor):
             raise CexError(f"{resource} is no longer a crypto config set in {self.crypto.source}")
         return config_set
 
-    def _queue_paths(self, apqns: list[tuple[int, int]]) -> list[tuple[int, int, Path]]:
-        paths = [(a, d, self.sysfs_root / "bus" / "ap" / "devices" / apqn_name(a, d)) for a, d in apqns]
-        gone = [apqn_name(a, d) for a, d, path in paths if not path.exists()]
+    def _check_present(self, apqns: list[tuple[int, int]]) -> None:
+        gone = [apqn_name(a, d) for a, d in apqns if not (self.settings.bus_dir / "devices" / apqn_name(a, d)).exists()]
         if gone:
             raise CexError(f"APQN(s) {', '.join(gone)} vanished from the AP bus")
-        return paths
 
     def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
         """The container's own zcrypt node as /dev/z90crypt, its env and its shadow sysfs mounts.
@@ -237,10 +278,11 @@ class CexVendor(Vendor):
         """
         config_set = self._set(resource)
         key, apqns = container_key(devices)
-        queues = self._queue_paths(apqns)
+        self._check_present(apqns)
         mounts: list[Mount] = []
         if self.shadow_base is not None:
-            tree = shadow.layout(self.shadow_base, key, queues, live=config_set.livesysfs)
+            tree = shadow.layout(self.shadow_base, key, apqns, live=config_set.livesysfs,
+                                 bus_dir=self.settings.bus_dir, devices_dir=self._devices_dir)
             mounts += [Mount(str(tree.bus_dir), "/sys/bus/ap"), Mount(str(tree.devices_dir), "/sys/devices/ap")]
             mounts += [Mount(host, container) for host, container in tree.live]
         modes = sorted({d.attributes.get("mode", "") for d in devices} - {""})
@@ -263,7 +305,7 @@ class CexVendor(Vendor):
         config_set = self._set(resource)
         key, apqns = container_key(devices)
         with self._nodes_lock:
-            bus = scan(self.sysfs_root)
+            bus = self.scan()
             gone = [apqn_name(a, d) for a, d in apqns if (a, d) not in bus.queues]
             if gone:
                 raise CexError(f"APQN(s) {', '.join(gone)} vanished from the AP bus")
@@ -274,7 +316,8 @@ class CexVendor(Vendor):
             dev = self.zcrypt.ensure(NODE_PREFIX + key, {a for a, _ in apqns}, {d for _, d in apqns})
             if self.shadow_base is not None and (created or not shadow.matches(self.shadow_base, key, apqns)):
                 try:
-                    shadow.build(self.shadow_base, key, bus, apqns, live=config_set.livesysfs)
+                    shadow.build(self.shadow_base, key, bus, apqns, live=config_set.livesysfs,
+                                 devices_dir=self._devices_dir)
                 except DpkitError:
                     if created:
                         self.zcrypt.destroy(NODE_PREFIX + key)
@@ -320,15 +363,15 @@ class CexVendor(Vendor):
             return []
         try:
             try:
-                holdings = list_holdings(self.settings.pod_resources_socket, RESOURCE_DOMAIN + "/")
+                held = holdings(self.pod_resources)
             except PodResourcesError as exc:
                 self._warn_once(("podresources", str(exc)), "cannot reconcile zcrypt nodes; keeping them all",
                                 error=str(exc))
                 return []
-            self._check_projects(holdings)
+            self._check_projects(held)
             in_use = set()
-            for h in holdings:
-                parsed = sorted(p for p in (parse_device_id(i) for i in h.device_ids) if p is not None)
+            for _, _, device_ids in held:
+                parsed = sorted(p for p in (parse_device_id(i) for i in device_ids) if p is not None)
                 if parsed:
                     in_use.add(device_id(*parsed[0]))
             with self._nodes_lock:
@@ -336,15 +379,15 @@ class CexVendor(Vendor):
         finally:
             self._reconcile_lock.release()
 
-    def _check_projects(self, holdings: Iterable[Holding]) -> None:
+    def _check_projects(self, held: Iterable[tuple[Holder, str, tuple[str, ...]]]) -> None:
         """IBM's rule: a set's ``project`` should be the namespace using it (logged, not enforced)."""
-        for h in holdings:
-            config_set = self.crypto.by_resource(h.resource)
+        for h, resource, _ in held:
+            config_set = self.crypto.by_resource(resource)
             if config_set is not None and config_set.project != h.namespace:
-                self._warn_once(("project", h.namespace, h.pod, h.resource),
+                self._warn_once(("project", h.namespace, h.pod, resource),
                                 "container uses a crypto config set of another project",
                                 namespace=h.namespace, pod=h.pod, container=h.container,
-                                resource=h.resource, project=config_set.project)
+                                resource=resource, project=config_set.project)
 
     def _warn_once(self, key: tuple[str, ...], message: str, **fields: Any) -> None:
         if key not in self._warned:
@@ -371,17 +414,17 @@ class CexVendor(Vendor):
         bus, inventory = self.inventory()
         advertised = sum(len(v) for v in inventory.snapshot.values())
         checks = [
-            Check("AP bus present", bus.present, f"{self.sysfs_root}/bus/ap " + ("found" if bus.present else "missing"),
+            Check("AP bus present", bus.present, f"{bus.bus_dir} " + ("found" if bus.present else "missing"),
                   "load the ap and zcrypt modules; give the LPAR/guest crypto adapters"),
             Check("crypto config valid", not self.config_error,
                   self.config_error or f"{self.crypto.source}: {len(self.crypto.sets)} set(s)",
-                  "fix cex_resources.json in the cex-resources-config ConfigMap"),
+                  "fix cex_resources.json in the cex-resources-config ConfigMap (docs/cex.md)"),
             Check("zcrypt node creation", os.access(self.zcrypt.class_dir / "create", os.W_OK),
                   f"{self.zcrypt.class_dir}/create " + ("writable" if self.zcrypt.supported() else "missing"),
                   "needs CONFIG_ZCRYPT_MULTIDEVNODES and a privileged plugin pod with /sys writable"),
             Check("usage domains known", bus.usage_domains is not None,
                   f"{len(bus.usage_domains)} usage domain(s)" if bus.usage_domains is not None
-                  else "ap_usage_domain_mask unreadable", "check /sys/bus/ap/ap_usage_domain_mask"),
+                  else "ap_usage_domain_mask unreadable", f"check {bus.bus_dir}/ap_usage_domain_mask"),
             Check("device directory", Path(s.dev_dir).is_dir(), s.dev_dir, "mount the host's /dev into the plugin pod"),
             Check("APQNs advertised", advertised > 0, f"{advertised} device(s) in {len(inventory.snapshot)} set(s)",
                   "run 'dpkit discover cex' to see why APQNs are held back"),
@@ -396,7 +439,7 @@ class CexVendor(Vendor):
                                 self.machine_id or f"cannot read {s.sysinfo_path}",
                                 "mount /proc/sysinfo, or drop machineid from the sets"))
         try:
-            held = list_holdings(s.pod_resources_socket, RESOURCE_DOMAIN + "/", timeout=2.0)
+            held = holdings(PodResourcesClient(s.pod_resources_socket, timeout=2.0))
             checks.append(Check("pod-resources API", True, f"{len(held)} container(s) hold cex devices"))
         except PodResourcesError as exc:
             checks.append(Check("pod-resources API", False, str(exc), "mount /var/lib/kubelet/pod-resources; "
@@ -404,7 +447,7 @@ class CexVendor(Vendor):
         return checks
 
     def node_labels(self, snapshot: Snapshot) -> Mapping[str, str]:
-        bus = scan(self.sysfs_root)
+        bus = self.scan()
         usable = [a for a in bus.adapters.values() if not a.problems and a.mode is not None]
         labels = {f"{RESOURCE_DOMAIN}/adapters": str(len(usable))}
         for mode in MODES:

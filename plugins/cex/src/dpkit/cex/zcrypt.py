@@ -50,8 +50,10 @@ def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
 class ZcryptNodes:
     """Create, restrict, list and destroy zcrypt nodes below one sysfs root and /dev."""
 
-    def __init__(self, sysfs_root: str | Path, dev_dir: str | Path, timeout: float = 5.0) -> None:
-        self.class_dir = Path(sysfs_root) / "class" / "zcrypt"
+    def __init__(self, sysfs_root: str | Path, dev_dir: str | Path, timeout: float = 5.0,
+                 class_dir: str | Path | None = None) -> None:
+        # class_dir: IBM's ZCRYPT_CLASSDIR; the nodes themselves are always below sysfs_root
+        self.class_dir = Path(class_dir) if class_dir is not None else Path(sysfs_root) / "class" / "zcrypt"
         self.nodes_dir = Path(sysfs_root) / "devices" / "virtual" / "zcrypt"
         self.dev_dir = Path(dev_dir)
         self.timeout = timeout
