@@ -82,3 +82,60 @@ def test_sim_devices_file_errors_name_the_file_the_key_and_the_line(tmp_path):
     broken.write_text("resources: [unclosed\n")
     with pytest.raises(ConfigError, match=rf"{broken}: not valid YAML at line 2"):
         SimulatedVendor({"devices_file": str(broken)})
+
+
+def test_empty_file_is_named_in_a_warning(tmp_path):
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("dpkit.config")  # own handler: CLI tests may stop propagation
+    logger.addHandler(handler)
+    try:
+        path = write(tmp_path, "# everything commented out\n")
+        assert load_config(path, environ={}) == Config(source=str(path))
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == [f"{path}: the config file is empty; running with the defaults"]
+    assert records[0].levelname == "WARNING"
+
+
+def test_vendor_name_where_its_settings_go_says_where_the_vendor_is_chosen(tmp_path):
+    path = write(tmp_path, "vendor: nvidia\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    message = str(err.value)
+    assert message.startswith(f"{path}: key 'vendor': expected a mapping of the vendor's own settings")
+    assert "chosen on the command line (`dpkit run nvidia`)" in message
+
+
+def test_vendor_section_left_empty_means_no_settings(tmp_path):
+    assert load_config(write(tmp_path, "vendor:\n"), environ={}).vendor == {}
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("resources:\n  example.com/w:\n    - {id: a, healthy: 'false'}\n", r"resources.example.com/w\[0\].healthy"),
+    ("resources:\n  example.com/w:\n    - {id: a, healthy: 'no'}\n", r"resources.example.com/w\[0\].healthy"),
+    ("resources:\n  example.com/w:\n    - {id: a, healthy: 0}\n", r"resources.example.com/w\[0\].healthy"),
+    ("resources: {example.com/w: [{id: a}]}\n"
+     "script:\n  - {health: {resource: example.com/w, id: a, healthy: 'false'}}\n",
+     r"script\[0\].health.healthy"),
+])
+def test_sim_booleans_are_strict(tmp_path, text, where):
+    path = tmp_path / "d.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"{path}: {where}: expected true or false"):
+        SimulatedVendor({"devices_file": str(path)})
+
+
+def test_sim_script_flag_is_strict():
+    with pytest.raises(ConfigError, match=r"vendor: key 'script': expected true or false, got str 'false' \(quoted"):
+        SimulatedVendor({"script": "false"})
+
+
+def test_sim_script_steps_are_checked_at_load(tmp_path):
+    path = tmp_path / "d.yaml"
+    path.write_text("resources: {example.com/w: [{id: a}]}\nscript:\n  - {at: 1, helth: {resource: x, id: a}}\n")
+    with pytest.raises(ConfigError, match=r"script\[0\]: expected one of health, add, remove"):
+        SimulatedVendor({"devices_file": str(path)})

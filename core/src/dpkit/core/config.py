@@ -3,6 +3,10 @@
 Every error names the file (or variable), the key and what was expected, so an operator can
 fix a ConfigMap without reading code. The ``vendor:`` section is passed to the vendor as is;
 the vendor validates it.
+
+Files are read with bounds (size, nesting depth, alias expansion, message length), because a
+config or devices file may come from anywhere a ConfigMap can, and SIGHUP re-reads it while the
+plugin serves: a hostile file must be refused cheaply, never expanded.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +23,32 @@ from typing import Any
 import yaml
 
 from dpkit.core.errors import ConfigError
+from dpkit.core.logs import get_logger
 
 DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 DEFAULT_NFD_FEATURES_DIR = "/etc/kubernetes/node-feature-discovery/features.d"
 ENV_PREFIX = "DPKIT_"
+
+MAX_FILE_BYTES = 1024 * 1024  # a config or devices file; larger ones are refused unread
+MAX_DEPTH = 64  # nested mappings and lists
+MAX_NODES = 250_000  # values after every alias is expanded (about what 1 MiB holds without aliases)
+MAX_MESSAGE = 500  # characters of file content quoted in an error
+
+log = get_logger("config")
+# The C parser when PyYAML has it (much faster on big devices files); the bounds below hold for both.
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 80, 80, 2, 5, 5
+
+
+def show(value: Any) -> str:
+    """A bounded repr for error messages: a value from a file may be huge or deeply shared."""
+    return _REPR.repr(value)
+
+
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -64,23 +90,30 @@ def _coerce(source: str, key: str, value: Any, expected: type, from_env: bool) -
             return value
         if from_env and isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
             return value.lower() in ("1", "true", "yes")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {show(value)}"
+                          + (" (quoted, so a string)" if isinstance(value, str) and not from_env else ""))
     if expected is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number of seconds, got {value!r}")
+            raise ConfigError(f"{where}: expected a number of seconds, got {show(value)}")
         try:
             number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number of seconds, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{where}: expected a number of seconds, got {show(value)}") from None
         if not math.isfinite(number) or number <= 0:
-            raise ConfigError(f"{where}: expected a positive number, got {value!r}")
+            raise ConfigError(f"{where}: expected a positive number, got {show(value)}")
         return number
     if expected is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {show(value)}")
         if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"{where}: expected one of {', '.join(_CHOICES[key])}, got {value!r}")
+            raise ConfigError(f"{where}: expected one of {', '.join(_CHOICES[key])}, got {show(value)}")
         return value
+    if value is None:  # "vendor:" with every setting commented out
+        return {}
+    if isinstance(value, str):
+        raise ConfigError(f"{where}: expected a mapping of the vendor's own settings, got the string {show(value)}; "
+                          f"the vendor is chosen on the command line (`dpkit run {clip(value, 40)}`), and "
+                          "'vendor:' holds that vendor's settings (see its page in the docs)")
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where}: expected a mapping of vendor settings, got {type(value).__name__}")
     return dict(value)
@@ -118,21 +151,73 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def read_text(path: str | Path, what: str) -> str:
-    """A file's text; ConfigError naming the file and what it was for when it cannot be read."""
+    """A file's UTF-8 text, at most :data:`MAX_FILE_BYTES`; ConfigError naming the file and its purpose."""
     try:
-        return Path(path).read_text()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: {what} is larger than {MAX_FILE_BYTES // 1024} KiB; refusing to read it")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text (byte {exc.start})") from None
+
+
+def _at(mark: Any) -> str:
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _check_shape(text: str, where: str) -> None:
+    """Refuse, from the parser's events alone, a document too deep or whose aliases expand too far.
+
+    Aliases are not copied by the loader, but every consumer that walks or prints the result
+    expands them (a 655-byte "billion laughs" file becomes gigabytes), so the expanded size is
+    what is bounded. This pass builds no objects and stops at the first excess.
+    """
+    sizes: dict[str, int] = {}  # anchor -> nodes it expands to
+    stack: list[list[Any]] = []  # [anchor, nodes so far] of each open mapping or list
+    total = 0
+    for event in yaml.parse(text, Loader=_LOADER):
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(stack) >= MAX_DEPTH:
+                raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels{_at(event.start_mark)}")
+            stack.append([event.anchor, 1])
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, size = stack.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, size = event.anchor, 1
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, size = None, sizes.get(event.anchor or "", 1)
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = size
+        if stack:
+            stack[-1][1] += size
+            current = stack[-1][1]
+        else:
+            total += size
+            current = total
+        if current > MAX_NODES:
+            raise ConfigError(f"{where}: more than {MAX_NODES} values once aliases are expanded"
+                              f"{_at(event.start_mark)}; write the values out or use fewer aliases")
 
 
 def parse_yaml(text: str, where: str) -> Any:
-    """YAML (safe subset); ConfigError naming ``where`` and the line and column of a syntax error."""
+    """YAML (safe subset), within the bounds above; ConfigError naming ``where`` and the line and column."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_FILE_BYTES // 1024} KiB; refusing to read it")
     try:
-        return yaml.safe_load(text)
+        _check_shape(text, where)
+        return yaml.load(text, Loader=_LOADER)  # _LOADER is a safe loader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+        raise ConfigError(clip(f"{where}: not valid YAML{_at(mark)}: {getattr(exc, 'problem', None) or exc}")) from exc
+    except (ValueError, RecursionError, OverflowError, MemoryError) as exc:  # e.g. an integer over 4300 digits
+        raise ConfigError(clip(f"{where}: cannot read a value: {exc}")) from None
 
 
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -142,13 +227,16 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        raw = parse_yaml(read_text(path, "config file"), source) or {}
+        raw = parse_yaml(read_text(path, "config file"), source)
+        if raw is None:  # an empty file (or only comments): most likely a ConfigMap key gone wrong
+            log.warning(f"{source}: the config file is empty; running with the defaults")
+            raw = {}
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: expected a mapping of settings at the top level, got {type(raw).__name__}")
         for key, value in raw.items():
             if key not in _TYPES:
                 known = ", ".join(sorted(_TYPES))
-                raise ConfigError(f"{source}: unknown key {key!r} (known keys: {known})")
+                raise ConfigError(f"{source}: unknown key {show(key)} (known keys: {known})")
             values[key] = _coerce(source, key, value, _TYPES[key], from_env=False)
     for key, expected in _TYPES.items():
         name = ENV_PREFIX + key.upper()

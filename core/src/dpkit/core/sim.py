@@ -4,6 +4,9 @@ It drives ``dpkit demo`` and the core's tests, and is the smallest complete exam
 Config (the ``vendor:`` section): ``devices_file`` (default: the embedded demo node),
 ``device_node`` (host device node given to containers, default ``/dev/null``),
 ``script`` (true to play the file's script, default true).
+
+Booleans are strict (YAML ``true``/``false`` only): a quoted ``'false'`` is a string, and reading
+it as true would advertise a device the file says is broken.
 """
 
 from __future__ import annotations
@@ -14,12 +17,20 @@ from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 
-from dpkit.core.config import parse_yaml, read_text
+from dpkit.core.config import parse_yaml, read_text, show
 from dpkit.core.device import ContainerSpec, Device, DeviceNode, Health, Snapshot
 from dpkit.core.errors import ConfigError, ValidationError
 from dpkit.core.vendor import EventSink, Finding, Vendor
 
 DEFAULT_FILE = "demo.yaml"
+
+
+def _flag(value: Any, where: str) -> bool:
+    """A YAML boolean and nothing else."""
+    if isinstance(value, bool):
+        return value
+    hint = " (quoted, so a string: write true or false without quotes)" if isinstance(value, str) else ""
+    raise ConfigError(f"{where}: expected true or false, got {type(value).__name__} {show(value)}{hint}")
 
 
 def _load(config: Mapping[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]], str]:
@@ -53,7 +64,7 @@ class SimulatedVendor(Vendor):
             raise ConfigError(f"vendor: unknown key(s) {', '.join(sorted(unknown))} for vendor sim "
                               "(known: devices_file, device_node, script)")
         self.device_node = str(self.config.get("device_node", "/dev/null"))
-        self.play_script = bool(self.config.get("script", True))
+        self.play_script = _flag(self.config.get("script", True), "vendor: key 'script'")
         raw, self.script, self.where = _load(self.config)
         self._lock = threading.Lock()
         self._devices: dict[str, dict[str, Device]] = {}
@@ -64,7 +75,31 @@ class SimulatedVendor(Vendor):
             for index, entry in enumerate(entries):
                 device = self._device(entry, f"resources.{resource}[{index}]")
                 self._devices[resource][device.id] = device
+        for index, step in enumerate(self.script):
+            self._check_step(step, f"script[{index}]")
         self.script_done = threading.Event()
+
+    def _check_step(self, step: Any, where: str) -> None:
+        """Every step checked at load, so a typo fails ``dpkit run`` instead of the watch thread later."""
+        if not isinstance(step, dict):
+            raise ConfigError(f"{self.where}: {where}: expected a mapping (health, add or remove)")
+        try:
+            float(step.get("at", 0))
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{self.where}: {where}.at: expected seconds, got {show(step.get('at'))}") from None
+        for kind, keys in (("health", ("resource", "id")), ("add", ("resource", "device")),
+                           ("remove", ("resource", "id"))):
+            if kind not in step:
+                continue
+            body = step[kind]
+            if not isinstance(body, dict) or any(k not in body for k in keys):
+                raise ConfigError(f"{self.where}: {where}.{kind}: expected a mapping with {' and '.join(keys)}")
+            if kind == "health":
+                _flag(body.get("healthy", True), f"{self.where}: {where}.health.healthy")
+            if kind == "add":
+                self._device(body["device"], f"{where}.add.device")
+            return
+        raise ConfigError(f"{self.where}: {where}: expected one of health, add, remove")
 
     def _device(self, entry: Any, where: str) -> Device:
         if not isinstance(entry, dict) or "id" not in entry:
@@ -73,7 +108,8 @@ class SimulatedVendor(Vendor):
             numa = entry.get("numa")
             return Device(
                 id=str(entry["id"]),
-                health=Health.HEALTHY if entry.get("healthy", True) else Health.UNHEALTHY,
+                health=Health.HEALTHY if _flag(entry.get("healthy", True), f"{self.where}: {where}.healthy")
+                else Health.UNHEALTHY,
                 numa_nodes=() if numa is None else (int(numa),),
                 spec=ContainerSpec(
                     devices=(DeviceNode(self.device_node, f"/dev/sim/{entry['id']}", "rw"),),

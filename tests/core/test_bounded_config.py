@@ -1,0 +1,96 @@
+"""Config and devices files are read with bounds: alias bombs, huge, deep or numeric-overflow files are clean errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpkit.core.config import MAX_DEPTH, MAX_FILE_BYTES, Config, load_config, parse_yaml
+from dpkit.core.errors import ConfigError
+from dpkit.core.manager import Manager
+from dpkit.core.sim import SimulatedVendor
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def bomb(levels: int, key: str = "plugin_dir") -> str:
+    """The "billion laughs": each anchor is a list of ten aliases of the one before (10**levels strings)."""
+    items = ["&a0 lol"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return f"{key}: [{', '.join(items)}]\n"
+
+
+HOSTILE = {
+    "alias bomb": (bomb(6), "once aliases are expanded"),
+    "deep nesting": ("plugin_dir: " + "[" * 500 + "]" * 500 + "\n", f"nested deeper than {MAX_DEPTH} levels"),
+    "deeper nesting": ("plugin_dir: " + "[" * 5000 + "]" * 5000 + "\n", "nesting depth"),  # libyaml's own bound
+    "deep block nesting": ("".join(f"{' ' * i}k{i}:\n" for i in range(300)), f"nested deeper than {MAX_DEPTH} levels"),
+    "huge integer": ("probe_heartbeat_timeout: " + "7" * 5000 + "\n", "cannot read a value"),
+    "oversized": ("#" + "x" * MAX_FILE_BYTES + "\n", "larger than 1024 KiB"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_config_is_a_short_config_error_naming_the_file(tmp_path: Path, name: str) -> None:
+    text, message = HOSTILE[name]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+    assert len(str(err.value)) < 1000
+
+
+def test_a_billion_laughs_is_refused_before_anything_is_built() -> None:
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="more than 250000 values once aliases are expanded at line 1"):
+        parse_yaml(bomb(9), "bomb.yaml")
+    assert time.monotonic() - started < 1.0
+    assert len(bomb(9)) < 700
+
+
+def test_a_few_aliases_are_fine() -> None:
+    text = "defaults: &d {numa: 0, model: x}\nlist: [*d, *d, {<<: *d, numa: 1}]\n"
+    assert parse_yaml(text, "f")["list"][2] == {"numa": 1, "model": "x"}
+
+
+def test_sim_devices_file_has_the_same_bounds(tmp_path: Path) -> None:
+    devices = tmp_path / "devices.yaml"
+    devices.write_text("resources:\n  example.com/w: " + bomb(6, "x").split(": ", 1)[1])
+    with pytest.raises(ConfigError, match=f"{devices}: more than 250000 values"):
+        SimulatedVendor({"devices_file": str(devices)})
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_dpkit_run_prints_one_error_line_and_exits_2(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(HOSTILE[name][0])
+    proc = subprocess.run([sys.executable, "-m", "dpkit.core.cli", "run", "sim", "-c", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"dpkit: error: {path}: ")
+    assert "Traceback" not in proc.stderr and len(proc.stderr) < 1000
+
+
+def test_sighup_reload_of_an_alias_bomb_is_rejected_and_kept_short(
+        short_tmp: Path, make_config: Callable[..., Config], run_manager: Callable[..., Manager]) -> None:
+    base = make_config()
+    path = short_tmp / "config.yaml"
+    path.write_text(yaml.safe_dump({k: getattr(base, k) for k in (
+        "plugin_dir", "state_dir", "cdi_dir", "nfd_features_dir", "pod_resources_socket")}))
+    manager = run_manager(SimulatedVendor({"script": False}), load_config(path, environ={}))
+    path.write_text(bomb(6))
+    manager.request_reload()
+    deadline = time.monotonic() + 10
+    while not any("reload rejected" in e["msg"] for e in manager.status()["errors"]):
+        assert time.monotonic() < deadline, "the reload was not rejected"
+        time.sleep(0.02)
+    assert "once aliases are expanded" in json.dumps(manager.status()["errors"])
+    assert len(json.dumps(manager.status(), default=str)) < 50_000, "kept errors stay small"
