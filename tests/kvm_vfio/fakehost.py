@@ -56,12 +56,61 @@ class FakeHost:
             drivers.mkdir(parents=True, exist_ok=True)
             self._link(link, drivers)
 
-    def set_group(self, address: str, group: str) -> None:
-        device = self.device_dir(address)
+    def set_group(self, address: str, group: str, bus: str = "pci") -> None:
+        device = (self.sys / "bus" / bus / "devices" / address).resolve()
         group_dir = self.sys / "kernel/iommu_groups" / group
         (group_dir / "devices").mkdir(parents=True, exist_ok=True)
         self._link(group_dir / "devices" / address, device)
         self._link(device / "iommu_group", group_dir)
+
+    def add_mdev(self, uuid: str, parent: str, type_id: str = "nvidia-222", name: str | None = "GRID T4-1Q",
+                 group: str | None = "20") -> Path:
+        """A mediated device under PCI function ``parent``, laid out as the kernel's mdev core does."""
+        parent_dir = self.device_dir(parent)
+        type_dir = parent_dir / "mdev_supported_types" / type_id
+        type_dir.mkdir(parents=True, exist_ok=True)
+        if name is not None:
+            (type_dir / "name").write_text(name + "\n")
+        path = parent_dir / uuid
+        path.mkdir()
+        (path / "uevent").write_text(f"MDEV_TYPE={type_id}\n")
+        self._link(path / "mdev_type", type_dir)
+        self._link(self.sys / "bus/mdev/devices" / uuid, path)
+        if group is not None:
+            self.set_group(uuid, group, bus="mdev")
+        return path
+
+    def remove_mdev(self, uuid: str) -> None:
+        path = (self.sys / "bus/mdev/devices" / uuid).resolve()
+        for member in (self.sys / "kernel/iommu_groups").glob(f"*/devices/{uuid}"):
+            member.unlink()
+        (self.sys / "bus/mdev/devices" / uuid).unlink()
+        shutil.rmtree(path)
+
+    def add_usb(self, port: str, vendor: str, product: str, bus: int, devnum: int, *, node: bool = True) -> Path:
+        """A USB device at ``port`` (e.g. ``1-1.4``) with its interface, bus link, uevent and /dev node."""
+        hub = self.sys / f"devices/pci0000:00/0000:00:14.0/usb{bus}"
+        if not (hub / "idVendor").exists():  # the root hub: has IDs, but KubeVirt skips "usb*"
+            hub.mkdir(parents=True, exist_ok=True)
+            (hub / "idVendor").write_text("1d6b\n")
+            (hub / "uevent").write_text(f"BUSNUM={bus:03d}\nDEVNUM=001\nPRODUCT=1d6b/2/515\n"
+                                        f"DEVNAME=bus/usb/{bus:03d}/001\n")
+            self._link(self.sys / "bus/usb/devices" / f"usb{bus}", hub)
+        path = hub / port
+        path.mkdir()
+        (path / "idVendor").write_text(vendor + "\n")
+        (path / "idProduct").write_text(product + "\n")
+        (path / "uevent").write_text(
+            f"MAJOR=189\nMINOR={(bus - 1) * 128 + devnum - 1}\nDEVNAME=bus/usb/{bus:03d}/{devnum:03d}\n"
+            f"DEVTYPE=usb_device\nDRIVER=usb\nPRODUCT={int(vendor, 16):x}/{int(product, 16):x}/100\n"
+            f"TYPE=0/0/0\nBUSNUM={bus:03d}\nDEVNUM={devnum:03d}\n")
+        interface = path / f"{port}:1.0"  # interfaces have no idVendor
+        interface.mkdir()
+        self._link(self.sys / "bus/usb/devices" / port, path)
+        self._link(self.sys / "bus/usb/devices" / f"{port}:1.0", interface)
+        if node:
+            self.add_node(f"bus/usb/{bus:03d}/{devnum:03d}")
+        return path
 
     def remove_pci(self, address: str) -> None:
         device = self.device_dir(address)

@@ -90,7 +90,7 @@ def group_device(group: str, members: Sequence[Device], key: str = "pci_address"
     under the ``key`` attribute.
     """
     sick = [d for d in members if not d.healthy]
-    reason = sick[0].reason if len(members) == 1 or not sick else f"{sick[0].id}: {sick[0].reason}"
+    reason = "" if not sick else sick[0].reason if len(members) == 1 else f"{sick[0].id}: {sick[0].reason}"
     attributes = dict(members[0].attributes)
     attributes[key] = ",".join(d.id for d in members)
     return Device(group, Health.UNHEALTHY if sick else Health.HEALTHY,
