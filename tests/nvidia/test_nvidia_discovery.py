@@ -255,9 +255,19 @@ def test_malformed_uuid_from_nvml_is_not_advertised(host, vendors):
 def test_nvml_library_missing_is_explained_and_zero_gpus_advertised(host, vendors, tmp_path):
     vendor = vendors({**host.vendor_config(), "nvml_library": str(tmp_path / "libnvidia-ml.so.1")})
     assert vendor.discover() == {GPU: ()}
-    assert any(f.startswith("NVML library: NVML library missing") for f in findings(vendor))
+    assert f"NVML library: missing: {tmp_path / 'libnvidia-ml.so.1'} does not exist" in findings(vendor)
     check = next(c for c in vendor.doctor() if c.name == "NVML library loadable")
     assert not check.ok and "does not exist" in check.detail
+
+
+def test_discover_says_why_nvml_is_missing_once(host, vendors, tmp_path, caplog):
+    """Issue 15: `dpkit discover nvidia` printed NVML's reason twice (a log line and the finding)."""
+    vendor = vendors({**host.vendor_config(), "nvml_library": str(tmp_path / "libnvidia-ml.so.1")})
+    with caplog.at_level(logging.DEBUG, logger="dpkit"):
+        said = findings(vendor)  # explain() discovers first, as `dpkit discover` does
+    assert sum(text.count("does not exist") for text in said) == 1
+    assert sum("NVML library" in text for text in said) == 1
+    assert not [r for r in caplog.records if "does not exist" in r.getMessage() + str(r.__dict__.get("fields", ""))]
 
 
 def test_driver_not_loaded_and_no_gpu_are_explained(host, vendors):

@@ -18,7 +18,7 @@ LIBRARY_HINT = ("install the driver's user-space libraries, or mount the driver 
 def unavailable_finding(exc: nvml.NvmlUnavailable) -> Finding:
     """Why NVML cannot be used, worded for an operator."""
     if exc.kind == "library":
-        return Finding("NVML library", False, f"NVML library missing: {exc}", hint=LIBRARY_HINT)
+        return Finding("NVML library", False, f"missing: {exc}", hint=LIBRARY_HINT)
     if exc.kind == "driver":
         return Finding("NVIDIA driver", False, f"driver not loaded: {exc}", hint=DRIVER_HINT)
     return Finding("NVML", False, str(exc), hint="run nvidia-smi on the node to see the same error")

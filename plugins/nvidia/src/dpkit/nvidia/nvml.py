@@ -74,11 +74,11 @@ def preload(path: str) -> None:
         if path in _loaded:
             return
         if not os.path.isfile(path):
-            raise NvmlUnavailable("library", f"NVML library {path} does not exist")
+            raise NvmlUnavailable("library", f"{path} does not exist")
         try:
             _loaded[path] = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError as exc:
-            raise NvmlUnavailable("library", f"cannot load NVML library {path}: {exc}") from exc
+            raise NvmlUnavailable("library", f"cannot load {path}: {exc}") from exc
         log.debug("NVML library loaded", extra=kv(path=path))
 
 

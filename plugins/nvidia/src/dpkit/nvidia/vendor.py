@@ -44,6 +44,7 @@ class NvidiaVendor(Vendor):
         self._nvml_error: nvml.NvmlUnavailable | None = None
         self._discoveries = 0
         self._failures = 0
+        self._quiet = False  # discovery for explain/doctor: they print the reason themselves
         for note in self.settings.notes:
             log.info(note, extra=kv(source=self.settings.source))
         for warning in self.settings.warnings:
@@ -87,7 +88,8 @@ class NvidiaVendor(Vendor):
             snapshot = self._inventory.snapshot
         if had_gpus:
             raise VendorError(f"{finding.subject}: {finding.reason}")
-        log.warning("no GPUs advertised", extra=kv(reason=finding.reason, hint=finding.hint))
+        if not self._quiet:
+            log.warning("no GPUs advertised", extra=kv(reason=finding.reason, hint=finding.hint))
         return snapshot
 
     # -- allocation ---------------------------------------------------------------------------
@@ -131,10 +133,13 @@ class NvidiaVendor(Vendor):
         with self._lock:
             current = self._inventory
         if current is None:
+            self._quiet = True  # `dpkit discover` / `doctor` print the finding; a log line would say it twice
             try:
                 self.discover()
             except Exception as exc:  # explain and doctor must report, not fail
                 log.debug("discovery for diagnostics failed", extra=kv(error=str(exc)))
+            finally:
+                self._quiet = False
             with self._lock:
                 current = self._inventory
         return current or inventory.empty(self.settings, ())
