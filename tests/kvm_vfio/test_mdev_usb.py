@@ -94,8 +94,9 @@ def test_mdev_with_out_of_range_parent_numa_is_marked_not_fatal(host: FakeHost) 
 
 def test_missing_mdev_type_is_explained(host: FakeHost) -> None:
     mdev_host(host)
-    v = vendor(host, **permitted(mediatedDevices=[{
-        "mdevNameSelector": "GRID T4-16Q", "resourceName": "nvidia.com/GRID_T4-16Q", "externalResourceProvider": True}]))
+    entry = {"mdevNameSelector": "GRID T4-16Q", "resourceName": "nvidia.com/GRID_T4-16Q",
+             "externalResourceProvider": True}
+    v = vendor(host, **permitted(mediatedDevices=[entry]))
     assert v.discover()["nvidia.com/GRID_T4-16Q"] == ()  # registered, advertising zero
     assert any(f.subject == "mdev type GRID_T4-16Q" and "no mediated device" in f.reason for f in v.explain())
 
