@@ -13,6 +13,7 @@ from typing import Any
 
 from dpkit.core.errors import ConfigError, ValidationError
 from dpkit.core.validation import check_resource_name
+from dpkit.sfc import compat
 
 DEFAULT_RESOURCE = "solarflare.com/sfc"
 DEFAULT_VENDOR_IDS = ("0x1924",)
@@ -20,6 +21,9 @@ DEFAULT_DRIVERS = ("sfc",)
 DEFAULT_LIBRARY_PATH = "/opt/onload/usr/lib64"
 MAX_SLOTS = 1024
 UDEV_SOURCES = ("udev", "kernel")
+#: dpkit's own behaviour; AMD's Onload device plugin (compat.py); the older Solarflare plugin's name
+MODES = ("dpkit", "onload", "solarflare")
+LEGACY_RESOURCE = "solarflare.com/sfc"  # what Solarflare's first device plugin registered
 _VENDOR_ID = re.compile(r"^0x[0-9a-f]{4}$")
 _EF_NAME = re.compile(r"^EF_[A-Z0-9_]+$")
 
@@ -47,6 +51,8 @@ class OnloadConfig:
 
 @dataclass(frozen=True)
 class SfcConfig:
+    mode: str = "dpkit"
+    onload_plugin: compat.OnloadPluginConfig | None = None  # set in "onload" mode only
     resource: str = DEFAULT_RESOURCE
     slots: int = 1
     vendor_ids: tuple[str, ...] = DEFAULT_VENDOR_IDS
@@ -61,11 +67,15 @@ class SfcConfig:
     @property
     def resources(self) -> tuple[str, ...]:
         """Every resource served, default first."""
+        if self.onload_plugin is not None:
+            return (compat.RESOURCE,)
         return (self.resource, *(p.resource for p in self.pools))
 
 
-_TOP_KEYS = ("resource", "slots", "vendor_ids", "drivers", "pools", "onload", "sys_root", "dev_root",
-             "udev_source", "resync_interval")
+_COMMON_KEYS = ("mode", "vendor_ids", "drivers", "sys_root", "dev_root", "udev_source", "resync_interval")
+_DPKIT_KEYS = ("resource", "slots", "pools", "onload")
+_ONLOAD_PLUGIN_KEYS = ("devicePlugin", "args")
+_TOP_KEYS = (*_COMMON_KEYS[:1], *_DPKIT_KEYS, *_COMMON_KEYS[1:], *_ONLOAD_PLUGIN_KEYS)
 _POOL_KEYS = ("resource", "interfaces", "pci_addresses", "slots")
 _ONLOAD_KEYS = ("required", "library_path", "container_library_path", "preload", "env")
 
@@ -175,10 +185,30 @@ def _onload(raw: Any, where: str) -> OnloadConfig:
     )
 
 
+def _mode(raw: Mapping[str, Any]) -> str:
+    """``vendor.mode``, after checking that only the keys of that mode are present."""
+    mode = _str(raw.get("mode", "dpkit"), "vendor.mode")
+    if mode not in MODES:
+        raise ConfigError(f"vendor.mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "onload":
+        wrong = sorted(k for k in _DPKIT_KEYS if k in raw)
+        if wrong:
+            raise ConfigError(f"vendor: {', '.join(wrong)} belong(s) to mode dpkit; in mode onload the resource is "
+                              f"{compat.RESOURCE} and the Onload plugin's own settings go in vendor.devicePlugin "
+                              "(the Onload CR's keys) or vendor.args (its flags)")
+    else:
+        wrong = sorted(k for k in _ONLOAD_PLUGIN_KEYS if k in raw)
+        if wrong:
+            raise ConfigError(f"vendor: {', '.join(wrong)} configure(s) AMD's Onload device plugin; add "
+                              "'mode: onload' to serve amd.com/onload as that plugin does")
+    return mode
+
+
 def parse_config(raw: Mapping[str, Any] | None) -> SfcConfig:
     """Validate the ``vendor:`` section; raises :class:`ConfigError` naming the bad key."""
     raw = _mapping(raw or {}, "vendor")
     _unknown(raw, _TOP_KEYS, "vendor")
+    mode = _mode(raw)
     pools_raw = raw.get("pools", [])
     if not isinstance(pools_raw, list):
         raise ConfigError(f"vendor.pools: expected a list of pools, got {type(pools_raw).__name__}")
@@ -188,7 +218,12 @@ def parse_config(raw: Mapping[str, Any] | None) -> SfcConfig:
     source = _str(raw.get("udev_source", "udev"), "vendor.udev_source")
     if source not in UDEV_SOURCES:
         raise ConfigError(f"vendor.udev_source: expected one of {', '.join(UDEV_SOURCES)}, got {source!r}")
+    onload_plugin = None
+    if mode == "onload":
+        onload_plugin = compat.onload_plugin_config(raw.get("devicePlugin"), raw.get("args"))
     config = SfcConfig(
+        mode=mode,
+        onload_plugin=onload_plugin,
         resource=_resource(raw.get("resource", DEFAULT_RESOURCE), "vendor.resource"),
         slots=_slots(raw.get("slots", 1), "vendor.slots"),
         vendor_ids=_vendor_ids(raw.get("vendor_ids", list(DEFAULT_VENDOR_IDS)), "vendor.vendor_ids"),
@@ -202,6 +237,9 @@ def parse_config(raw: Mapping[str, Any] | None) -> SfcConfig:
     )
     if not config.drivers:
         raise ConfigError("vendor.drivers: expected at least one driver name")
+    if mode == "solarflare" and config.resource != LEGACY_RESOURCE:
+        raise ConfigError(f"vendor.resource: mode solarflare keeps the resource {LEGACY_RESOURCE} of Solarflare's "
+                          f"device plugin, got {config.resource!r}; use mode dpkit to rename it")
     seen: set[str] = set()
     for index, name in enumerate(config.resources):
         if name in seen:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dpkit.core.device import ContainerSpec, Device, Health, Snapshot, merge_specs
+from dpkit.core.device import ContainerSpec, Device, DeviceNode, Health, Mount, Snapshot, merge_specs
 from dpkit.core.errors import ValidationError
 from dpkit.core.logs import get_logger, kv
 from dpkit.core.vendor import Check, EventSink, Finding, MetricSample, Vendor
-from dpkit.sfc import onload
+from dpkit.sfc import compat, onload
 from dpkit.sfc.allocation import prefer
 from dpkit.sfc.config import SfcConfig, parse_config
 from dpkit.sfc.pools import assign, slot_ids
@@ -126,6 +126,8 @@ class SfcVendor(Vendor):
     def _discover(self, gone: Collection[str]) -> Snapshot:
         with self._lock:
             functions, findings = self._scan(gone)
+            if self.settings.onload_plugin is not None:
+                return self._discover_onload_plugin(self.settings.onload_plugin, functions, findings)
             state = onload.detect(self.settings.onload, self.settings.dev_root, self.settings.sys_root)
             onload_spec, onload_problem = self._onload_spec(state)
             snapshot: dict[str, list[Device]] = {r: [] for r in self.settings.resources}
@@ -158,6 +160,76 @@ class SfcVendor(Vendor):
                 findings.append(Finding(subject="rtnetlink", advertised=True, reason=self._links_error))
             self._functions, self._findings, self._onload = functions, findings, state
             return {r: tuple(devs) for r, devs in snapshot.items()}
+
+    def _discover_onload_plugin(self, settings: compat.OnloadPluginConfig, functions: Sequence[PciFunction],
+                                findings: list[Finding]) -> Snapshot:
+        """``mode: onload``: AMD's ``maxPods`` interchangeable slots, each with the whole Onload spec.
+
+        As AMD's plugin: NUMA hints name every node with a Solarflare interface, and the spec does
+        not depend on the slots allocated. Unlike it, what would make a container fail to start
+        (no ``/dev/onload``, no library to preload, no script to mount) or what ``needNic``
+        requires turns the slots Unhealthy with the reason, instead of failing at container start
+        or exiting.
+        """
+        for function in functions:
+            if function.driver not in self.settings.drivers:
+                findings.append(self._unbound_finding(function))
+        nics = [f for f in functions if f.driver in self.settings.drivers and f.interfaces]
+        names = [i.name for f in nics for i in f.interfaces]
+        dev_root = Path(self.settings.dev_root)
+        nodes = [dev_root / n for n in compat.DEVICE_NODES if os.path.exists(dev_root / n)]
+        try:
+            entries = sorted(os.listdir(settings.host_lib_dir))
+        except OSError:
+            entries = []
+        libraries = [n for n in compat.library_files(entries)
+                     if not os.path.isdir(os.path.join(settings.host_lib_dir, n))]
+        problems = []
+        if dev_root / onload.MAIN_NODE not in nodes:
+            problems.append(f"device node {dev_root / onload.MAIN_NODE} missing (is the onload kernel module loaded?)")
+        if settings.set_preload and onload.MAIN_LIBRARY not in libraries:
+            problems.append(f"{onload.MAIN_LIBRARY} not in {settings.host_lib_dir} (hostOnloadPath + /usr/lib64), "
+                            "which LD_PRELOAD names (setPreload)")
+        if settings.mount_onload and not os.path.isfile(settings.host_script):
+            problems.append(f"onload script {settings.host_script} missing (mountOnload)")
+        if settings.need_nic and not nics:
+            problems.append("no Solarflare interface bound to " + "/".join(self.settings.drivers)
+                            + " (needNic is true; -needNic=false serves Onload without one)")
+        mounts = [Mount(os.path.join(settings.host_lib_dir, n), os.path.join(settings.container_lib_dir, n))
+                  for n in libraries]
+        if settings.mount_onload and os.path.isfile(settings.host_script):
+            mounts.append(Mount(settings.host_script, settings.container_script))
+        env = {"LD_PRELOAD": os.path.join(settings.container_lib_dir, onload.MAIN_LIBRARY)} if settings.set_preload \
+            else {}
+        version = read_version(Path(self.settings.sys_root) / "module" / "onload" / "version")
+        missing = tuple(p for p in problems if "needNic" not in p)
+        state = onload.OnloadState(tuple(map(str, nodes)), tuple(libraries), version, missing)
+        numa = tuple(sorted({f.numa_node for f in nics if f.numa_node is not None}))
+        reason = "; ".join(problems)
+        attributes = {"interfaces": ",".join(names), "onload_version": version,
+                      "numa": ",".join(map(str, numa))}
+        try:
+            spec = ContainerSpec(devices=tuple(DeviceNode(str(p), f"/dev/{p.name}", "mrw") for p in nodes),
+                                 mounts=tuple(mounts), env=env)
+        except ValidationError as exc:
+            spec, reason = ContainerSpec(), "; ".join([*problems, f"invalid Onload paths: {exc}"])
+        health = Health.UNHEALTHY if reason else Health.HEALTHY
+        ids = compat.slot_ids(settings.max_pods)
+        devices = tuple(Device(i, health, numa, spec, reason,
+                               {**{k: v for k, v in attributes.items() if v}, "slot": f"{n + 1}/{len(ids)}"})
+                        for n, i in enumerate(ids))
+        findings.append(Finding(subject=compat.RESOURCE, advertised=True, resource=compat.RESOURCE,
+                                reason=f"{len(ids)} Onload slot(s) (maxPods), {reason or 'healthy'}; "
+                                       f"{len(nodes)} device node(s), {len(mounts)} mount(s), "
+                                       f"LD_PRELOAD {'set' if env else 'not set'}; interfaces: "
+                                       f"{', '.join(names) or 'none'}",
+                                hint="see docs/sfc.md, 'AMD Onload compatibility'" if reason else ""))
+        if self._udev_error:
+            findings.append(Finding(subject="udev", advertised=True, reason=self._udev_error))
+        if self._links_error:
+            findings.append(Finding(subject="rtnetlink", advertised=True, reason=self._links_error))
+        self._functions, self._findings, self._onload, self._onload_env = list(functions), findings, state, {}
+        return {compat.RESOURCE: devices}
 
     def _onload_spec(self, state: onload.OnloadState) -> tuple[ContainerSpec, str]:
         """The Onload part of every spec, and why Onload is unusable ("" when it is fine)."""
@@ -302,6 +374,8 @@ class SfcVendor(Vendor):
 
     def preferred_allocation(self, resource: str, available: Sequence[Device], must_include: Sequence[Device],
                              size: int) -> Sequence[str] | None:
+        if self.settings.onload_plugin is not None:  # interchangeable slots: the core's NUMA packing
+            return None
         return prefer(available, must_include, size)
 
     # -- operations ----------------------------------------------------------------------
@@ -313,8 +387,10 @@ class SfcVendor(Vendor):
         with self._lock:
             functions, state = list(self._functions), self._onload
         bound = [f for f in functions if f.driver in self.settings.drivers]
-        checks.append(Check("Solarflare NICs present", bool(bound),
-                            f"{len(bound)} of {len(functions)} function(s) bound to the driver",
+        optional = self.settings.onload_plugin is not None and not self.settings.onload_plugin.need_nic
+        checks.append(Check("Solarflare NICs present", bool(bound) or optional,
+                            f"{len(bound)} of {len(functions)} function(s) bound to the driver"
+                            + (" (needNic is false: not required)" if optional else ""),
                             "check lspci -d 1924: and the driver binding"))
         for name in onload.DEVICE_NODES:
             path = dev_root / name
@@ -326,10 +402,16 @@ class SfcVendor(Vendor):
             checks.append(Check(f"onload device {name}", is_char, detail,
                                 "load the onload kernel module (onload_tool reload)"))
         has_lib = bool(state and onload.MAIN_LIBRARY in state.libraries)
+        plugin = self.settings.onload_plugin
+        library_dir, key = ((plugin.host_lib_dir, "hostOnloadPath") if plugin is not None
+                            else (self.settings.onload.library_path, "vendor.onload.library_path"))
         checks.append(Check("onload libraries", has_lib,
-                            f"{onload.MAIN_LIBRARY} {'found' if has_lib else 'missing'} in "
-                            f"{self.settings.onload.library_path}",
-                            "install Onload user space on the host and set vendor.onload.library_path"))
+                            f"{onload.MAIN_LIBRARY} {'found' if has_lib else 'missing'} in {library_dir}",
+                            f"install Onload user space on the host and set {key}"))
+        if plugin is not None and plugin.mount_onload:
+            script = os.path.isfile(plugin.host_script)
+            checks.append(Check("onload script", script, f"{plugin.host_script} {'found' if script else 'missing'}",
+                                "install Onload user space on the host (mountOnload mounts its onload script)"))
         if self.settings.sys_root == "/sys":
             checks.append(Check("udev available", self._udev is not None, self._udev_error or "libudev loaded",
                                 "install libudev1 in the plugin image"))
