@@ -161,3 +161,125 @@ def test_doctor_fails_without_kubelet(short_tmp, capsys, monkeypatch):
     assert "[FAIL] kubelet socket reachable" in out and "fix:" in out
     assert "[ok  ] vendor sim loads" in out
     assert os.environ["DPKIT_PLUGIN_DIR"].endswith("nothing")
+
+
+# -- the first hour: help, extra commands, sim without the demo's script, nothing to register ----
+def test_help_explains_the_vendor_argument_and_lists_vendors(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    top = capsys.readouterr().out
+    assert "vendors: sim, " in top and "kubelet" in top and "new-vendor" in top
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    run_help = capsys.readouterr().out
+    assert "vendor to use: sim (built in" in run_help and "--devices FILE" in run_help
+    with pytest.raises(SystemExit):
+        cli.main(["discover", "--help"])
+    assert "print the report as JSON" in capsys.readouterr().out
+
+
+def test_builtin_commands_do_not_scan_entry_points(monkeypatch, capsys):
+    def scan() -> dict[str, object]:
+        raise AssertionError("entry points scanned for a built-in command")
+
+    monkeypatch.setattr(cli, "_command_entry_points", scan)
+    assert cli.main(["vendors"]) == 0
+
+
+def _fake_command_package(site: Path, body: str) -> dict[str, str]:
+    """A real installed distribution (dist-info with entry_points.txt) registering `dpkit hello`."""
+    info = site / "dpkit_hello-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dpkit-hello\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[dpkit.commands]\nhello = dpkit_hello_cmd:main\nrun = dpkit_hello_cmd:main\n")
+    (site / "dpkit_hello_cmd.py").write_text(body)
+    return {**os.environ, "PYTHONPATH": str(site)}
+
+
+def test_dpkit_commands_entry_points_dispatch_and_show_in_help(tmp_path):
+    env = _fake_command_package(tmp_path / "site", "import sys\ndef main(argv):\n"
+                                "    print('hello ' + ' '.join(argv))\n    return 3\n")
+    cmd = [sys.executable, "-m", "dpkit.core.cli"]
+    hello = subprocess.run([*cmd, "hello", "a", "--b"], capture_output=True, text=True, env=env, timeout=30)
+    assert (hello.returncode, hello.stdout) == (3, "hello a --b\n"), hello.stderr
+    helped = subprocess.run([*cmd, "--help"], capture_output=True, text=True, env=env, timeout=30)
+    assert "hello" in helped.stdout and "from dpkit-hello" in helped.stdout
+    # a package cannot take over a built-in command
+    run = subprocess.run([*cmd, "run", "no-such-vendor"], capture_output=True, text=True, env=env, timeout=30)
+    assert run.returncode == 2 and "unknown vendor" in run.stderr
+
+
+def test_a_command_that_fails_to_import_is_an_error_not_a_traceback(tmp_path):
+    env = _fake_command_package(tmp_path / "site", "raise ImportError('libfoo missing')\n")
+    result = subprocess.run([sys.executable, "-m", "dpkit.core.cli", "hello"], capture_output=True, text=True,
+                            env=env, timeout=30)
+    assert result.returncode == 2
+    assert "command 'hello' failed to load from dpkit_hello_cmd:main: libfoo missing" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_sim_plays_no_script_unless_asked(short_tmp):
+    from dpkit.core.config import Config
+
+    devices = short_tmp / "d.yaml"
+    _devices(devices, ["x"])
+    plain = cli.vendor_factory("sim", Config())({})
+    assert plain.play_script is False, "the scripted failures are the demo's, not `dpkit run sim`'s"
+    assert cli.vendor_factory("sim", Config())({"script": True}).play_script is True
+    chosen = cli.vendor_factory("sim", Config(), devices)({})
+    assert [d.id for d in chosen.discover()[WIDGET]] == ["x"]
+    with pytest.raises(DpkitError, match="--devices is an option of the sim vendor only"):
+        cli.vendor_factory("nvidia", Config(), devices)
+
+
+def test_vendor_section_errors_name_the_file_and_key(short_tmp, capsys):
+    config = short_tmp / "c.yaml"
+    config.write_text(yaml.safe_dump({"vendor": {"device_nodes": "/dev/x"}}))
+    assert cli.main(["discover", "sim", "-c", str(config)]) == 2
+    assert f"dpkit: error: {config}: vendor: unknown key(s) device_nodes for vendor sim" in capsys.readouterr().err
+    assert cli.vendor_error(str(config), "vendor.script: expected true or false") == \
+        f"{config}: vendor: script: expected true or false"
+    assert cli.vendor_error(str(config), "environment DPKIT_X: bad") == "environment DPKIT_X: bad"
+    assert cli.vendor_error("<defaults>", "vendor.x: bad") == "vendor: x: bad"
+
+
+def test_discover_separates_advertised_from_notes(capsys):
+    assert cli.main(["discover", "sim"]) == 0
+    out = capsys.readouterr().out
+    assert "\nadvertised:\n  + <embedded demo.yaml>: simulated devices" in out
+    assert "not advertised / notes:" not in out, "nothing is missing from the sim vendor"
+
+
+def test_run_exits_1_when_nothing_can_be_registered(short_tmp, plugin_dir, kubelet, capsys):
+    devices = short_tmp / "bad.yaml"
+    devices.write_text(yaml.safe_dump({"resources": {"Not A Resource": [{"id": "a"}]}}))
+    config = short_tmp / "c.yaml"
+    config.write_text(yaml.safe_dump({"plugin_dir": str(plugin_dir), "state_dir": str(short_tmp / "st"),
+                                      "log_format": "json", "cdi_dir": "", "nfd_features_dir": "",
+                                      "pod_resources_socket": ""}))
+    proc = subprocess.Popen([sys.executable, "-m", "dpkit.core.cli", "run", "sim", "-c", str(config),
+                             "--devices", str(devices), "--empty-grace", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not (short_tmp / "st" / "control.sock").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the plugin never came up"
+            time.sleep(0.02)
+        assert cli.main(["status", "--state-dir", str(short_tmp / "st")]) == 1
+        assert "NOTHING TO REGISTER" in capsys.readouterr().out
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 1, err
+    logged = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any(e["level"] == "error" and e["msg"].startswith("nothing to register") for e in logged)
+    assert any(e["msg"] == "nothing registered; exiting with code 1" for e in logged)
+    assert not list(plugin_dir.glob("dpkit-*.sock")) and not (short_tmp / "st" / "control.sock").exists()
+
+
+def test_empty_grace_must_be_seconds(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "sim", "--empty-grace", "-1"])
+    assert "expected seconds >= 0" in capsys.readouterr().err

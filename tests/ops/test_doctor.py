@@ -152,3 +152,38 @@ def test_a_bad_metrics_address_fails_config_validation_naming_the_key(short_tmp,
     assert code == 1
     assert lines["config valid"].startswith("[FAIL]")
     assert f"{config}: key 'metrics_address': expected host:port" in lines["config valid"]
+
+
+# -- doctor agrees with `dpkit run` ---------------------------------------------------------------
+def test_a_bad_vendor_section_fails_config_valid_itself(short_tmp, capsys):
+    """`run` rejects this file, so doctor must not say `[ok] config valid` about it first."""
+    config = write_config(short_tmp / "c.yaml", vendor={"scirpt": False})
+    code, lines, out = doctor(config, capsys)
+    assert code == 1
+    assert lines["config valid"].startswith("[FAIL]"), out
+    assert f"{config}: vendor: unknown key(s) scirpt for vendor sim" in lines["config valid"]
+    assert "[ok  ] config valid" not in out
+
+
+def test_hints_name_the_configured_paths_not_the_defaults(short_tmp, capsys):
+    plugins, pod_resources = short_tmp / "elsewhere" / "dp", short_tmp / "elsewhere" / "pr" / "kubelet.sock"
+    config = write_config(short_tmp / "c.yaml", plugin_dir=str(plugins), pod_resources_socket=str(pod_resources),
+                          state_dir=str(short_tmp / "st"), cdi_dir="", nfd_features_dir="")
+    code, lines, out = doctor(config, capsys)
+    assert code == 1
+    assert lines["kubelet socket reachable"].startswith("[FAIL]")
+    assert "/var/lib/kubelet" not in out, out
+    assert f"mounted at {plugins}?" in out and f"pod-resources directory at {pod_resources.parent}" in out
+
+
+def test_nothing_to_register_is_a_failed_check(kubelet, plugin_dir, short_tmp, capsys):
+    devices = short_tmp / "bad.yaml"
+    devices.write_text(yaml.safe_dump({"resources": {"Bad Name": [{"id": "a"}]}}))
+    config = write_config(short_tmp / "c.yaml", plugin_dir=str(plugin_dir), state_dir=str(short_tmp / "st"),
+                          pod_resources_socket=str(kubelet.pod_resources_socket), cdi_dir="", nfd_features_dir="")
+    code = cli.main(["doctor", "sim", "-c", str(config), "--devices", str(devices)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "[FAIL] vendor data valid: dropped by `dpkit run`: " in out and "Bad Name" in out
+    assert "[FAIL] resources to register: none: `dpkit run` would register nothing" in out
+    assert "[ok  ] config valid" in out

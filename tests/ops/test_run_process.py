@@ -1,13 +1,21 @@
-"""`dpkit run` as a real process with every integration on: files, metrics, status, clean stop."""
+"""`dpkit run` as a real process with every integration on: files, metrics, status, clean stop;
+`dpkit kubelet` as a real process driven over its control socket; signals through `./dpkit`."""
 
 from __future__ import annotations
 
 import json
+import os
+import selectors
 import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -50,3 +58,158 @@ def test_run_with_cdi_metrics_and_pod_view_then_sigterm(kubelet, plugin_dir, sho
         _, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
     assert list(Path(cdi_dir).iterdir()) == [], "CDI specs are removed on shutdown"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "dpkit.core.cli"]
+
+
+def read_until(proc: subprocess.Popen[str], marker: str, timeout: float = 30.0) -> str:
+    """stdout of ``proc`` up to ``marker`` (read from the pipe's fd: no buffer hides data from select)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    seen = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while marker.encode() not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0 and sel.select(left), f"no {marker!r} within {timeout}s; got: {seen!r}"
+            chunk = os.read(fd, 65536)
+            assert chunk, f"process ended before {marker!r}; got: {seen!r}"
+            seen += chunk
+    return seen.decode()
+
+
+def kubectl(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`dpkit kubelet --dir ROOT ARGS...` as its own process, as a user types it."""
+    result = subprocess.run([*CLI, "kubelet", "--dir", str(root), *args], capture_output=True, text=True, timeout=60)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def devices_until(root: Path, predicate, timeout: float = 20.0) -> dict:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = json.loads(kubectl(root, "devices", "--json").stdout)
+        if predicate(reply) or time.monotonic() > deadline:
+            return reply  # type: ignore[no-any-return]
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        raise
+    return proc.returncode, err
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains ``text``: what a stop must not leave behind."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.fixture
+def emulator(short_tmp: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    root = short_tmp / "kl"
+    proc = subprocess.Popen([*CLI, "kubelet", "--dir", str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        read_until(proc, "SIGTERM or Ctrl-C stops it.")
+        yield proc, root
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+
+
+def test_kubelet_command_serves_and_is_driven_from_the_shell(emulator, short_tmp):
+    kubelet_proc, root = emulator
+    devices = short_tmp / "devices.yaml"
+    devices.write_text(yaml.safe_dump({"resources": {WIDGET: [{"id": f"w{i}", "numa": i // 2} for i in range(4)]}}))
+    assert (root / "dpkit.yaml").exists(), "the emulator writes a config for `dpkit run`"
+    plugin = subprocess.Popen([*CLI, "run", "sim", "-c", str(root / "dpkit.yaml"), "--devices", str(devices)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        reply = devices_until(root, lambda r: [x["healthy"] for x in r["resources"]] == [4])
+        assert reply["resources"][0]["name"] == WIDGET and reply["resources"][0]["registered"]
+        allocated = kubectl(root, "allocate", WIDGET, "2", "--pod", "web")
+        assert "allocated w0, w1 to default/web/main" in allocated.stdout  # packed on NUMA node 0
+        assert "env    SIM_VISIBLE_DEVICES=w0,w1" in allocated.stdout
+        table = kubectl(root, "devices").stdout
+        assert f"{WIDGET}: registered, capacity 4, healthy 4, held 2" in table
+        assert "held by default/web/main" in table
+        too_many = kubectl(root, "allocate", WIDGET, "3", check=False)
+        assert too_many.returncode == 2
+        assert f"insufficient {WIDGET}: requested 3, available 2" in too_many.stderr
+        assert "released default/web" in kubectl(root, "release", "web").stdout
+        assert "kubelet restarted" in kubectl(root, "restart").stdout
+        again = devices_until(root, lambda r: [x["healthy"] for x in r["resources"]] == [4])
+        assert again["resources"][0]["registered"], "the plugin re-registered after the restart"
+        assert stop(plugin)[0] == 0
+    finally:
+        if plugin.poll() is None:
+            plugin.kill()
+            plugin.communicate(timeout=10)
+    assert stop(kubelet_proc)[0] == 0
+    assert not (root / "control.sock").exists() and not (root / "device-plugins" / "kubelet.sock").exists()
+
+
+def test_kubelet_control_socket_bounds_requests_and_answers_errors(emulator):
+    _, root = emulator
+    for payload, error in ((b"x" * (70 * 1024) + b"\n", "request larger than 65536 bytes"),
+                           (b"not json\n", "expected one line of JSON"),
+                           (b'{"cmd": "format-disk"}\n', "unknown command 'format-disk'"),
+                           (b'{"cmd": "allocate", "resource": "a.com/b", "count": 0}\n', "count of at least 1")):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(root / "control.sock"))
+            s.sendall(payload)
+            reply = json.loads(s.makefile("rb").readline())
+        assert reply["ok"] is False and error in reply["error"], reply
+    assert oct((root / "control.sock").stat().st_mode & 0o777) == "0o600"
+    missing = kubectl(root.parent / "nowhere", "devices", check=False)
+    assert missing.returncode == 2 and "start one with `dpkit kubelet --dir" in missing.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_signals_reach_dpkit_run_through_the_wrapper(sig, emulator, short_tmp):
+    """`./dpkit` execs: SIGHUP reloads, SIGTERM stops `dpkit run` itself, and no process is left."""
+    _, root = emulator
+    devices = short_tmp / "devices.yaml"
+    devices.write_text(yaml.safe_dump({"resources": {WIDGET: [{"id": "a"}]}}))
+    proc = subprocess.Popen([str(ROOT / "dpkit"), "run", "sim", "-c", str(root / "dpkit.yaml"),
+                             "--devices", str(devices)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert devices_until(root, lambda r: [x["healthy"] for x in r["resources"]] == [1], 300)["resources"]
+        assert Path(f"/proc/{proc.pid}/exe").resolve().name.startswith("python"), "no shell or hatch in between"
+        if sig == signal.SIGHUP:
+            devices.write_text(yaml.safe_dump({"resources": {WIDGET: [{"id": "a"}, {"id": "b"}]}}))
+            proc.send_signal(signal.SIGHUP)
+            assert devices_until(root, lambda r: [x["healthy"] for x in r["resources"]] == [2])["resources"]
+        code, err = stop(proc, signal.SIGTERM)
+        left = processes_mentioning(str(devices))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+        for pid in processes_mentioning(str(devices)):  # an orphan of a broken wrapper must not outlive the test
+            os.kill(pid, signal.SIGKILL)
+    assert code == 0, err
+    assert left == [], "a process outlived the SIGTERM"
+    assert not list((root / "device-plugins").glob("dpkit-*.sock"))
+    assert not (root / "state" / "control.sock").exists()
