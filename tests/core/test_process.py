@@ -191,7 +191,8 @@ def _fake_command_package(site: Path, body: str) -> dict[str, str]:
     info = site / "dpkit_hello-0.1.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dpkit-hello\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[dpkit.commands]\nhello = dpkit_hello_cmd:main\nrun = dpkit_hello_cmd:main\n")
+    (info / "entry_points.txt").write_text("[dpkit.commands]\nhello = dpkit_hello_cmd:main\n"
+                                           "run = dpkit_hello_cmd:main\n")
     (site / "dpkit_hello_cmd.py").write_text(body)
     return {**os.environ, "PYTHONPATH": str(site)}
 

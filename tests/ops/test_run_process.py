@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
