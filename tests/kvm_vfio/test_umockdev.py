@@ -55,3 +55,15 @@ def test_uevents_change_the_advertised_list_quickly(tmp_path: Path, short_tmp: P
     for step in steps:
         assert result[step]["ok"], f"{step}: the kubelet never saw the change"
         assert result[step]["ms"] < LIMIT_MS, f"{step} took {result[step]['ms']} ms"
+
+
+def test_mdev_hotplug_follows_uevents(tmp_path: Path, short_tmp: Path) -> None:
+    result = umock.run_wrapped(HERE / "umock_mdev_child.py", tmp_path, args=[str(short_tmp)])
+    assert result["listening"] and result["registered_empty"]
+    assert result["seen_without_uevent"] is False  # the timer is an hour away: only the bind uevent explains it
+    assert result["bind_ok"] and result["remove_ok"]
+    assert result["devices"] == {"20": ["Healthy", [1]]}  # KubeVirt's ID (IOMMU group), the parent's NUMA node
+    env = {"MDEV_PCI_RESOURCE_NVIDIA_COM_GRID_T4-1Q": "4b20d080-1b54-4048-85b3-a6a62d165c01"}
+    assert result["allocated"] == [["20"], env, ["/dev/vfio/20", "/dev/vfio/vfio"]]
+    print(f"mdev uevent -> kubelet latency (ms): bind {result['bind_ms']}, remove {result['remove_ms']}")
+    assert result["bind_ms"] < LIMIT_MS and result["remove_ms"] < LIMIT_MS
