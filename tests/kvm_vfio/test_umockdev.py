@@ -59,7 +59,7 @@ def test_uevents_change_the_advertised_list_quickly(tmp_path: Path, short_tmp: P
 
 def test_mdev_hotplug_follows_uevents(tmp_path: Path, short_tmp: Path) -> None:
     result = umock.run_wrapped(HERE / "umock_mdev_child.py", tmp_path, args=[str(short_tmp)])
-    assert result["listening"] and result["registered_empty"]
+    assert result["listening"] and result["registered_empty"] and result["add_rescanned"]
     assert result["seen_without_uevent"] is False  # the timer is an hour away: only the bind uevent explains it
     assert result["bind_ok"] and result["remove_ok"]
     assert result["devices"] == {"20": ["Healthy", [1]]}  # KubeVirt's ID (IOMMU group), the parent's NUMA node

@@ -8,6 +8,7 @@ hour away, so only uevents can explain the kubelet seeing a change.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,15 @@ def main() -> None:
         "health_interval": 3600, "permittedHostDevices": {"mediatedDevices": [
             {"mdevNameSelector": "GRID T4-1Q", "resourceName": VGPU, "externalResourceProvider": True}]},
     })
+    scanned = threading.Event()  # set after every rescan, so steps never race the previous uevent's
+    discover = vendor.discover
+
+    def discover_and_tell() -> Any:
+        snapshot = discover()
+        scanned.set()
+        return snapshot
+
+    vendor.discover = discover_and_tell  # type: ignore[method-assign]
     kubelet = Kubelet(work / "dp").start()
     manager = Manager(vendor, Config(plugin_dir=str(work / "dp"), state_dir=str(work / "st"),
                                      pod_resources_socket=str(work / "pr.sock")))
@@ -50,7 +60,9 @@ def main() -> None:
     try:
         result["listening"] = vendor.listening.wait(10)
         result["registered_empty"] = kubelet.wait_for(lambda k: k.registered(VGPU) and k.capacity(VGPU) == 0, 10)
+        scanned.clear()
         mdev = umock.add_device(tb, "mdev", UUID, parent=parent, properties={"MDEV_TYPE": "nvidia-222"})
+        result["add_rescanned"] = scanned.wait(5)  # the add uevent's rescan: no type link yet, so not matched
         device_dir = sys_root / mdev.lstrip("/").removeprefix("sys/")
         (device_dir / "mdev_type").symlink_to(types)
         host.set_group(UUID, "20", bus="mdev")
