@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from kvm_vfio.fakehost import FakeHost
 
+from dpkit.core.errors import VendorError
 from dpkit.core.kubelet import Kubelet
 from dpkit.core.manager import Manager
 from dpkit.kvm_vfio.usb import unit_id
@@ -190,3 +191,13 @@ def test_usb_owner_null_leaves_nodes_alone(kubelet: Kubelet, run_manager: Run, h
     assert kubelet.wait_for(lambda k: k.allocatable(PERIPHERALS) == 1, 10)
     kubelet.allocate(PERIPHERALS, 1)
     assert os.stat(host.dev / "bus/usb/001/007").st_uid == before
+
+
+def test_usb_node_that_cannot_be_handed_over_fails_prestart_with_the_fix(host: FakeHost) -> None:
+    usb_host(host)
+    v = vendor(host, usb_owner=107, **USBS)
+    (unit,) = v.discover()[PERIPHERALS]
+    host.remove_node("bus/usb/001/007")  # gone (or a read-only /dev): chown fails
+    with pytest.raises(VendorError, match="usb_owner: null"):
+        v.pre_start(PERIPHERALS, [unit])
+    v.pre_start(STORAGE.replace("storage", "other"), [unit])  # not a USB resource: nothing to do

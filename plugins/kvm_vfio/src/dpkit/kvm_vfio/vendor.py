@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from dpkit.core.device import Device, Snapshot
+from dpkit.core.errors import VendorError
 from dpkit.core.logs import get_logger, kv
 from dpkit.core.vendor import Check, EventSink, Finding, Vendor
 from dpkit.kvm_vfio import mdev, usb
@@ -155,7 +156,12 @@ class KvmVfioVendor(Vendor):
             return
         for device in devices:
             for node in device.spec.devices:
-                os.chown(node.host_path, owner, owner, follow_symlinks=False)
+                try:
+                    os.chown(node.host_path, owner, owner, follow_symlinks=False)
+                except OSError as exc:
+                    raise VendorError(f"cannot hand {node.host_path} to user {owner} (QEMU's, as KubeVirt does): "
+                                      f"{exc.strerror or exc}; mount the host's /dev read-write into the plugin pod, "
+                                      "or set usb_owner: null and give the node to QEMU with a udev rule") from exc
 
     @property
     def _usb_resources(self) -> set[str]:
