@@ -22,6 +22,8 @@ PRIVILEGED = {"kvm_vfio", "cex"}
 WRITES_SYSFS = {"cex"}
 Obj = dict[str, Any]
 CONFIG = "/etc/dpkit/config.yaml"  # where the base mounts the dpkit ConfigMap
+#: containers an overlay may add next to "dpkit" (nvidia: the MPS control daemons, as NVIDIA deploys them)
+SIDE_CONTAINERS = {"mps-control-daemon"}
 
 
 def renderer() -> list[str] | None:
@@ -53,16 +55,17 @@ def pod(objs: list[Obj]) -> Obj:
     return spec
 
 
-def container(objs: list[Obj]) -> Obj:
+def container(objs: list[Obj], name: str = "dpkit") -> Obj:
     containers: list[Obj] = pod(objs)["containers"]
-    assert [c["name"] for c in containers] == ["dpkit"]
-    return containers[0]
+    names = [c["name"] for c in containers]
+    assert names[0] == "dpkit" and set(names[1:]) <= SIDE_CONTAINERS, names
+    return next(c for c in containers if c["name"] == name)
 
 
-def mounts(objs: list[Obj]) -> dict[str, Obj]:
-    """mountPath -> the mount, with its volume under "volume"."""
+def mounts(objs: list[Obj], name: str = "dpkit") -> dict[str, Obj]:
+    """mountPath -> the mount of container ``name``, with its volume under "volume"."""
     volumes = {v["name"]: v for v in pod(objs)["volumes"]}
-    return {m["mountPath"]: {**m, "volume": volumes[m["name"]]} for m in container(objs)["volumeMounts"]}
+    return {m["mountPath"]: {**m, "volume": volumes[m["name"]]} for m in container(objs, name)["volumeMounts"]}
 
 
 def package_version(vendor: str) -> str:
