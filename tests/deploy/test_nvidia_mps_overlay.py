@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import yaml
 
@@ -29,7 +27,8 @@ def test_the_daemon_runs_from_the_plugin_image_with_the_same_config(nvidia: list
     assert daemon["args"] == ["--config", CONFIG, "--root", "/mps"]
     assert env(plugin)["MPS_ROOT"] == env(daemon)["MPS_ROOT"] == MPS_ROOT
     sc = daemon["securityContext"]
-    assert not sc.get("privileged") and sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert not sc.get("privileged") and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
 
 
 def test_both_see_the_host_mps_root_and_the_daemon_shares_its_shm(nvidia: list[Obj]) -> None:
