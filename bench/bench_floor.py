@@ -2,15 +2,19 @@
 
 For each size (1, 1k, 10k, 100k devices) one temp node holds an emulated kubelet (its own
 process), a real ``dpkit run simbench`` process (the sim vendor with a side channel, see
-benchvendor.py) and the floor (floor_server.py, its own process). One client then measures both,
-alternating between them block by block, and prints every figure as dpkit, floor and dpkit/floor:
+benchvendor.py) and two floors (floor_server.py, each its own process): ``floor`` builds each
+ListAndWatch response afresh as a plain plugin does (its figures match the floor column of issue
+13's table, so the issue's ratio targets are read against it), ``cached`` keeps one shared
+response flipped in place (the best a Python server can do). One client measures all three,
+rotating which goes first block by block, and prints every figure as dpkit, floor, dpkit/floor,
+cached floor, dpkit/cached:
 
 - Allocate p50/p99 (one device per request);
 - health change -> ListAndWatch update p50/p99: the side channel makes the server report one
   device's flip, the client times until its open stream shows it (sizes up to 10k);
 - ListAndWatch first list (median time to the first response of a new stream);
 - start -> registered (process start until the kubelet holds the full list) and RSS at the end;
-- idle CPU of both at the 1k size (with the kubelet's streams open), and ``dpkit --help``
+- idle CPU of all at the 1k size (with the kubelet's streams open), and ``dpkit --help``
   against ``python -c pass``.
 
 Run: ``./hatchw run bench:all floor`` or ``python bench/bench_floor.py [--quick] [--sizes 1,1000]``.
@@ -51,7 +55,7 @@ from sidechannel import Client
 
 from dpkit.core.api.v1beta1 import api_pb2, api_pb2_grpc
 
-FLOOR_RESOURCE = "example.com/floor"
+FLOORS = {"floor": [], "cached": ["--cached"]}  # name -> floor_server.py options
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 * 1024 * 1024)]
 
 
@@ -96,13 +100,18 @@ class Target:
         self.channel.close()
 
 
-Figures = dict[str, tuple[float, float]]  # figure -> (dpkit, floor)
-TARGETS: dict[str, str] = {}  # figure -> issue 13 target, for the table
+Figures = dict[str, dict[str, float]]  # figure -> server name -> value
 
 
 def interleaved(targets: list[Target], round_: int) -> list[Target]:
-    """Alternate which server goes first, so neither always runs right after the other's work."""
-    return targets if round_ % 2 == 0 else targets[::-1]
+    """Rotate which server goes first, so none always runs right after another's work."""
+    shift = round_ % len(targets)
+    return targets[shift:] + targets[:shift]
+
+
+def each(samples: dict[str, list[float]], q: float | None) -> dict[str, float]:
+    """Per server: the q-quantile of its samples, or the median when q is None."""
+    return {name: statistics.median(v) if q is None else pct(v, q) for name, v in samples.items()}
 
 
 def ms(seconds: float) -> float:
@@ -122,9 +131,7 @@ def bench_allocate(targets: list[Target], count: int, p: Params) -> Figures:
                 t0 = time.perf_counter()
                 target.stub.Allocate(request, timeout=30)
                 samples[target.name].append(ms(time.perf_counter() - t0))
-    dpkit, floor = samples["dpkit"], samples["floor"]
-    return {"Allocate p50 (ms)": (pct(dpkit, 0.5), pct(floor, 0.5)),
-            "Allocate p99 (ms)": (pct(dpkit, 0.99), pct(floor, 0.99))}
+    return {"Allocate p50 (ms)": each(samples, 0.5), "Allocate p99 (ms)": each(samples, 0.99)}
 
 
 def bench_first_list(targets: list[Target], count: int, p: Params) -> Figures:
@@ -138,8 +145,7 @@ def bench_first_list(targets: list[Target], count: int, p: Params) -> Figures:
             stream.cancel()
             if len(first.devices) != count:
                 raise RuntimeError(f"{target.name}: first list has {len(first.devices)} devices, not {count}")
-    return {"ListAndWatch first list, median (ms)": (statistics.median(samples["dpkit"]),
-                                                    statistics.median(samples["floor"]))}
+    return {"ListAndWatch first list, median (ms)": each(samples, None)}
 
 
 class Follower:
@@ -202,20 +208,19 @@ def bench_health(targets: list[Target], count: int, p: Params) -> Figures:
     finally:
         for follower in followers.values():
             follower.close()
-    dpkit, floor = samples["dpkit"], samples["floor"]
-    return {"health change -> ListAndWatch p50 (ms)": (pct(dpkit, 0.5), pct(floor, 0.5)),
-            "health change -> ListAndWatch p99 (ms)": (pct(dpkit, 0.99), pct(floor, 0.99))}
+    return {"health change -> ListAndWatch p50 (ms)": each(samples, 0.5),
+            "health change -> ListAndWatch p99 (ms)": each(samples, 0.99)}
 
 
 def bench_idle(targets: list[Target], seconds: float) -> Figures:
-    """CPU of both processes over the same idle window (the kubelet's streams stay open)."""
+    """CPU of every server process over the same idle window (the kubelet's streams stay open)."""
     time.sleep(1.0)  # let the measurement's own work settle
     before = {t.name: proc_cpu_seconds(t.pid) for t in targets}
     w0 = time.monotonic()
     time.sleep(seconds)
     wall = time.monotonic() - w0
     used = {t.name: (proc_cpu_seconds(t.pid) - before[t.name]) / wall * 100 for t in targets}
-    return {f"idle CPU over {seconds:g} s (%)": (used["dpkit"], used["floor"])}
+    return {f"idle CPU over {seconds:g} s (%)": used}
 
 
 def measure_size(count: int, p: Params, idle: bool) -> Figures:
@@ -225,7 +230,7 @@ def measure_size(count: int, p: Params, idle: bool) -> Figures:
     plugin_dir.mkdir()
     kubelet = KubeletProcess(plugin_dir, tmp / "pr" / "kubelet.sock", env)
     dpkit = DpkitProcess(tmp, count, env, pod_resources_socket=tmp / "pr" / "kubelet.sock")
-    floor: subprocess.Popen[bytes] | None = None
+    floors: list[subprocess.Popen[bytes]] = []
     targets: list[Target] = []
     figures: Figures = {}
     try:
@@ -235,27 +240,31 @@ def measure_size(count: int, p: Params, idle: bool) -> Figures:
         except TimeoutError as exc:
             raise RuntimeError(f"{exc}\n--- dpkit log tail ---\n{dpkit.log_tail()}") from None
         dpkit.wait_control(30)
-        floor_control = tmp / "floor-control.sock"
-        floor_started = time.monotonic()
-        floor = subprocess.Popen([sys.executable, str(BENCH_DIR / "floor_server.py"), "--devices", str(count),
-                                  "--plugin-dir", str(plugin_dir), "--control", str(floor_control)], env=env)
-        floor_start = kubelet.wait_registered(FLOOR_RESOURCE, count, p.start_timeout) - floor_started
-        wait_path(floor_control, 30, floor)
-        figures["start -> registered (ms)"] = (ms(dpkit_start), ms(floor_start))
-        targets = [Target("dpkit", RESOURCE, dpkit.socket, dpkit.control, dpkit.pid),
-                   Target("floor", FLOOR_RESOURCE, plugin_dir / "floor.sock", floor_control, floor.pid)]
+        starts = {"dpkit": ms(dpkit_start)}
+        targets = [Target("dpkit", RESOURCE, dpkit.socket, dpkit.control, dpkit.pid)]
+        for name, options in FLOORS.items():
+            control = tmp / f"{name}-control.sock"
+            started = time.monotonic()
+            floor = subprocess.Popen([sys.executable, str(BENCH_DIR / "floor_server.py"), "--devices", str(count),
+                                      "--plugin-dir", str(plugin_dir), "--control", str(control), "--name", name,
+                                      *options], env=env)
+            floors.append(floor)
+            starts[name] = ms(kubelet.wait_registered(f"example.com/{name}", count, p.start_timeout) - started)
+            wait_path(control, 30, floor)
+            targets.append(Target(name, f"example.com/{name}", plugin_dir / f"{name}.sock", control, floor.pid))
+        figures["start -> registered (ms)"] = starts
         figures.update(bench_allocate(targets, count, p))
         figures.update(bench_first_list(targets, count, p))
         if count <= 10000:
             figures.update(bench_health(targets, count, p))
-        figures["RSS (MB)"] = (rss_mb(targets[0].pid), rss_mb(targets[1].pid))
+        figures["RSS (MB)"] = {t.name: rss_mb(t.pid) for t in targets}
         if idle:
             figures.update(bench_idle(targets, p.idle_seconds))
     finally:
         for target in targets:
             target.close()
         dpkit.stop()
-        if floor is not None:
+        for floor in floors:
             stop_process(floor)
         kubelet.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -267,15 +276,14 @@ def bench_help(runs: int) -> Figures:
     script = Path(sys.executable).parent / "dpkit"
     dpkit_cmd = [str(script), "--help"] if script.exists() else [sys.executable, "-m", "dpkit.core.cli", "--help"]
     commands = {"dpkit": dpkit_cmd, "floor": [sys.executable, "-c", "pass"]}
-    samples: dict[str, list[float]] = {"dpkit": [], "floor": []}
+    samples: dict[str, list[float]] = {"dpkit": [], "floor": []}  # one floor: the interpreter's start
     for run in range(runs + 1):
         for name in (["dpkit", "floor"] if run % 2 == 0 else ["floor", "dpkit"]):
             t0 = time.perf_counter()
             subprocess.run(commands[name], check=True, stdout=subprocess.DEVNULL, timeout=60)
             if run > 0:  # the first run warms the page cache
                 samples[name].append(ms(time.perf_counter() - t0))
-    return {"`dpkit --help` vs `python -c pass`, median (ms)": (statistics.median(samples["dpkit"]),
-                                                                statistics.median(samples["floor"]))}
+    return {"`dpkit --help` vs `python -c pass`, median (ms)": each(samples, None)}
 
 
 def target_for(figure: str, count: int | None) -> str:
@@ -298,11 +306,16 @@ def target_for(figure: str, count: int | None) -> str:
     return ""
 
 
-def row(figure: str, count: int | None, values: tuple[float, float]) -> str:
-    dpkit, floor = values
-    ratio = f"{dpkit / floor:.2f}" if floor > 0 else "-"
-    size = "" if count is None else f"{count:,}"
-    return f"| {figure} | {size} | {dpkit:.3f} | {floor:.3f} | {ratio} | {target_for(figure, count)} |"
+def ratio(values: dict[str, float], floor: str) -> float | None:
+    return values["dpkit"] / values[floor] if values.get(floor, 0) > 0 else None
+
+
+def row(figure: str, count: int | None, values: dict[str, float]) -> str:
+    cells = [figure, "" if count is None else f"{count:,}", f"{values['dpkit']:.3f}"]
+    for floor in FLOORS:
+        r = ratio(values, floor)
+        cells += [f"{values[floor]:.3f}", "-" if r is None else f"{r:.2f}"] if floor in values else ["", ""]
+    return "| " + " | ".join([*cells, target_for(figure, count)]) + " |"
 
 
 def main() -> int:
@@ -316,13 +329,14 @@ def main() -> int:
         p.sizes = [int(s) for s in args.sizes.split(",")]
     idle_size = max([s for s in p.sizes if s <= 1000] or [p.sizes[0]])
     results: list[dict[str, Any]] = []
-    print("| figure | devices | dpkit | floor | dpkit / floor | target |\n|---|---|---|---|---|---|", flush=True)
+    print("| figure | devices | dpkit | floor | dpkit / floor | cached floor | dpkit / cached | target |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
 
     def record(figures: Figures, count: int | None) -> None:
         for figure, values in figures.items():
             print(row(figure, count, values), flush=True)
-            results.append({"figure": figure, "devices": count, "dpkit": values[0], "floor": values[1],
-                            "ratio": values[0] / values[1] if values[1] > 0 else None})
+            results.append({"figure": figure, "devices": count, **values,
+                            **{f"dpkit/{floor}": ratio(values, floor) for floor in FLOORS if floor in values}})
 
     for count in p.sizes:
         record(measure_size(count, p, idle=count == idle_size), count)
