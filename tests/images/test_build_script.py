@@ -24,10 +24,22 @@ import json, os, sys
 from pathlib import Path
 args = sys.argv[1:]
 record = {{"engine": Path(sys.argv[0]).name, "args": args}}
-if args and args[0] in ("build", "bud"):
-    context = Path(args[-1])
-    record["wheels"] = sorted(p.name for p in (context / "wheels").iterdir())
 with open(os.environ["FAKE_ENGINE_LOG"], "a") as log:
+    if args[:2] in (["image", "exists"], ["images", "-q"], ["image", "inspect"]):
+        log.write(json.dumps(record) + "\\n")
+        if os.environ.get("FAKE_NO_IMAGES"):
+            sys.exit(1)
+        print("0123456789ab")  # an image ID, as `buildah images -q` prints for an image it has
+        sys.exit(0)
+    if args and args[0] in ("build", "bud"):
+        context = Path(args[-1])
+        record["wheels"] = sorted(p.name for p in (context / "wheels").iterdir())
+        if os.environ.get("FAKE_OCI_FAILS") and "chroot" not in args:
+            log.write(json.dumps(record) + "\\n")
+            print("STEP 2/5: RUN python3 -m venv /opt/pip")
+            print("error running container: crun: cgroups in hybrid mode not supported, "
+                  "use cgroupv2 or cgroupv1: OCI runtime error")
+            sys.exit(1)
     log.write(json.dumps(record) + "\\n")
 """
 
@@ -48,10 +60,11 @@ def fake_bin(tmp_path: Path, *engines: str) -> Path:
     return bin_dir
 
 
-def run_script(tmp_path: Path, bin_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": str(bin_dir), "FAKE_ENGINE_LOG": str(tmp_path / "engine.log")}
-    for name in ("DPKIT_IMAGE_ENGINE", "DPKIT_IMAGE_REGISTRY", "DPKIT_IMAGE_BASE"):
-        env.pop(name, None)
+def run_script(tmp_path: Path, bin_dir: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": str(bin_dir), "FAKE_ENGINE_LOG": str(tmp_path / "engine.log"), **extra_env}
+    for name in ("DPKIT_IMAGE_ENGINE", "DPKIT_IMAGE_REGISTRY", "DPKIT_IMAGE_BASE", "BUILDAH_ISOLATION"):
+        if name not in extra_env:
+            env.pop(name, None)
     return subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), *args],
                           capture_output=True, text=True, env=env, timeout=300)
 
@@ -96,7 +109,7 @@ def test_dry_run_tags_each_vendor_with_its_package_version(tmp_path: Path, vendo
     assert f"-t {tag} " in line
     assert f"-f {ROOT / 'images' / vendor / 'Containerfile'} " in line
     assert f"--build-arg VERSION={package_version(vendor)} " in line
-    assert "--build-arg SOURCE=" in line
+    assert "SOURCE" not in line and "example.invalid" not in line, "no placeholder source (core's URL is one)"
     assert line.endswith(str(tmp_path / "out" / vendor))
     assert engine_calls(tmp_path) == [], "a dry run runs nothing"
     assert not (tmp_path / "out").exists()
@@ -126,7 +139,7 @@ def test_build_and_push_with_the_wheels_in_the_context(tmp_path: Path) -> None:
     result = run_script(tmp_path, fake_bin(tmp_path, "podman", "docker"), "--vendor", "sfc", "--push")
     assert result.returncode == 0, result.stdout + result.stderr
     tag = f"localhost/dpkit-sfc:{package_version('sfc')}"
-    calls = engine_calls(tmp_path)
+    calls = [c for c in engine_calls(tmp_path) if c["args"][:2] != ["image", "exists"]]  # type: ignore[index]
     assert [c["engine"] for c in calls] == ["podman", "podman"]
     assert isinstance(calls[0]["args"], list) and calls[0]["args"][0] == "build"
     assert calls[1]["args"] == ["push", tag]
@@ -146,3 +159,89 @@ def test_unusable_package_metadata_names_the_file(tmp_path: Path, build_script: 
     broken.write_text("[project]\nname = 'x'\ndynamic = ['version']\n")
     with pytest.raises(build_script.BuildError, match="needs a static name and version"):
         build_script._project(broken)
+
+
+# -- a build that finds what works on this host ---------------------------------------------------
+def test_an_isolation_error_is_retried_with_chroot(tmp_path: Path) -> None:
+    """crun's cgroups error (v1/hybrid hosts) under oci isolation: one retry with chroot, said in a line."""
+    result = run_script(tmp_path, fake_bin(tmp_path, "buildah"), "--vendor", "sfc", "--isolation", "oci",
+                        FAKE_OCI_FAILS="1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    builds = [c["args"] for c in engine_calls(tmp_path) if c["args"][0] == "bud"]  # type: ignore[index]
+    assert len(builds) == 2
+    assert builds[0][builds[0].index("--isolation") + 1] == "oci"  # type: ignore[union-attr,index]
+    assert builds[1][builds[1].index("--isolation") + 1] == "chroot"  # type: ignore[union-attr,index]
+    assert "isolation error under oci; retrying with --isolation chroot" in result.stdout
+    assert "cgroups in hybrid mode not supported" in result.stdout, "the engine's own output is shown"
+
+
+def test_other_build_failures_are_not_retried(tmp_path: Path) -> None:
+    bin_dir = fake_bin(tmp_path, "buildah")
+    (bin_dir / "buildah").write_text(f"#!{sys.executable}\nimport sys\nif sys.argv[1] == 'bud':\n"
+                                     "    print('Error: no space left on device')\n    sys.exit(125)\n"
+                                     "print('0123456789ab')\n")  # `images -q`: the base is there
+    broken = run_script(tmp_path, bin_dir, "--vendor", "sfc", "--isolation", "oci")
+    assert broken.returncode == 1 and "failed with exit code 125" in broken.stderr
+    assert "retrying" not in broken.stdout
+
+
+def test_isolation_follows_the_hosts_cgroups(tmp_path: Path, build_script: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("BUILDAH_ISOLATION", raising=False)
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cgroup.controllers").write_text("cpu memory\n")
+    assert build_script.choose_isolation("buildah", cgroup_root=v2) == "oci"
+    assert build_script.choose_isolation("podman", cgroup_root=tmp_path / "v1") == "chroot"
+    assert "cgroups v1/hybrid here" in capsys.readouterr().out
+    assert build_script.choose_isolation("docker", cgroup_root=tmp_path / "v1") is None
+    assert build_script.choose_isolation("buildah", "rootless", cgroup_root=v2) == "rootless"
+    monkeypatch.setenv("BUILDAH_ISOLATION", "chroot")
+    assert build_script.choose_isolation("buildah", cgroup_root=v2) is None, "the engine reads the variable itself"
+
+
+def test_a_missing_base_without_registry_access_says_what_to_do(tmp_path: Path) -> None:
+    local = run_script(tmp_path, fake_bin(tmp_path, "buildah"), "--vendor", "sfc", "--base", "localhost/nothing:1",
+                       FAKE_NO_IMAGES="1")
+    assert local.returncode == 1
+    assert "the base image localhost/nothing:1 is not in buildah's local storage" in local.stderr
+    assert "images/local_base.py" in local.stderr and "--base localhost/dpkit-base:bookworm" in local.stderr
+    # a registry nobody answers for (a reserved TLD: no DNS lookup can succeed)
+    far = run_script(tmp_path, tmp_path / "bin", "--vendor", "sfc", "--base", "registry.invalid/python:3.11",
+                     FAKE_NO_IMAGES="1")
+    assert far.returncode == 1
+    assert "its registry registry.invalid cannot be reached from here" in far.stderr
+    assert "images/local_base.py" in far.stderr
+    assert not (tmp_path / "out").exists(), "nothing is built before the base is known to be there"
+
+
+def test_registry_host_of_image_references(build_script: ModuleType) -> None:
+    assert build_script.registry_host("docker.io/library/python:3.11") == "registry-1.docker.io"
+    assert build_script.registry_host("python:3.11") == "registry-1.docker.io"
+    assert build_script.registry_host("quay.io/x/y:1") == "quay.io"
+    assert build_script.registry_host("localhost:5000/x:1") is None
+    assert build_script.registry_host("localhost/dpkit-base:bookworm") is None
+
+
+def _project_with(root: Path, urls: str) -> Path:
+    (root / "core").mkdir(parents=True)
+    (root / "core" / "pyproject.toml").write_text(f'[project]\nname = "dpkit-core"\nversion = "1"\n{urls}')
+    return root
+
+
+def test_source_label_is_real_or_absent(tmp_path: Path, build_script: ModuleType) -> None:
+    real = _project_with(tmp_path / "a", '[project.urls]\nSource = "https://git.corp.net/k8s/dpkit"\n')
+    assert build_script.source_url(real) == "https://git.corp.net/k8s/dpkit"
+    placeholder = _project_with(tmp_path / "b", '[project.urls]\nSource = "https://example.invalid/dpkit"\n')
+    assert build_script.source_url(placeholder) == "", "no git repo, a placeholder URL: no label"
+    subprocess.run(["git", "init", "-q", str(placeholder)], check=True, timeout=30)
+    subprocess.run(["git", "-C", str(placeholder), "remote", "add", "origin",
+                    "https://bot:s3cret@gitlab.corp.net/k8s/dpkit.git"], check=True, timeout=30)
+    assert build_script.source_url(placeholder) == "https://gitlab.corp.net/k8s/dpkit.git", "credentials dropped"
+    assert build_script._real_url("git@github.com:corp/dpkit.git") == "https://github.com/corp/dpkit.git"
+    assert build_script._real_url("https://example.com/dpkit") == ""
+    unlabelled = build_script.VendorImage("sfc", "dpkit-sfc", "1", "")
+    assert "--label" not in build_script.build_command("buildah", unlabelled, "t", tmp_path, None, None)
+    labelled = build_script.VendorImage("sfc", "dpkit-sfc", "1", "https://x.org/d")
+    assert "org.opencontainers.image.source=https://x.org/d" in build_script.build_command(
+        "buildah", labelled, "t", tmp_path, None, None)
