@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from kvm_vfio.fakehost import FakeHost
 
+from dpkit.core.discovery import explain
 from dpkit.core.kubelet import Kubelet
 from dpkit.core.manager import Manager
 from dpkit.kvm_vfio.vendor import KvmVfioVendor
@@ -34,6 +35,10 @@ def test_out_of_range_numa_node_marks_only_that_device(host: FakeHost) -> None:
     assert "NUMA node 2000 is outside 0..1023" in bad.reason
     notes = [f for f in vendor.explain() if f.subject == "0000:86:00.0"]
     assert notes and "NUMA node 2000" in notes[0].reason and not notes[0].advertised
+    report = explain(vendor)  # what `dpkit discover` prints
+    assert report["errors"] == []
+    (gpu,) = [r for r in report["resources"] if r["name"] == GPU]
+    assert {d["id"]: d["health"] for d in gpu["devices"]} == {"0000:3b:00.0": "Healthy", "0000:86:00.0": "Unhealthy"}
 
 
 def test_out_of_range_numa_node_still_serves_the_node(
