@@ -83,11 +83,11 @@ def build(config: CryptoConfig | None, bus: ApBus, machine_id: str | None) -> In
                                 hint="modprobe ap (and zcrypt); check the LPAR/guest has crypto adapters"))
     for s in config.sets if config else ():
         devices: list[Device] = []
+        elsewhere: dict[tuple[int, int], list[str]] = {}  # one finding per APQN, however many machines
         for a in s.apqns:
             subject = f"APQN {apqn_name(a.adapter, a.domain)}"
             if not a.applies_to(machine_id):
-                findings.append(Finding(subject, False, f"pinned to machine {a.machineid}; this is "
-                                        f"{machine_id or 'an unknown machine'}", s.resource))
+                elsewhere.setdefault((a.adapter, a.domain), []).append(a.machineid)
                 continue
             why = _unfit(s, bus, a.adapter, a.domain)
             if why:
@@ -98,6 +98,12 @@ def build(config: CryptoConfig | None, bus: ApBus, machine_id: str | None) -> In
             set_of[(a.adapter, a.domain)] = s
             state = "healthy" if new[0].healthy else f"unhealthy: {new[0].reason}"
             findings.append(Finding(subject, True, f"advertised {s.overcommit}x ({state})", s.resource))
+        for (adapter, domain), machines in elsewhere.items():
+            if (adapter, domain) in set_of and set_of[(adapter, domain)] is s:
+                continue  # also listed for this machine: advertised, nothing to explain
+            pinned = machines[0] if len(machines) == 1 else f"{len(machines)} other machines (first {machines[0]})"
+            findings.append(Finding(f"APQN {apqn_name(adapter, domain)}", False, f"pinned to machine {pinned}; "
+                                    f"this is {machine_id or 'an unknown machine'}", s.resource))
         snapshot[s.resource] = tuple(devices)
     named = {(a.adapter, a.domain) for s in (config.sets if config else ()) for a in s.apqns}
     unassigned = tuple(
