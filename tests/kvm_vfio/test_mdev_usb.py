@@ -201,3 +201,12 @@ def test_usb_node_that_cannot_be_handed_over_fails_prestart_with_the_fix(host: F
     with pytest.raises(VendorError, match="usb_owner: null"):
         v.pre_start(PERIPHERALS, [unit])
     v.pre_start(STORAGE.replace("storage", "other"), [unit])  # not a USB resource: nothing to do
+
+
+def test_labels_count_vfio_devices_not_usb_ones(host: FakeHost) -> None:
+    mdev_host(host)
+    usb_host(host)
+    v = vendor(host, permittedHostDevices={**MDEVS["permittedHostDevices"], **USBS["permittedHostDevices"]})
+    labels = v.node_labels(v.discover())
+    assert labels["dpkit.io/vfio-devices"] == "3"  # two vGPU mdevs and one GVT-g mdev; USB units are not VFIO
+    assert {c.name for c in v.doctor()} >= {"IOMMU enabled", "/dev/vfio/vfio present"}

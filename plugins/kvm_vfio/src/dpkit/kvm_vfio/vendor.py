@@ -183,7 +183,7 @@ class KvmVfioVendor(Vendor):
         problem = node_problem(kvm)
         checks = [Check("/dev/kvm usable", not problem, problem or f"{kvm} opens read-write",
                         hint_for(SHARED_NODES[0], problem))]
-        if s.selectors:
+        if s.selectors or s.mdevs:
             groups = iommu_groups(s.sys_root)
             checks.append(Check("IOMMU enabled", bool(groups), f"{len(groups)} IOMMU groups", IOMMU_HINT))
             driver = os.path.isdir(os.path.join(s.sys_root, "bus/pci/drivers/vfio-pci"))
@@ -201,7 +201,9 @@ class KvmVfioVendor(Vendor):
 
     def node_labels(self, snapshot: Snapshot) -> Mapping[str, str]:
         kvm = snapshot.get("devices.kubevirt.io/kvm", ())
-        vfio = sum(1 for r, devices in snapshot.items() if r not in _SHARED for d in devices if d.healthy)
+        usb_resources = self._usb_resources
+        vfio = sum(1 for r, devices in snapshot.items() if r not in _SHARED and r not in usb_resources
+                   for d in devices if d.healthy)
         return {
             "dpkit.io/kvm": "true" if any(d.healthy for d in kvm) else "false",
             "dpkit.io/iommu": "true" if iommu_groups(self.settings.sys_root) else "false",
