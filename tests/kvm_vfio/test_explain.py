@@ -86,12 +86,18 @@ def test_dpkit_discover_command_runs_the_vendor(host: FakeHost, tmp_path: Path) 
         "devices.kubevirt.io/kvm": 2, "nvidia.com/TU104GL_Tesla_T4": 1}
 
 
-def test_bad_config_is_a_clear_cli_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("vendor", "where"), [
+    ({"kvm_slots": "lots"}, "vendor: kvm_slots: expected a whole number"),
+    ({"permittedHostDevices": {"pciHostDevices": [{"pciVendorSelector": "10de:1eb8"}]}},
+     "vendor: permittedHostDevices.pciHostDevices[0].resourceName: required"),
+])
+def test_bad_config_is_a_clear_cli_error(tmp_path: Path, vendor: dict[str, object], where: str) -> None:
     config = tmp_path / "dpkit.yaml"
-    config.write_text(yaml.safe_dump({"vendor": {"kvm_slots": "lots"}}))
+    config.write_text(yaml.safe_dump({"vendor": vendor}))
     done = subprocess.run([sys.executable, "-m", "dpkit.core.cli", "discover", "kvm_vfio", "-c", str(config)],
                           capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 2 and "vendor.kvm_slots" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{config}: {where}" in done.stderr  # the core names the file, the vendor the key path
 
 
 def test_doctor_checks(host: FakeHost) -> None:
