@@ -35,6 +35,7 @@ def test_out_of_range_numa_node_marks_only_that_device(host: FakeHost) -> None:
     assert "NUMA node 2000 is outside 0..1023" in bad.reason
     notes = [f for f in vendor.explain() if f.subject == "0000:86:00.0"]
     assert notes and "NUMA node 2000" in notes[0].reason and not notes[0].advertised
+    assert "the rest of the node is served" in notes[0].hint
     report = explain(vendor)  # what `dpkit discover` prints
     assert report["errors"] == []
     (gpu,) = [r for r in report["resources"] if r["name"] == GPU]

@@ -197,6 +197,9 @@ def container_spec(f: PciFunction, resource: str, dev_root: str) -> ContainerSpe
 
 
 def _hint(reason: str, address: str) -> str:
+    if reason.startswith("invalid device data"):
+        return "sysfs reports values the kernel never writes (firmware tables, a broken driver): fix them; " \
+            "the rest of the node is served meanwhile"
     if "IOMMU is disabled" in reason:
         return IOMMU_HINT
     if "not viable" in reason:
