@@ -113,7 +113,7 @@ def test_one_apqn_pinned_to_different_machines_may_serve_two_sets() -> None:
     (_sets(_set(overcommit=1001)), r"\(s1\).overcommit: expected an integer of at most 1000 \(dpkit's limit "
                                    r"per set; IBM's plugin has none\), got 1001"),
     (_sets(_set(overcommit=2.5)), r"\(s1\).overcommit"),
-    (_sets(_set(livesysfs=2)), r"\(s1\).livesysfs"),
+    (_sets(_set(livesysfs="1")), r"\(s1\).livesysfs"),
     (_sets(_set(project="")), r"\(s1\).project: expected a non-empty string"),
     (_sets(_set(name="Bad Name")), r"cryptoconfigsets\[0\].setname: 'Bad Name' cannot name a resource"),
     (_sets({"project": "p"}), r"cryptoconfigsets\[0\].setname: expected a non-empty string"),

@@ -167,12 +167,14 @@ def _parse_set(where: str, raw: Any, overcommit: int, livesysfs: bool, ignored: 
             raise ConfigError(f"{where}.overcommit: expected an integer of at most {MAX_SET_OVERCOMMIT} "
                               f"(dpkit's limit per set; IBM's plugin has none), got {set_overcommit!r}")
     live_raw = raw.get("livesysfs")
-    if live_raw is None:
-        live = livesysfs
-    elif isinstance(live_raw, bool):
+    if isinstance(live_raw, bool):
         live = live_raw
+    elif live_raw is None or (isinstance(live_raw, int) and live_raw < 0):
+        live = livesysfs  # absent (or negative, IBM's "not given"): the cluster default, APQN_LIVE_SYSFS
+    elif isinstance(live_raw, int):
+        live = live_raw > 0  # IBM's plugin: any positive number switches it on
     else:
-        live = _int(f"{where}.livesysfs", live_raw, 0, 1) == 1
+        raise ConfigError(f"{where}.livesysfs: expected an integer (0 off, 1 on), got {live_raw!r}")
     apqns_raw = raw.get("apqns") or []
     if not isinstance(apqns_raw, list):
         raise ConfigError(f"{where}.apqns: expected a list, got {type(apqns_raw).__name__}")
