@@ -9,11 +9,12 @@ from typing import Any
 import zmq
 
 from dpkit.core.errors import DpkitError
+from dpkit.core.files import private_state_dir
 
 
 def query(state_dir: str | Path, command: str = "status", timeout: float = 3.0) -> dict[str, Any]:
     """Ask a running manager; raises DpkitError when nothing answers in ``timeout`` seconds."""
-    path = Path(state_dir) / "control.sock"
+    path = private_state_dir(state_dir, create=False) / "control.sock"  # where the manager bound it
     if not path.exists():
         raise DpkitError(f"no control socket at {path}: is `dpkit run` running with this state_dir?")
     context: zmq.Context[Any] = zmq.Context()
