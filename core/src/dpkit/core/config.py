@@ -57,7 +57,7 @@ class Config:
 
     plugin_dir: str = DEFAULT_PLUGIN_DIR
     kubelet_socket: str = "kubelet.sock"  # relative to plugin_dir unless absolute
-    state_dir: str = "/run/dpkit"  # control and event sockets (mode 0700 dir, 0600 sockets)
+    state_dir: str = "/run/dpkit"  # control and event sockets (0600, in dpkit's own private dir; see files.py)
     log_format: str = "human"  # human | json
     log_level: str = "info"
     probe_heartbeat_timeout: float = 10.0
