@@ -13,7 +13,9 @@ cached floor, dpkit/cached:
 - health change -> ListAndWatch update p50/p99: the side channel makes the server report one
   device's flip, the client times until its open stream shows it (sizes up to 10k);
 - ListAndWatch first list (median time to the first response of a new stream);
-- start -> registered (process start until the kubelet holds the full list) and RSS at the end;
+- start -> registered (process start until the kubelet holds the full list; above 20k devices
+  the bench vendor builds the devices itself, as the core refuses a devices file over 1 MiB) and
+  RSS at the end;
 - idle CPU of all at the 1k size (with the kubelet's streams open), and ``dpkit --help``
   against ``python -c pass``.
 
@@ -40,18 +42,18 @@ from typing import Any
 import grpc
 from harness import (
     BENCH_DIR,
+    FILE_MAX_DEVICES,
     RESOURCE,
     DpkitProcess,
     KubeletProcess,
     bench_env,
-    device_ids,
     pct,
     proc_cpu_seconds,
     rss_mb,
     stop_process,
     wait_path,
 )
-from sidechannel import Client
+from sidechannel import Client, device_ids
 
 from dpkit.core.api.v1beta1 import api_pb2, api_pb2_grpc
 
@@ -223,21 +225,21 @@ def bench_idle(targets: list[Target], seconds: float) -> Figures:
     return {f"idle CPU over {seconds:g} s (%)": used}
 
 
-def measure_size(count: int, p: Params, idle: bool) -> Figures:
+def measure_size(count: int, p: Params, idle: bool, generate: bool | None) -> Figures:
     tmp = Path(tempfile.mkdtemp(prefix="dpkf-", dir="/tmp"))
     env = bench_env(tmp)
     plugin_dir = tmp / "dp"
     plugin_dir.mkdir()
     kubelet = KubeletProcess(plugin_dir, tmp / "pr" / "kubelet.sock", env)
-    dpkit = DpkitProcess(tmp, count, env, pod_resources_socket=tmp / "pr" / "kubelet.sock")
+    dpkit = DpkitProcess(tmp, count, env, pod_resources_socket=tmp / "pr" / "kubelet.sock", generate=generate)
     floors: list[subprocess.Popen[bytes]] = []
     targets: list[Target] = []
     figures: Figures = {}
     try:
         dpkit.start()
         try:
-            dpkit_start = kubelet.wait_registered(RESOURCE, count, p.start_timeout) - dpkit.started
-        except TimeoutError as exc:
+            dpkit_start = kubelet.wait_registered(RESOURCE, count, p.start_timeout, dpkit.proc) - dpkit.started
+        except (TimeoutError, RuntimeError) as exc:
             raise RuntimeError(f"{exc}\n--- dpkit log tail ---\n{dpkit.log_tail()}") from None
         dpkit.wait_control(30)
         starts = {"dpkit": ms(dpkit_start)}
@@ -249,10 +251,12 @@ def measure_size(count: int, p: Params, idle: bool) -> Figures:
                                       "--plugin-dir", str(plugin_dir), "--control", str(control), "--name", name,
                                       *options], env=env)
             floors.append(floor)
-            starts[name] = ms(kubelet.wait_registered(f"example.com/{name}", count, p.start_timeout) - started)
+            starts[name] = ms(kubelet.wait_registered(f"example.com/{name}", count, p.start_timeout, floor)
+                              - started)
             wait_path(control, 30, floor)
             targets.append(Target(name, f"example.com/{name}", plugin_dir / f"{name}.sock", control, floor.pid))
-        figures["start -> registered (ms)"] = starts
+        source = "devices generated in the vendor" if dpkit.generated else "devices file"
+        figures[f"start -> registered (ms, {source})"] = starts
         figures.update(bench_allocate(targets, count, p))
         figures.update(bench_first_list(targets, count, p))
         if count <= 10000:
@@ -323,6 +327,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="sizes 1 and 1k, few iterations (a smoke run)")
     parser.add_argument("--sizes", help="comma-separated device counts (default 1,1000,10000,100000)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument("--generate", action="store_true",
+                        help="build the devices inside the bench vendor at every size (default: above "
+                             f"{FILE_MAX_DEVICES:,} only, where the core refuses the devices file)")
     args = parser.parse_args()
     p = QUICK if args.quick else FULL
     if args.sizes:
@@ -339,7 +346,7 @@ def main() -> int:
                             **{f"dpkit/{floor}": ratio(values, floor) for floor in FLOORS if floor in values}})
 
     for count in p.sizes:
-        record(measure_size(count, p, idle=count == idle_size), count)
+        record(measure_size(count, p, idle=count == idle_size, generate=True if args.generate else None), count)
     record(bench_help(p.help_runs), None)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

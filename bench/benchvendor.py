@@ -7,6 +7,10 @@ vendor's does: watcher -> event bus -> manager -> ListAndWatch, status, CDI, lab
 The bench harness registers it through a ``dpkit.vendors`` entry point in a temporary
 ``.dist-info`` (see :func:`harness.vendor_site`), as a vendor package would.
 
+Config: the sim vendor's keys, plus ``control`` (the side channel's socket path) and
+``generate`` (``{resource: N}``: N more devices built in process, exactly as the sim vendor builds
+a devices file's entries, for sizes the core refuses to read from a file).
+
 Commands (``resource`` everywhere; ``healthy`` is a bool):
 
 - ``flip``: one report for ``id``; replies the time it was handed to the sink;
@@ -26,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import sidechannel
+from sidechannel import device_ids
 
 from dpkit.core.device import Health
 from dpkit.core.sim import SimulatedVendor
@@ -45,7 +50,12 @@ class SideChannelSim(SimulatedVendor):
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         settings = dict(config or {})
         self.control = str(settings.pop("control", ""))
+        generate: dict[str, int] = dict(settings.pop("generate", {}))
         super().__init__(settings)
+        for resource, count in generate.items():
+            devices = self._devices.setdefault(resource, {})
+            for i, device_id in enumerate(device_ids(int(count))):
+                devices[device_id] = self._device({"id": device_id, "numa": i % 2}, f"generate[{i}]")
         # the last report sent per device, starting from the devices file's health
         self.reported = {res: {d.id: d.healthy for d in devs.values()} for res, devs in self._devices.items()}
 

@@ -27,12 +27,9 @@ from typing import Any
 
 import grpc
 import sidechannel
+from sidechannel import device_ids
 
 from dpkit.core.api.v1beta1 import api_pb2, api_pb2_grpc
-
-
-def device_ids(count: int) -> list[str]:
-    return [f"dev-{i:06d}" for i in range(count)]
 
 
 class Floor(api_pb2_grpc.DevicePluginServicer):

@@ -15,9 +15,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
+from sidechannel import device_ids
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESOURCE = "example.com/bench"
+# Above this the devices are generated inside the bench vendor: the core refuses devices files over
+# 1 MiB or 250k YAML values (issue 12), and 100k devices take about 3 MiB.
+FILE_MAX_DEVICES = 20000
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -26,14 +30,9 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def device_ids(count: int) -> list[str]:
-    """The IDs both the floor and the dpkit devices file use."""
-    return [f"dev-{i:06d}" for i in range(count)]
-
-
 def write_devices(path: Path, count: int) -> None:
     """A sim devices file of ``count`` devices in block style, as an operator would write it."""
-    lines = ["resources:", f"  {RESOURCE}:"]
+    lines = ["resources:", f"  {RESOURCE}:" + ("" if count else " []")]
     for i, device_id in enumerate(device_ids(count)):
         lines.append(f"  - id: {device_id}\n    numa: {i % 2}")
     path.write_text("\n".join(lines) + "\n")
@@ -104,14 +103,24 @@ class KubeletProcess:
         if self.stdout.readline().strip() != "ready":
             raise RuntimeError("kubelet emulator process did not start")
 
-    def wait_registered(self, resource: str, count: int, timeout: float) -> float:
-        """``time.monotonic()`` when the kubelet held ``count`` devices of ``resource``."""
-        self.stdin.write(f"wait {resource} {count} {timeout}\n")
-        self.stdin.flush()
-        answer = self.stdout.readline().split()
-        if not answer or answer[0] != "ok":
-            raise TimeoutError(f"{resource} not registered with {count} devices within {timeout:g} s")
-        return float(answer[1])
+    def wait_registered(self, resource: str, count: int, timeout: float,
+                        server: subprocess.Popen[Any] | None = None) -> float:
+        """``time.monotonic()`` when the kubelet held ``count`` devices of ``resource``.
+
+        Asks in 1 s steps so a ``server`` process that exits is noticed at once; the time comes
+        from the kubelet process, so the steps do not coarsen it.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            self.stdin.write(f"wait {resource} {count} {min(1.0, timeout)}\n")
+            self.stdin.flush()
+            answer = self.stdout.readline().split()
+            if answer and answer[0] == "ok":
+                return float(answer[1])
+            if server is not None and server.poll() is not None:
+                raise RuntimeError(f"{server.args!r} exited with {server.returncode} before registering")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{resource} not registered with {count} devices within {timeout:g} s")
 
     def stop(self) -> None:
         self.stdin.close()
@@ -126,20 +135,25 @@ class KubeletProcess:
 class DpkitProcess:
     """A real ``dpkit run simbench`` process (the CLI, config file, observers, signal handling)."""
 
-    def __init__(self, tmp: Path, count: int, env: dict[str, str], *, pod_resources_socket: Path) -> None:
+    def __init__(self, tmp: Path, count: int, env: dict[str, str], *, pod_resources_socket: Path,
+                 generate: bool | None = None) -> None:
         self.tmp = tmp
         self.count = count
+        self.generated = count > FILE_MAX_DEVICES if generate is None else generate
         self.devices = tmp / "devices.yaml"
         self.control = tmp / "bench-control.sock"
         self.state_dir = tmp / "st"
         self.plugin_dir = tmp / "dp"
         self.socket = self.plugin_dir / f"dpkit-{RESOURCE.replace('/', '_')}.sock"
-        write_devices(self.devices, count)
+        write_devices(self.devices, 0 if self.generated else count)
+        vendor: dict[str, Any] = {"devices_file": str(self.devices), "script": False, "control": str(self.control)}
+        if self.generated:
+            vendor["generate"] = {RESOURCE: count}
         self.config = tmp / "config.yaml"
         self.config.write_text(yaml.safe_dump({
             "plugin_dir": str(self.plugin_dir), "state_dir": str(self.state_dir), "cdi_dir": str(tmp / "cdi"),
             "nfd_features_dir": str(tmp / "nfd"), "pod_resources_socket": str(pod_resources_socket),
-            "vendor": {"devices_file": str(self.devices), "script": False, "control": str(self.control)},
+            "vendor": vendor,
         }))
         self.log_path = tmp / "dpkit.log"
         self.env = env

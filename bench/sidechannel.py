@@ -18,6 +18,11 @@ from typing import Any
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+def device_ids(count: int) -> list[str]:
+    """The device IDs every benchmarked server uses, so one command means the same device everywhere."""
+    return [f"dev-{i:06d}" for i in range(count)]
+
+
 def serve(path: str | Path, handler: Handler, stop: threading.Event) -> None:
     """Answer commands on ``path`` until ``stop`` is set; one client at a time, one reply per line.
 
