@@ -31,6 +31,7 @@ from dpkit.cex.cryptoconfig import (
     file_digest,
     read_crypto_config,
     read_machine_id,
+    unreadable,
 )
 from dpkit.cex.inventory import Inventory, build, device_id, parse_device_id
 from dpkit.cex.nodes import NodeKeeper
@@ -164,7 +165,7 @@ class CexVendor(Vendor):
             return False
         if digest is None:
             if self._rejected != _UNREADABLE:
-                self._rejected, self.config_error = _UNREADABLE, f"vendor.config_file: cannot read {path}"
+                self._rejected, self.config_error = _UNREADABLE, f"vendor.config_file: {unreadable(path, 'gone')}"
                 log.error("crypto config change rejected: file unreadable; keeping the previous version",
                           extra=kv(file=path))
             return False
@@ -401,7 +402,8 @@ class CexVendor(Vendor):
         findings = [Finding(source, True, f"{len(self.crypto.sets)} crypto config set(s) in use")]
         if self.config_error:
             findings.append(Finding(source, False, f"newest version rejected, previous one still in use: "
-                                    f"{self.config_error}", hint="fix the cex-resources-config ConfigMap"))
+                                    f"{self.config_error}", hint="fix the cex-resources-config ConfigMap "
+                                    "(docs/cex.md)"))
         findings += [Finding(source, False, f"ignored key {k}") for k in self.crypto.ignored]
         findings += [Finding("AP bus", False, note) for note in bus.notes]
         if bus.present and not self.zcrypt.supported():
