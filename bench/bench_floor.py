@@ -74,7 +74,7 @@ class Params:
 
 
 FULL = Params(sizes=[1, 1000, 10000, 100000], allocate_calls=2000, block=50, first_lists=10, flips=200,
-              idle_seconds=20.0, help_runs=10, start_timeout=600.0)
+              idle_seconds=30.0, help_runs=10, start_timeout=600.0)
 QUICK = Params(sizes=[1, 1000], allocate_calls=200, block=25, first_lists=3, flips=20,
                idle_seconds=1.0, help_runs=3, start_timeout=120.0)
 
