@@ -79,3 +79,36 @@ def setup_logging(fmt: str = "human", level: str = "info", stream: TextIO | None
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+class RateLimiter:
+    """Lets through at most ``burst`` log lines per ``interval`` seconds and counts the rest.
+
+    Used where a peer controls how often we would log (garbage on the event socket): the log
+    must show the problem, not grow with the attacker's rate. Callers log :meth:`suppressed`
+    with the next line that passes, so nothing is hidden, only summarised.
+    """
+
+    def __init__(self, burst: int = 10, interval: float = 60.0, clock: Any = time.monotonic) -> None:
+        self.burst = burst
+        self.interval = interval
+        self._clock = clock
+        self._window_start = -float("inf")
+        self._passed = 0
+        self._dropped = 0
+
+    def allow(self) -> bool:
+        now = self._clock()
+        if now - self._window_start >= self.interval:
+            self._window_start = now
+            self._passed = 0
+        if self._passed < self.burst:
+            self._passed += 1
+            return True
+        self._dropped += 1
+        return False
+
+    def suppressed(self) -> int:
+        """Lines dropped since the last call (reset on read)."""
+        dropped, self._dropped = self._dropped, 0
+        return dropped

@@ -1,10 +1,15 @@
 """The manager: runs every resource of one vendor in one process and owns their lifecycle.
 
-Data flow: vendor discovery / watch thread / probe processes -> event bus -> this manager's loop
--> effective device lists (vendor health overlaid with health events) -> each resource's
-server -> ListAndWatch streams -> kubelet. Resources appear and disappear with the vendor's
-snapshots. Library code never exits the process: failures are logged, kept in ``errors`` for
-``dpkit status``, and retried.
+Data flow: vendor discovery / watch thread (health board) / probe processes (event socket) ->
+this manager's loop -> effective device lists (vendor health overlaid with health reports) ->
+each resource's server -> ListAndWatch streams -> kubelet. Resources appear and disappear with
+the vendor's snapshots. Library code never exits the process: failures are logged, kept in
+``errors`` for ``dpkit status``, and retried.
+
+Health is level-triggered: every report replaces that source's previous word about the device,
+and one loop pass turns everything that arrived into one update per changed device. Only the
+changed devices are recomputed and sent to their resource's server; observers (CDI, labels,
+metrics) follow at most every ``OBSERVER_INTERVAL`` seconds, so a burst never queues work.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from dpkit.core.config import Config
 from dpkit.core.device import Device, Health, Snapshot
 from dpkit.core.errors import ConfigError, DpkitError
 from dpkit.core.events import EventBus, bind_private, connect_error, validate_snapshot
-from dpkit.core.logs import get_logger, kv
+from dpkit.core.files import own_sockets, remove_own_socket, remove_staging_dirs
+from dpkit.core.logs import RateLimiter, get_logger, kv
 from dpkit.core.probes import ProbeSupervisor
 from dpkit.core.registration import KubeletLink
 from dpkit.core.server import ResourceServer
@@ -35,7 +41,21 @@ from dpkit.core.vendor import Vendor
 log = get_logger("manager")
 
 Override = tuple[Health, str]
+Marks = dict[str, Override]  # source -> its latest non-Healthy report
 ALL = "*"
+MAX_ORPHANS = 4096  # reports about devices not (yet) in a snapshot, kept until the next snapshot
+OBSERVER_INTERVAL = 0.25  # seconds between observer refreshes during a burst
+MIN_PASS_INTERVAL = 0.005  # seconds between two publishing passes: bounds the kubelet update rate
+LOGGED_CHANGES_PER_PASS = 20  # device transitions logged one by one per pass; the rest summarised
+SERVER_RETRY_MAX = 60.0  # seconds: the longest wait between attempts to start a resource server
+
+
+MAX_KEPT_TEXT = 500  # characters of one kept error message or field
+MAX_CONTROL_REQUEST = 4096  # bytes; a control request is a few dozen
+
+
+def _clip(text: str, limit: int = MAX_KEPT_TEXT) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
 
 
 class _ErrorKeeper(logging.Handler):
@@ -47,8 +67,10 @@ class _ErrorKeeper(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         fields = getattr(record, "fields", {}) or {}
+        # Bounded: a message can carry what a peer or a file sent (a huge config value), and every
+        # status reply repeats the kept entries.
         self.entries.append({"ts": round(record.created, 3), "level": record.levelname.lower(),
-                             "msg": record.getMessage(), **{k: str(v) for k, v in fields.items()}})
+                             "msg": _clip(record.getMessage()), **{k: _clip(str(v)) for k, v in fields.items()}})
 
 
 class Manager:
@@ -66,7 +88,16 @@ class Manager:
                                 backoff_max=config.register_backoff_max, on_event=self._link_event)
         self.servers: dict[str, ResourceServer] = {}
         self.snapshot: dict[str, tuple[Device, ...]] = {}
-        self.overrides: dict[tuple[str, str], dict[str, Override]] = {}
+        self._index: dict[str, dict[str, Device]] = {}  # the snapshot by resource and device ID
+        self.overrides: dict[tuple[str, str], Marks] = {}
+        self._orphans: dict[tuple[str, str], Marks] = {}  # reports about devices not in the snapshot
+        self._orphan_log = RateLimiter(burst=5, interval=60.0)
+        self._observers_dirty = False
+        self._observers_due = 0.0
+        self._last_pass = 0.0
+        self._logged = 0  # device transitions logged in this pass
+        self.health_changes = 0  # effective health or reason changes published to servers
+        self.server_failures: dict[str, dict[str, Any]] = {}  # resource -> attempts, error, next try
         self.silenced: dict[str, tuple[str, ...]] = {}  # probe -> resources it covers (ALL = every one)
         self.effective: dict[str, dict[str, Device]] = {}
         self.probes: ProbeSupervisor | None = None
@@ -79,6 +110,7 @@ class Manager:
         self._watch_stop = threading.Event()
         self._sinks: list[Any] = []
         self._control: zmq.Socket[Any] | None = None
+        self._control_path = self.state_dir / "control.sock"  # until bound in the private state dir
         self._reload_requested = threading.Event()
         self._ready = threading.Event()
         self.reloads = 0
@@ -90,13 +122,15 @@ class Manager:
         self.bus.start()
         self._control = self.bus.context.socket(zmq.REP)
         self._control.setsockopt(zmq.LINGER, 0)
-        bind_private(self._control, self.state_dir / "control.sock")
+        self._control.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # larger: the peer is dropped unread
+        self._control_path = Path(bind_private(self._control, self.state_dir / "control.sock").removeprefix("ipc://"))
         self.bus.poller.register(self._control, zmq.POLLIN)
         self.probes = ProbeSupervisor(self.bus.ipc_address, self.config.probe_heartbeat_timeout,
                                       on_event=self._probe_event)
         self._remove_stale_sockets()
         self.link.start()
         self._apply_snapshot("discover", self._discover())
+        self._notify_observers()
         self._start_vendor_threads()
         self._loop = threading.Thread(target=self._run, name="manager-loop", daemon=True)
         self._loop.start()
@@ -118,10 +152,7 @@ class Manager:
             _call(observer, "close")
         if self._control is not None:
             self._control.close(0)
-            try:
-                (self.state_dir / "control.sock").unlink()
-            except FileNotFoundError:
-                pass
+            remove_own_socket(self._control_path)
         self.bus.close()
         try:
             self.vendor.close()
@@ -190,28 +221,28 @@ class Manager:
 
     def _remove_stale_sockets(self) -> None:
         """A previous run killed with SIGKILL leaves sockets and bind dirs behind."""
+        # plugin_dir is shared by every device plugin of the node: only our own sockets nobody
+        # listens on are removed, never following a link and never recursing (see files.py).
         plugin_dir = Path(self.config.plugin_dir)
         if not plugin_dir.is_dir():
             return
-        for path in plugin_dir.glob(".dpkit-bind-*"):
-            for child in path.iterdir():
-                child.unlink(missing_ok=True)
-            path.rmdir()
-        for path in plugin_dir.glob("dpkit-*.sock"):
-            if connect_error(path, timeout=0.2):  # nobody listening: a killed run's leftover
+
+        def stale(path: Path) -> bool:
+            return bool(connect_error(path, timeout=0.2))
+
+        remove_staging_dirs(plugin_dir, stale)
+        for path in own_sockets(plugin_dir, "dpkit-", ".sock"):
+            if stale(path) and remove_own_socket(path):  # nobody listening: a killed run's leftover
                 log.info("removing stale plugin socket", extra=kv(socket=str(path)))
-                path.unlink(missing_ok=True)
 
     # -- the loop ------------------------------------------------------------------------
     def _run(self) -> None:
-        known: Mapping[str, Any] = {}
         while not self._stop.is_set():
             assert self.probes is not None
-            known = self.probes.probes
-            timeout = 30.0  # every event wakes the poll; the timeout only serves probe deadlines
-            deadline = self.probes.next_deadline()
-            if deadline is not None:
-                timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+            timeout = 30.0  # every event wakes the poll; the timeout only serves the timers below
+            for due in (self.probes.next_deadline(), self._next_timer()):
+                if due is not None:
+                    timeout = max(0.0, min(timeout, due - time.monotonic()))
             try:
                 ready = dict(self.bus.poller.poll(int(timeout * 1000) + 1))
             except zmq.ZMQError:
@@ -221,8 +252,7 @@ class Manager:
             try:
                 if self._control is not None and self._control in ready:
                     self._answer_control()
-                for event in self.bus.drain(ready, known):
-                    self._handle(event)
+                self._pass(ready)
                 for state in self.probes.check():
                     covered = state.probe.resources or (ALL,)
                     self.silenced[state.probe.name] = covered
@@ -230,26 +260,76 @@ class Manager:
                 if self._reload_requested.is_set():
                     self._reload_requested.clear()
                     self._reload()
+                self._retry_servers()
+                if self._observers_dirty and time.monotonic() >= self._observers_due:
+                    self._notify_observers()
             except Exception:
                 log.exception("manager loop step failed; continuing")
 
-    def _handle(self, event: tuple[Any, ...]) -> None:
-        kind = event[0]
-        if kind == "snapshot":
-            self._apply_snapshot(event[1], event[2])
-        elif kind == "health":
-            _, source, resource, device_id, health, reason = event
-            key = (resource, device_id)
-            if health is Health.HEALTHY:
-                self.overrides.get(key, {}).pop(source, None)
-            else:
-                self.overrides.setdefault(key, {})[source] = (health, reason)
-            self._publish(source, only=resource)
-        elif kind == "heartbeat":
-            assert self.probes is not None
-            if self.probes.heartbeat(event[1]):
+    def _next_timer(self) -> float | None:
+        """The earliest of: observers due, a resource server to retry."""
+        dues = [f["next_try"] for f in self.server_failures.values()]
+        if self._observers_dirty:
+            dues.append(self._observers_due)
+        return min(dues) if dues else None
+
+    def _pass(self, ready: Mapping[Any, int]) -> None:
+        """Take everything that arrived (board and probe socket) and publish it once."""
+        assert self.probes is not None
+        # A burst is taken in passes at most MIN_PASS_INTERVAL apart, so the kubelet sees at most
+        # one update per resource per interval; everything reported meanwhile coalesces on the board.
+        wait = self._last_pass + MIN_PASS_INTERVAL - time.monotonic()
+        if wait > 0:
+            self._stop.wait(wait)
+        events = self.bus.drain(ready, self.probes.probes)
+        pending = self.bus.board.take()
+        if not pending and not events:
+            return
+        self._last_pass = time.monotonic()
+        self._logged = 0
+        if pending.snapshot is not None:
+            self._apply_snapshot(*pending.snapshot)
+        changed: set[tuple[str, str]] = set()
+        for (resource, device_id, source), (health, reason) in pending.reports.items():
+            if self._record(source, resource, device_id, health, reason):
+                changed.add((resource, device_id))
+        for event in events:
+            if event[0] == "health":
+                _, source, resource, device_id, health, reason = event
+                if self._record(source, resource, device_id, health, reason):
+                    changed.add((resource, device_id))
+            elif event[0] == "heartbeat" and self.probes.heartbeat(event[1]):
                 self.silenced.pop(event[1], None)
                 self._publish(f"probe {event[1]} beating again")
+        if changed:
+            self._refresh(changed)
+        self._log_summary()
+
+    def _record(self, source: str, resource: str, device_id: str, health: Health, reason: str) -> bool:
+        """Keep ``source``'s latest word about one device; True when a served device's marks changed."""
+        key = (resource, device_id)
+        live = device_id in self._index.get(resource, {})
+        store = self.overrides if live else self._orphans
+        marks = store.get(key)
+        if health is Health.HEALTHY:
+            if not marks or source not in marks:
+                return False
+            del marks[source]
+            if not marks:
+                del store[key]
+            return live
+        if marks is None:
+            if not live and len(store) >= MAX_ORPHANS:
+                if self._orphan_log.allow():
+                    log.warning("health report for a device no snapshot has; ignored",
+                                extra=kv(resource=resource, device=device_id, source=source,
+                                         suppressed=self._orphan_log.suppressed()))
+                return False
+            marks = store[key] = {}
+        if marks.get(source) == (health, reason):
+            return False
+        marks[source] = (health, reason)
+        return live
 
     # -- state -----------------------------------------------------------------------------
     def _apply_snapshot(self, source: str, snapshot: Snapshot) -> None:
@@ -259,12 +339,19 @@ class Manager:
         for resource in [r for r in self.servers if r not in clean]:
             log.info("resource no longer offered by the vendor; stopping it", extra=kv(resource=resource))
             self._remove_resource(resource)
+        for resource in [r for r in self.server_failures if r not in clean]:
+            del self.server_failures[resource]
         self.snapshot = clean
+        self._index = {r: {d.id: d for d in devs} for r, devs in clean.items()}
         for resource in clean:
-            if resource not in self.servers:
+            if resource not in self.servers and resource not in self.server_failures:
                 self._add_resource(resource)
-        live = {(r, d.id) for r, devs in clean.items() for d in devs}
-        self.overrides = {k: v for k, v in self.overrides.items() if k in live and v}
+        # Reports that arrived before their device was in a snapshot count from now on; marks of
+        # devices that are gone go with them.
+        for key, marks in self._orphans.items():
+            self.overrides.setdefault(key, {}).update(marks)
+        self._orphans = {}
+        self.overrides = {k: v for k, v in self.overrides.items() if v and k[1] in self._index.get(k[0], {})}
         self._publish(source)
 
     def _add_resource(self, resource: str) -> None:
@@ -279,10 +366,27 @@ class Manager:
         try:
             server.start()
         except Exception as exc:
-            log.error("cannot start resource server", extra=kv(resource=resource, error=str(exc)))
+            failure = self.server_failures.get(resource, {"attempts": 0})
+            attempts = failure["attempts"] + 1
+            retry_in = min(SERVER_RETRY_MAX, 2.0 ** (attempts - 1))
+            self.server_failures[resource] = {"attempts": attempts, "error": str(exc)[:500],
+                                              "next_try": time.monotonic() + retry_in}
+            log.error("cannot start resource server; will retry",
+                      extra=kv(resource=resource, error=str(exc), attempt=attempts, retry_in=retry_in))
+            server.stop()
             return
+        if self.server_failures.pop(resource, None) is not None:
+            log.info("resource server started after retrying", extra=kv(resource=resource))
         self.servers[resource] = server
         self.link.add(server)
+
+    def _retry_servers(self) -> None:
+        now = time.monotonic()
+        due = [r for r, f in self.server_failures.items() if f["next_try"] <= now and r in self.snapshot]
+        for resource in due:
+            self._add_resource(resource)
+            if resource in self.servers:
+                self._publish("server started", only=resource)
 
     def _remove_resource(self, resource: str) -> None:
         self.link.remove(resource)
@@ -292,44 +396,92 @@ class Manager:
         self.effective.pop(resource, None)
 
     def effective_devices(self, resource: str) -> tuple[Device, ...]:
-        """Vendor devices with health events and probe silences laid over them."""
-        out = []
-        silent = [p for p, covered in self.silenced.items() if ALL in covered or resource in covered]
-        for device in self.snapshot.get(resource, ()):
-            reasons = [] if device.healthy else [device.reason or "reported unhealthy by the vendor"]
-            for source, (health, reason) in self.overrides.get((resource, device.id), {}).items():
-                if health is Health.UNHEALTHY:
-                    reasons.append(reason or f"unhealthy per {source}")
-            reasons += [f"health probe {p} stopped responding" for p in silent]
-            out.append(device.with_health(Health.UNHEALTHY, "; ".join(reasons)) if reasons else
-                       (device if device.healthy else device.with_health(Health.HEALTHY)))
-        return tuple(out)
+        """Vendor devices with health reports and probe silences laid over them."""
+        silent = self._silent_for(resource)
+        return tuple(self._effective(resource, d, silent) for d in self.snapshot.get(resource, ()))
+
+    def _silent_for(self, resource: str) -> list[str]:
+        return [p for p, covered in self.silenced.items() if ALL in covered or resource in covered]
+
+    def _effective(self, resource: str, device: Device, silent: list[str]) -> Device:
+        reasons = [] if device.healthy else [device.reason or "reported unhealthy by the vendor"]
+        for source, (health, reason) in self.overrides.get((resource, device.id), {}).items():
+            if health is Health.UNHEALTHY:
+                reasons.append(reason or f"unhealthy per {source}")
+        reasons += [f"health probe {p} stopped responding" for p in silent]
+        if reasons:
+            return device.with_health(Health.UNHEALTHY, "; ".join(reasons))
+        return device if device.healthy else device.with_health(Health.HEALTHY)
 
     def _publish(self, source: str, only: str | None = None) -> None:
-        """Recompute effective lists (of resource ``only``, when one event touches one) and serve them."""
+        """Recompute whole effective lists (of resource ``only`` when given) and serve them."""
         for resource, server in list(self.servers.items()):
             if only is not None and resource != only:
                 continue
             devices = self.effective_devices(resource)
             before = self.effective.get(resource, {})
             for device in devices:
-                old = before.get(device.id)
-                if old is None:
-                    if not device.healthy:  # including at start: the reason must reach the log once
-                        log.warning("device unhealthy", extra=kv(resource=resource, device=device.id,
-                                                                  reason=device.reason, source=source))
-                    elif before or source != "discover":
-                        log.info("device added", extra=kv(resource=resource, device=device.id, health=device.health))
-                elif old.health != device.health:
-                    if device.healthy:
-                        log.info("device healthy again", extra=kv(resource=resource, device=device.id, source=source))
-                    else:
-                        log.warning("device unhealthy", extra=kv(resource=resource, device=device.id,
-                                                                  reason=device.reason, source=source))
+                self._log_transition(resource, before.get(device.id), device, source,
+                                     at_start=not before and source == "discover")
             for gone in set(before) - {d.id for d in devices}:
                 log.info("device removed", extra=kv(resource=resource, device=gone))
             self.effective[resource] = {d.id: d for d in devices}
             server.update(devices)
+        self._observers_dirty = True
+
+    def _refresh(self, changed: set[tuple[str, str]]) -> None:
+        """Recompute only the devices whose marks changed and send only those to their servers."""
+        by_resource: dict[str, list[str]] = {}
+        for resource, device_id in changed:
+            by_resource.setdefault(resource, []).append(device_id)
+        for resource, ids in by_resource.items():
+            index = self._index.get(resource, {})
+            effective = self.effective.setdefault(resource, {})
+            silent = self._silent_for(resource)
+            updated = []
+            for device_id in ids:
+                device = index.get(device_id)
+                if device is None:
+                    continue
+                new = self._effective(resource, device, silent)
+                old = effective.get(device_id)
+                if old is not None and old.health == new.health and old.reason == new.reason:
+                    continue
+                self._log_transition(resource, old, new, "health report")
+                effective[device_id] = new
+                updated.append(new)
+            server = self.servers.get(resource)
+            if updated and server is not None:
+                self.health_changes += len(updated)
+                server.patch(updated)
+                self._observers_dirty = True
+
+    def _log_transition(self, resource: str, old: Device | None, new: Device, source: str,
+                        at_start: bool = False) -> None:
+        """One line per device change, at most LOGGED_CHANGES_PER_PASS per pass (then a summary)."""
+        if old is None:
+            if new.healthy and at_start:
+                return
+            message, level = ("device added", logging.INFO) if new.healthy else ("device unhealthy", logging.WARNING)
+        elif old.health != new.health:
+            message, level = ("device healthy again", logging.INFO) if new.healthy else ("device unhealthy",
+                                                                                         logging.WARNING)
+        else:
+            return
+        self._logged += 1
+        if self._logged <= LOGGED_CHANGES_PER_PASS:
+            reason = {} if new.healthy else {"reason": new.reason}
+            log.log(level, message, extra=kv(resource=resource, device=new.id, source=source, **reason))
+
+    def _log_summary(self) -> None:
+        if self._logged > LOGGED_CHANGES_PER_PASS:
+            log.warning("more device health changes in one pass than logged one by one",
+                        extra=kv(changes=self._logged, logged=LOGGED_CHANGES_PER_PASS))
+        self._logged = 0
+
+    def _notify_observers(self) -> None:
+        self._observers_dirty = False
+        self._observers_due = time.monotonic() + OBSERVER_INTERVAL
         for observer in self.observers:
             _call(observer, "on_devices", self)
 
@@ -414,28 +566,48 @@ class Manager:
             "resources": resources,
             "probes": [p.as_status(now) for p in (self.probes.probes.values() if self.probes else [])],
             "reloads": self.reloads,
+            "health": {"reports": self.bus.board.reports_received, "coalesced": self.bus.board.reports_coalesced,
+                       "changes_published": self.health_changes},
+            "server_failures": {r: {"attempts": f["attempts"], "error": f["error"],
+                                    "retry_in_s": round(max(0.0, f["next_try"] - now), 1)}
+                                for r, f in sorted(self.server_failures.items())},
             "errors": list(self.errors.entries),
             **extra,
         }
 
     def _answer_control(self) -> None:
+        """Answer one request. The REP socket must send exactly one reply per request received,
+        whatever the request holds, or it would never answer again (the liveness probe uses it)."""
         import json
 
         assert self._control is not None
         try:
-            request = json.loads(self._control.recv(zmq.NOBLOCK))
-            command = request.get("cmd") if isinstance(request, dict) else None
+            raw = self._control.recv(zmq.NOBLOCK)
         except zmq.Again:
             return
-        except ValueError:
-            command = None
+        reply: dict[str, Any]
+        try:
+            reply = self._control_reply(raw)
+        except Exception as exc:  # including RecursionError from a hostile document
+            reply = {"ok": False, "error": f"bad request: {_clip(type(exc).__name__ + ': ' + str(exc), 200)}"}
+        try:
+            data = json.dumps(reply, default=str).encode()
+        except Exception as exc:
+            data = json.dumps({"ok": False, "error": f"cannot encode reply: {_clip(str(exc), 200)}"}).encode()
+        self._control.send(data)
+
+    def _control_reply(self, raw: bytes) -> dict[str, Any]:
+        import json
+
+        if len(raw) > MAX_CONTROL_REQUEST:
+            return {"ok": False, "error": f"request of {len(raw)} bytes; the limit is {MAX_CONTROL_REQUEST}"}
+        request = json.loads(raw)
+        command = request.get("cmd") if isinstance(request, dict) else None
         if command == "status":
-            reply: dict[str, Any] = {"ok": True, "status": self.status()}
-        elif command == "ping":
-            reply = {"ok": True}
-        else:
-            reply = {"ok": False, "error": "read-only control socket: commands are 'status' and 'ping'"}
-        self._control.send(json.dumps(reply, default=str).encode())
+            return {"ok": True, "status": self.status()}
+        if command == "ping":
+            return {"ok": True}
+        return {"ok": False, "error": "read-only control socket: commands are 'status' and 'ping'"}
 
     # -- events for observers ----------------------------------------------------------------
     def _link_event(self, kind: str, resource: str) -> None:

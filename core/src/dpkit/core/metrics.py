@@ -177,7 +177,8 @@ class _StateCollector:
     """Gauges computed at scrape time."""
 
     NAMES = ("dpkit_info", "dpkit_devices", "dpkit_device_healthy", "dpkit_resource_registered",
-             "dpkit_probe_silent", "dpkit_device_allocated", "dpkit_pod_resources_up")
+             "dpkit_probe_silent", "dpkit_device_allocated", "dpkit_pod_resources_up",
+             "dpkit_resource_server_failures", "dpkit_health_reports")
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -208,6 +209,19 @@ class _StateCollector:
         for state in sorted(states, key=lambda s: s.probe.name):
             silent.add_metric([state.probe.name], 1 if state.silent else 0)
         yield silent
+        failing = GaugeMetricFamily("dpkit_resource_server_failures", "Consecutive failed attempts to start a "
+                                    "resource's gRPC server (retried with backoff; 0 once it serves).",
+                                    labels=["resource"])
+        for resource, failure in sorted(dict(manager.server_failures).items()):  # a copy: thread-safe
+            failing.add_metric([resource], failure["attempts"])
+        yield failing
+        board = manager.bus.board
+        reports = CounterMetricFamily("dpkit_health_reports", "Health reports from in-process watchers; "
+                                      "'coalesced' were replaced by a newer report before the manager read them.",
+                                      labels=["outcome"])
+        reports.add_metric(["received"], board.reports_received)
+        reports.add_metric(["coalesced"], board.reports_coalesced)
+        yield reports
         if m.pod_view is not None:
             yield from self._holders(m.pod_view, devices)
         yield from m.vendor_families()

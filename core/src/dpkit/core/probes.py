@@ -27,6 +27,12 @@ from dpkit.core.logs import get_logger, kv
 from dpkit.core.vendor import Probe
 
 log = get_logger("probes")
+HEALTHY_RESET = 60.0  # seconds a restarted probe must run well before its backoff starts over
+
+
+def backoff(failures: int) -> float:
+    """Seconds before restarting a probe after its ``failures``-th consecutive failure (1 s .. 30 s)."""
+    return min(30.0, 0.5 * 2.0 ** min(failures, 6))
 
 
 @dataclass
@@ -38,6 +44,7 @@ class ProbeState:
     last_beat: float = 0.0
     beats: int = 0
     restarts: int = 0
+    failures: int = 0  # consecutive failures: sets the restart backoff; reset after a healthy period
     silent: bool = False
     next_start: float = 0.0
     history: list[str] = field(default_factory=list)
@@ -58,9 +65,11 @@ class ProbeState:
 class ProbeSupervisor:
     """Starts probes, watches their heartbeats and restarts silent or dead ones."""
 
-    def __init__(self, address: str, default_timeout: float, on_event: Any = None) -> None:
+    def __init__(self, address: str, default_timeout: float, on_event: Any = None,
+                 healthy_reset: float = HEALTHY_RESET) -> None:
         self.address = address
         self.default_timeout = default_timeout
+        self.healthy_reset = healthy_reset
         self.on_event = on_event  # (kind, probe_name) for metrics: "heartbeat", "restart"
         self.probes: dict[str, ProbeState] = {}
 
@@ -86,6 +95,10 @@ class ProbeSupervisor:
             return False
         state.last_beat = time.monotonic()
         state.beats += 1
+        if state.failures and state.last_beat - state.started >= self.healthy_reset:
+            # a probe that has run well this long starts again from the shortest backoff
+            log.info("probe healthy again; restart backoff reset", extra=kv(probe=name, failures=state.failures))
+            state.failures = 0
         if self.on_event:
             self.on_event("heartbeat", name)
         if state.silent:
@@ -116,7 +129,8 @@ class ProbeSupervisor:
                           extra=kv(probe=state.probe.name, why=why))
             self._kill(state)
             state.restarts += 1
-            state.next_start = now + min(30.0, 0.5 * 2 ** min(state.restarts, 6))
+            state.failures += 1
+            state.next_start = now + backoff(state.failures)
             state.history = ([*state.history, why])[-5:]
             if self.on_event:
                 self.on_event("restart", state.probe.name)

@@ -9,7 +9,6 @@ the container spec.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ from dpkit.core.allocation import is_valid_choice, pack_numa
 from dpkit.core.api.v1beta1 import api_pb2, api_pb2_grpc
 from dpkit.core.device import ContainerSpec, Device
 from dpkit.core.errors import ValidationError
+from dpkit.core.files import remove_own_socket, staging_dir
 from dpkit.core.logs import get_logger, kv
 from dpkit.core.validation import socket_name_for
 from dpkit.core.vendor import Vendor
@@ -148,6 +148,21 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
             self._changed.notify_all()
             return True
 
+    def patch(self, devices: Sequence[Device]) -> bool:
+        """Replace some devices (by ID) in place: cost proportional to the change, not the list."""
+        with self._changed:
+            visible = False
+            for device in devices:
+                old = self._devices.get(device.id)
+                if old is None:
+                    continue  # only a full update adds devices
+                self._devices[device.id] = device
+                visible = visible or old.health != device.health or old.numa_nodes != device.numa_nodes
+            if visible:
+                self._version += 1
+                self._changed.notify_all()
+            return visible
+
     @property
     def options(self) -> api_pb2.DevicePluginOptions:
         return api_pb2.DevicePluginOptions(
@@ -169,22 +184,18 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         api_pb2_grpc.add_DevicePluginServicer_to_server(self, server)
         # Bind in a private 0700 directory, tighten the mode, then rename into the plugin dir,
         # so the socket is never reachable with looser permissions.
-        private = Path(tempfile.mkdtemp(prefix=".dpkit-bind-", dir=self.plugin_dir))
-        try:
-            staged = private / "s.sock"
-            if server.add_insecure_port(f"unix://{staged}") == 0:
-                raise OSError(f"cannot bind a unix socket in {self.plugin_dir}")
-            server.start()
-            os.chmod(staged, 0o600)
-            os.replace(staged, self.socket_path)
-        except BaseException:
-            server.stop(0)
-            raise
-        finally:
+        # The staging directory has a random name, made exclusively; a failed start leaves nothing.
+        with staging_dir(self.plugin_dir) as private:
             try:
-                private.rmdir()
-            except OSError:
-                pass
+                staged = private / "s.sock"
+                if server.add_insecure_port(f"unix://{staged}") == 0:
+                    raise OSError(f"cannot bind a unix socket in {self.plugin_dir}")
+                server.start()
+                os.chmod(staged, 0o600)
+                os.replace(staged, self.socket_path)
+            except BaseException:
+                server.stop(0)
+                raise
         self._server = server
         log.info("serving", extra=kv(resource=self.resource, socket=str(self.socket_path)))
 
@@ -209,10 +220,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         if self._server is not None:
             self._server.stop(grace=0.5).wait(2)
             self._server = None
-        try:
-            self.socket_path.unlink()
-        except FileNotFoundError:
-            pass
+        remove_own_socket(self.socket_path)  # only our socket: never what another process put there
 
     def restart(self) -> None:
         if self._server is not None:
