@@ -14,7 +14,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-VENDORS = ["nvidia", "sfc", "kvm_vfio", "cex"]
+#: every overlay under deploy/overlays (a vendor made by `dpkit new-vendor` included), found, not listed,
+#: so a scaffolded vendor is checked like the shipped ones without editing this file
+VENDORS = sorted(p.parent.name for p in (DEPLOY / "overlays").glob("*/kustomization.yaml"))
+SHIPPED = {"nvidia", "sfc", "kvm_vfio", "cex"}
 # Oldest Kubernetes the manifests claim, and the newest schema kubernetes-validate ships.
 K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 NEEDS_DEV = {"sfc", "kvm_vfio", "cex"}  # nvidia: the NVIDIA runtime injects its nodes

@@ -109,10 +109,28 @@ def test_dry_run_tags_each_vendor_with_its_package_version(tmp_path: Path, vendo
     assert f"-t {tag} " in line
     assert f"-f {ROOT / 'images' / vendor / 'Containerfile'} " in line
     assert f"--build-arg VERSION={package_version(vendor)} " in line
-    assert "SOURCE" not in line and "example.invalid" not in line, "no placeholder source (core's URL is one)"
+    assert "SOURCE" not in line and "example.invalid" not in line, "no placeholder source"
     assert line.endswith(str(tmp_path / "out" / vendor))
     assert engine_calls(tmp_path) == [], "a dry run runs nothing"
     assert not (tmp_path / "out").exists()
+
+
+def test_without_vendor_every_containerfile_is_built_in_turn(tmp_path: Path, build_script: ModuleType) -> None:
+    """`./hatchw run images:build` passes no --vendor: every images/*/Containerfile, a new vendor's included."""
+    result = run_script(tmp_path, fake_bin(tmp_path, "podman"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    built = [line.split(" -f ", 1)[1].split(" ", 1)[0] for line in result.stdout.splitlines()
+             if line.startswith("+ podman build")]
+    expected = sorted(p.parent.name for p in (ROOT / "images").glob("*/Containerfile"))
+    assert built == [str(ROOT / "images" / v / "Containerfile") for v in expected]
+    assert build_script.vendors() == expected and {"nvidia", "sfc", "kvm_vfio", "cex"} <= set(expected)
+
+
+def test_core_has_no_placeholder_source_url() -> None:
+    """The image source label comes from a real URL or is left out; core must not ship a made-up one."""
+    with (ROOT / "core" / "pyproject.toml").open("rb") as f:
+        urls = tomllib.load(f)["project"].get("urls", {})
+    assert not any(".invalid" in url or "example." in url for url in urls.values()), urls
 
 
 def test_another_cpu_lets_pip_fetch_that_cpus_wheels(tmp_path: Path, build_script: ModuleType) -> None:

@@ -3,14 +3,13 @@
 Everything is made from the shared templates in ``dpkit/core/templates/vendor`` into a dpkit
 checkout: the package (``plugins/NAME``), its test against the kubelet emulator (``tests/NAME``),
 its docs page, image (``images/NAME/Containerfile``) and deploy overlay (``deploy/overlays/NAME``).
-The root ``pyproject.toml`` gets NAME in the images matrix and the mypy lint list, so
-``hatch run test:all``, ``test:lint`` and ``images:build`` cover it without a hand edit.
+Nothing existing is edited: ``hatch run test:all``, ``test:lint`` (scripts/lint.py) and
+``images:build`` (images/build.py) find vendors on disk, so they cover NAME at once.
 """
 
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,6 +25,8 @@ PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 @dataclass
 class Scaffolded:
+    """What was made; ``updated`` and ``notes`` stay empty today (no existing file needs an edit)."""
+
     created: list[Path] = field(default_factory=list)
     updated: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -71,33 +72,6 @@ def check_name(name: str) -> None:
                          f"letter (it is a Python package name), and not one of {', '.join(sorted(RESERVED))}")
 
 
-def _add_to_root_pyproject(path: Path, name: str) -> list[str]:
-    """NAME into the images matrix and the mypy lint lists; a note for what could not be placed."""
-    text = original = path.read_text()
-    notes: list[str] = []
-    matrix = re.compile(r'(\[\[tool\.hatch\.envs\.images\.matrix\]\]\s*\nvendor\s*=\s*\[)([^\]]*)(\])')
-    found = matrix.search(text)
-    if found is None:
-        notes.append(f"add {name!r} to the images matrix in {path.name} by hand (its vendor list was not found)")
-    elif f'"{name}"' not in found.group(2):
-        text = text[:found.end(2)] + f', "{name}"' + text[found.end(2):]
-    lint = re.compile(r'("mypy --strict(?: -p dpkit\.\w+)+)(")')
-    if not lint.search(text):
-        notes.append(f"add -p dpkit.{name} to the mypy lint command in {path.name} by hand")
-
-    def add(m: re.Match[str]) -> str:
-        return m.group(0) if f"dpkit.{name}" in m.group(1).split() else f"{m.group(1)} -p dpkit.{name}{m.group(2)}"
-
-    text = lint.sub(add, text)
-    if text != original:
-        try:
-            tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:  # never leave a broken pyproject behind
-            return [f"could not update {path.name} ({exc}): add {name!r} to the images matrix by hand"]
-        path.write_text(text)
-    return notes
-
-
 def scaffold(name: str, root: Path) -> Scaffolded:
     """Make vendor ``name`` in the checkout at ``root``; refuses to overwrite anything."""
     check_name(name)
@@ -129,10 +103,4 @@ def scaffold(name: str, root: Path) -> Scaffolded:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         done.created.append(path)
-    pyproject = root / "pyproject.toml"
-    if pyproject.is_file():
-        before = pyproject.read_text()
-        done.notes += _add_to_root_pyproject(pyproject, name)
-        if pyproject.read_text() != before:
-            done.updated.append(pyproject)
     return done
