@@ -292,11 +292,11 @@ def test_metrics_are_per_apqn_request_counters(tree: ApTree, make_vendor: Callab
     tree.set("01.0005", "request_count", "4711")
     tree.set("01.0006", "online", "0")
     samples = make_vendor().metric_samples()
-    requests = {s.labels["apqn"]: s for s in samples if s.name == "cex_apqn_requests_total"}
+    requests = {s.labels["apqn"]: s for s in samples if s.name == "dpkit_cex_apqn_requests_total"}
     assert requests["01.0005"].value == 4711 and requests["01.0005"].kind == "counter"
     assert dict(requests["01.0005"].labels) == {"apqn": "01.0005", "adapter": "1", "domain": "5", "set": "cca-blue"}
     assert requests["02.0006"].labels["set"] == ""
-    usable = {s.labels["apqn"]: s.value for s in samples if s.name == "cex_apqn_usable"}
+    usable = {s.labels["apqn"]: s.value for s in samples if s.name == "dpkit_cex_apqn_usable"}
     assert usable["01.0006"] == 0.0 and usable["01.0005"] == 1.0 and len(usable) == 8
 
 

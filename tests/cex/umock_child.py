@@ -89,7 +89,7 @@ def main(workdir: Path) -> None:
     result["devices"] = {r: [[d.id, str(d.health)] for d in devs] for r, devs in snapshot.items()}
     result["held_back"] = {f.subject: f.reason for f in vendor.explain() if not f.advertised and f.resource}
     result["requests"] = {s.labels["apqn"]: s.value for s in vendor.metric_samples()
-                          if s.name == "cex_apqn_requests_total"}
+                          if s.name == "dpkit_cex_apqn_requests_total"}
 
     with FakeZcryptKernel(umock.testbed_dir() / "sys", workdir / "dev"):
         ep11 = list(vendor.discover()[EP11][:1])

@@ -469,9 +469,9 @@ class CexVendor(Vendor):
                       "set": config_set.setname if config_set else ""}
             count = bus.request_count(queue)
             if count is not None:
-                samples.append(MetricSample("cex_apqn_requests_total", "Requests the APQN has processed "
+                samples.append(MetricSample("dpkit_cex_apqn_requests_total", "Requests the APQN has processed "
                                             "(sysfs request_count)", float(count), labels, "counter"))
             ok = not (queue.problems or bus.adapters[adapter].problems)
-            samples.append(MetricSample("cex_apqn_usable", "1 when the APQN and its adapter are online, "
+            samples.append(MetricSample("dpkit_cex_apqn_usable", "1 when the APQN and its adapter are online, "
                                         "configured and not checkstopped", 1.0 if ok else 0.0, labels))
         return samples
