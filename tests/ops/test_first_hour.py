@@ -3,8 +3,10 @@
 git clone of this repository's HEAD into a temp dir; the README's set-up (``./hatchw`` bootstraps
 hatch); ``./dpkit vendors``; ``./dpkit kubelet --dir`` + ``./dpkit run sim --devices`` +
 ``./dpkit kubelet allocate``; SIGTERM through the documented wrapper with no process left;
-``./dpkit new-vendor acme`` and its tests. Slow (a fresh hatch and two fresh environments, a few
-minutes); the clone's environments live in the temp dir (``HATCH_DATA_DIR``), not with the main ones.
+``./dpkit new-vendor acme`` with no further edit: its tests, the deploy manifest and Containerfile
+checks, its lint and ``images:build --dry-run`` take it in. Slow (a fresh hatch and three fresh
+environments, a few minutes); the clone's environments live in the temp dir (``HATCH_DATA_DIR``),
+not with the main ones.
 """
 
 from __future__ import annotations
@@ -134,12 +136,28 @@ def test_the_first_hour_on_a_fresh_clone(fresh_clone: tuple[Path, dict[str, str]
     assert kubelet.returncode == 0
     assert not (kubelet_dir / "control.sock").exists()
 
-    # a vendor engineer: scaffold, the wrapper picks the new package up, its tests pass
+    # a vendor engineer: scaffold, the wrapper picks the new package up, and with no edit anywhere its
+    # tests, the deploy manifest checks, the lint and the image build all take it in
     made = sh(clone, env, "./dpkit", "new-vendor", "acme").stdout
-    assert "created plugins/acme/pyproject.toml" in made and "updated pyproject.toml" in made
+    assert "created plugins/acme/pyproject.toml" in made and "updated" not in made
+    changed = sh(clone, env, "git", "status", "--porcelain", "--untracked-files=no").stdout
+    assert changed == "", f"new-vendor edits no existing file:\n{changed}"
     assert "acme\tdpkit.acme.vendor:AcmeVendor" in sh(clone, env, "./dpkit", "vendors").stdout
-    tested = sh(clone, env, "./hatchw", "run", "test:python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                "tests/acme", "tests/images/test_containerfiles.py", timeout=1200)
-    assert "failed" not in tested.stdout and " passed" in tested.stdout, tested.stdout[-3000:]
-    dry = sh(clone, env, "./hatchw", "run", "+vendor=acme", "images:build", "--dry-run").stdout
-    assert "would build localhost/dpkit-acme:0.1.0" in dry
+    tested = sh(clone, env, "./hatchw", "run", "test:python", "-m", "pytest", "-v", "-p", "no:cacheprovider",
+                "tests/acme", "tests/deploy/test_manifests.py", "tests/images/test_containerfiles.py",
+                timeout=1200).stdout
+    assert " failed" not in tested and " passed" in tested, tested[-3000:]
+    for test in ("tests/acme/test_acme_vendor.py::test_registers_and_allocates_through_the_emulated_kubelet",
+                 "test_manifests.py::test_every_vendor_package_has_an_overlay",
+                 "test_manifests.py::test_the_vendor_accepts_its_configmap[acme]",
+                 "test_manifests.py::test_host_access_is_what_the_vendor_needs[acme]",
+                 "test_containerfiles.py::test_every_vendor_package_has_an_image_that_images_build_builds",
+                 "test_containerfiles.py::test_multi_stage_slim_runtime_with_labels_and_entrypoint[acme]"):
+        assert f"{test} PASSED" in tested, f"{test} did not pass:\n{tested[-3000:]}"
+    linted = sh(clone, env, "./hatchw", "run", "test:lint", "dpkit.acme").stdout
+    assert "mypy --strict -p dpkit.acme" in linted and "Success: no issues found" in linted, linted
+    everything = sh(clone, env, "./hatchw", "run", "images:build", "--dry-run").stdout
+    for vendor in ("nvidia", "sfc", "kvm-vfio", "cex", "acme"):
+        assert f"would build localhost/dpkit-{vendor}:" in everything, everything
+    one = sh(clone, env, "./hatchw", "run", "images:build", "--vendor", "acme", "--dry-run").stdout
+    assert one.count("would build ") == 1 and "would build localhost/dpkit-acme:0.1.0" in one, one
