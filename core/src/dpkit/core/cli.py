@@ -2,6 +2,10 @@
 the kubelet emulator and the vendor scaffold; plus any command a package registers.
 
 This is the one place that turns errors into exit codes; library code only raises.
+
+Imports are deferred to the command that needs them: ``dpkit --help`` and ``dpkit vendors`` load
+neither yaml, zmq, grpc nor protobuf, and ``dpkit status`` only zmq (and yaml when it must read a
+config file for the state_dir). tests/core/test_cli_imports.py keeps it so.
 """
 
 from __future__ import annotations
@@ -14,29 +18,40 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dpkit.core.config import Config, load_config
-from dpkit.core.control import collapse
 from dpkit.core.errors import ConfigError, DpkitError, VendorError
-from dpkit.core.logs import get_logger, kv, setup_logging
-from dpkit.core.vendor import Vendor, installed_vendors, load_vendor_class
 
-log = get_logger("cli")
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
+    from dpkit.core.config import Config
+    from dpkit.core.vendor import Vendor
 
 #: entry-point group for extra subcommands: name = subcommand, value = ``main(argv: list[str]) -> int``
 COMMANDS_GROUP = "dpkit.commands"
+#: :data:`dpkit.core.vendor.ENTRY_POINT_GROUP`, named here so the help need not import the vendor module
+VENDORS_GROUP = "dpkit.vendors"
 BUILTIN_COMMANDS = ("run", "vendors", "discover", "status", "doctor", "demo", "kubelet", "new-vendor")
 SIM_TARGET = "dpkit.core.sim:SimulatedVendor"
 #: seconds `dpkit run` waits for something to register before it exits 1 (env DPKIT_EMPTY_GRACE)
 DEFAULT_EMPTY_GRACE = 60.0
+#: the one-line help of ``dpkit kubelet``; its full parser (which needs grpc) is built only for that command
+KUBELET_HELP = "the kubelet emulator: serve it, or ask the one serving --dir"
 
-VendorFactory = Callable[[Mapping[str, Any]], Vendor]
+VendorFactory = Callable[[Mapping[str, Any]], "Vendor"]
+
+
+def _log() -> Any:
+    from dpkit.core.logs import get_logger
+
+    return get_logger("cli")
 
 
 def _config(args: argparse.Namespace) -> Config:
+    from dpkit.core.config import load_config
+
     config = load_config(args.config)
     if getattr(args, "log_json", False):
         config = config.replace(log_format="json")
@@ -66,6 +81,8 @@ def vendor_factory(name: str, config: Config, devices: Path | None = None) -> Ve
     """
     if devices is not None and name != "sim":
         raise ConfigError(f"--devices is an option of the sim vendor only (not of {name!r})")
+    from dpkit.core.vendor import load_vendor_class
+
     vendor_class = load_vendor_class(name)
 
     def make(section: Mapping[str, Any]) -> Vendor:
@@ -111,6 +128,7 @@ def _resource_count(manager: Any) -> int | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from dpkit.core.logs import kv, setup_logging
     from dpkit.core.manager import Manager
     from dpkit.core.observers import attach_observers
 
@@ -127,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         manager.start()
-        log.info("running; SIGTERM stops, SIGHUP reloads the config", extra=kv(vendor=args.vendor))
+        _log().info("running; SIGTERM stops, SIGHUP reloads the config", extra=kv(vendor=args.vendor))
         code = _serve(manager, signals, grace)
         manager.stop()
     finally:
@@ -137,6 +155,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _serve(manager: Any, signals: set[signal.Signals], grace: float) -> int:
     """Wait for signals; exit 1 once nothing has been registrable for ``grace`` seconds."""
+    from dpkit.core.logs import kv
+
+    log = _log()
     empty_since: float | None = None
     while True:
         info = signal.sigtimedwait(signals, 1.0)
@@ -166,6 +187,8 @@ def _serve(manager: Any, signals: set[signal.Signals], grace: float) -> int:
 
 
 def cmd_vendors(args: argparse.Namespace) -> int:
+    from dpkit.core.vendor import installed_vendors
+
     vendors = {"sim": SIM_TARGET, **installed_vendors()}
     if args.json:
         print(json.dumps(vendors, indent=2, sort_keys=True))
@@ -177,6 +200,7 @@ def cmd_vendors(args: argparse.Namespace) -> int:
 
 def cmd_discover(args: argparse.Namespace) -> int:
     from dpkit.core.discovery import explain
+    from dpkit.core.logs import setup_logging
 
     config = _config(args)
     setup_logging(config.log_format, "warning")
@@ -193,6 +217,8 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def format_discovery(report: dict[str, Any]) -> str:
+    from dpkit.core.control import collapse
+
     lines = [f"vendor {report['vendor']}"]
     for res in report["resources"]:
         lines.append(f"{res['name']}: {res['healthy']}/{len(res['devices'])} healthy")
@@ -223,14 +249,20 @@ def format_discovery(report: dict[str, Any]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from dpkit.core.control import format_status, query
 
-    state_dir = args.state_dir or load_config(args.config).state_dir
+    state_dir = args.state_dir
+    if not state_dir:
+        from dpkit.core.config import load_config
+
+        state_dir = load_config(args.config).state_dir
     status = query(state_dir, timeout=args.timeout)["status"]
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0 if status["resources"] else 1
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from dpkit.core.config import Config
     from dpkit.core.doctor import run_checks
+    from dpkit.core.logs import setup_logging
 
     make: VendorFactory | None = None
     try:
@@ -262,6 +294,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from dpkit.core.demo import run_demo
+    from dpkit.core.logs import setup_logging
 
     setup_logging("json" if args.log_json else "human", "info" if args.verbose else "error")
     return run_demo(devices_file=args.devices, out=sys.stdout)
@@ -291,18 +324,30 @@ def cmd_new_vendor(args: argparse.Namespace) -> int:
 # -- the parser ----------------------------------------------------------------------------------
 def _command_entry_points() -> dict[str, EntryPoint]:
     """Installed extra subcommands; a name a built-in command has is never shadowed."""
+    from importlib.metadata import entry_points
+
     return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP) if ep.name not in BUILTIN_COMMANDS}
 
 
-def _vendor_names() -> str:
-    return ", ".join(["sim", *sorted(installed_vendors())])
+def _described() -> tuple[str, dict[str, EntryPoint]]:
+    """The vendor names and extra commands for the help, from one entry-point scan.
+
+    Read here rather than through :mod:`dpkit.core.vendor`, which would load the device model
+    for a help text.
+    """
+    from importlib.metadata import entry_points
+
+    found = entry_points()
+    vendors = ", ".join(["sim", *sorted(ep.name for ep in found.select(group=VENDORS_GROUP))])
+    extra = {ep.name: ep for ep in found.select(group=COMMANDS_GROUP) if ep.name not in BUILTIN_COMMANDS}
+    return vendors, extra
 
 
-def build_parser(describe: bool = False) -> argparse.ArgumentParser:
+def build_parser(describe: bool = False, command: str = "") -> argparse.ArgumentParser:
     """The parser of the built-in commands. ``describe``: also list the installed vendors and extra
-    commands in the help (an entry-point scan, done only when help is shown)."""
-    vendors = _vendor_names() if describe else "see `dpkit vendors`"
-    extra = _command_entry_points() if describe else {}
+    commands in the help (an entry-point scan, done only when help is shown). ``command``: the
+    subcommand given; ``kubelet`` gets its full parser only then, since building it imports grpc."""
+    vendors, extra = _described() if describe else ("see `dpkit vendors`", {})
     epilog = f"vendors: {vendors}" if describe else None
     parser = argparse.ArgumentParser(prog="dpkit", description="Kubernetes device plugins for many vendors.",
                                      epilog=epilog)
@@ -352,9 +397,12 @@ def build_parser(describe: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="show the plugin's info logs")
     p.set_defaults(func=cmd_demo)
 
-    from dpkit.core.kubelet import add_parser as add_kubelet_parser
+    if command == "kubelet":
+        from dpkit.core.kubelet import add_parser as add_kubelet_parser
 
-    add_kubelet_parser(sub, cmd_kubelet)
+        add_kubelet_parser(sub, cmd_kubelet)
+    else:  # listed in `dpkit --help` with the same line; never parsed as such (main picks the full one)
+        sub.add_parser("kubelet", help=KUBELET_HELP)
 
     p = sub.add_parser("new-vendor", help="scaffold a vendor package under plugins/NAME (test, docs, image, deploy)")
     p.add_argument("name", help="vendor name: lower case letters, digits and '_' (the `dpkit run` name)")
@@ -385,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if ep is not None:
                 return _run_entry_point(ep, argv[1:])
         describe = first not in BUILTIN_COMMANDS or any(a in ("-h", "--help") for a in argv)
-        args = build_parser(describe=describe).parse_args(argv)
+        args = build_parser(describe=describe, command=first).parse_args(argv)
         return int(args.func(args))
     except DpkitError as exc:
         print(f"dpkit: error: {exc}", file=sys.stderr)

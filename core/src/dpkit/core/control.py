@@ -1,4 +1,8 @@
-"""Client side of the read-only control socket, and the ``dpkit status`` table."""
+"""Client side of the read-only control socket, and the ``dpkit status`` table.
+
+zmq is imported by :func:`query` only: ``dpkit discover`` uses :func:`collapse` and should not
+pay for it.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import zmq
-
 from dpkit.core.errors import DpkitError
-from dpkit.core.files import private_state_dir
 
 
 def query(state_dir: str | Path, command: str = "status", timeout: float = 3.0) -> dict[str, Any]:
     """Ask a running manager; raises DpkitError when nothing answers in ``timeout`` seconds."""
+    import zmq
+
+    from dpkit.core.files import private_state_dir
+
     path = private_state_dir(state_dir, create=False) / "control.sock"  # where the manager bound it
     if not path.exists():
         raise DpkitError(f"no control socket at {path}: is `dpkit run` running with this state_dir?")
