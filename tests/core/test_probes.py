@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,26 @@ def test_reload_during_a_probe_silence_does_not_leave_devices_unhealthy(kubelet,
         assert manager.silenced == {}
     finally:
         manager.stop()
+
+
+HEAVY = ("grpc", "google.protobuf", "yaml", "dpkit.core.vendor", "dpkit.core.manager", "dpkit.core.device")
+
+
+def test_probe_process_loads_only_the_runner_zmq_and_its_target(run_manager, short_tmp, monkeypatch):
+    """A probe is a process on every node: it must not carry the manager's grpc, protobuf or yaml."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS / "core"), str(TESTS)]))
+    out = short_tmp / "modules.json"
+    probe = Probe("lean", "lean_probe:record", {"out": str(out)}, heartbeat_timeout=5)
+    manager = run_manager(ProbedVendor(probe=probe))
+    state = manager.probes.probes["lean"]
+    deadline = time.monotonic() + 15
+    while not (out.exists() and state.beats > 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert out.exists() and state.beats > 0, "the probe never started"
+    modules = set(json.loads(out.read_text()))
+    assert "zmq" in modules and "lean_probe" in modules
+    assert sorted(m for m in modules if m.startswith(HEAVY)) == []
+    assert state.process is not None
+    status = Path(f"/proc/{state.process.pid}/status").read_text()
+    rss_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+    print(f"probe child VmRSS {rss_kb} kB")  # the figure docs/performance.md reports (pytest -s)

@@ -5,24 +5,22 @@ forever. It proves it is alive with heartbeats over the event bus; when it falls
 timeout, its devices are marked Unhealthy and the process is killed and started again. The
 first heartbeat after a restart clears that mark.
 
-The child side is ``python -m dpkit.core.probes MANAGER_PID ADDRESS NAME TARGET CONFIG_JSON``.
+The child side is ``python -m dpkit.core.probe_child MANAGER_PID ADDRESS NAME TARGET CONFIG_JSON``
+(:mod:`dpkit.core.probe_child`, a module that imports no more than a probe needs).
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpkit.core.device import Health
+from dpkit.core import probe_child
 from dpkit.core.logs import get_logger, kv
 from dpkit.core.vendor import Probe
 
@@ -81,8 +79,8 @@ class ProbeSupervisor:
 
     def _spawn(self, state: ProbeState) -> None:
         probe = state.probe
-        args = [sys.executable, "-m", "dpkit.core.probes", str(os.getpid()), self.address, probe.name, probe.target,
-                json.dumps(dict(probe.config))]
+        args = [sys.executable, "-m", "dpkit.core.probe_child", str(os.getpid()), self.address, probe.name,
+                probe.target, json.dumps(dict(probe.config))]
         state.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         state.started = time.monotonic()
         state.last_beat = state.started  # the first heartbeat is due within one timeout
@@ -170,72 +168,9 @@ class ProbeSupervisor:
             self._kill(state)
 
 
-# -- child side ------------------------------------------------------------------------------
-
-
-class _ChildContext:
-    """The :class:`~dpkit.core.vendor.ProbeContext` a probe function receives."""
-
-    def __init__(self, address: str, name: str, config: Mapping[str, Any], manager_pid: int) -> None:
-        import zmq
-
-        self._manager_pid = manager_pid
-        self.config = config
-        self._name = name
-        self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.PUSH)
-        self._socket.setsockopt(zmq.LINGER, 1000)
-        self._socket.connect(address)
-        self._stop = False
-        signal.signal(signal.SIGTERM, self._on_term)
-
-    def _on_term(self, *_: Any) -> None:
-        self._stop = True
-
-    def _send(self, message: dict[str, Any]) -> None:
-        self._socket.send(json.dumps({"probe": self._name, **message}).encode())
-
-    def heartbeat(self) -> None:
-        # The manager is gone (we were re-parented): stop rather than linger. Compared with the
-        # manager's own PID, not with 1: in a container the manager itself is PID 1.
-        if os.getppid() != self._manager_pid:
-            self._stop = True
-        self._send({"type": "heartbeat"})
-
-    def health(self, resource: str, device_id: str, health: Health, reason: str = "") -> None:
-        self._send({"type": "health", "resource": resource, "id": device_id,
-                    "health": str(Health(health)), "reason": reason})
-
-    def should_stop(self) -> bool:
-        return self._stop
-
-    def close(self) -> None:
-        self._socket.close()
-        self._context.term()
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def main(argv: list[str]) -> int:
-    manager_pid, address, name, target, config_json = argv
-    # the manager blocks these for its threads, and a child inherits the mask
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-    _die_with_parent()
-    module_name, _, func_name = target.partition(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    ctx = _ChildContext(address, name, json.loads(config_json), int(manager_pid))
-    try:
-        func(ctx)
-    finally:
-        ctx.close()
-    return 0
-
+# -- child side: dpkit.core.probe_child (imported by name here for older callers) ---------------
+_ChildContext = probe_child.ChildContext
+main = probe_child.main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
