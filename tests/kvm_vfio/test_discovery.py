@@ -172,18 +172,23 @@ def test_selectors_filter_by_class_and_address_and_first_match_wins(host: FakeHo
     assert snapshot["example.com/none"] == ()  # registered, advertising zero
 
 
-def test_default_resource_name_comes_from_pci_ids(host: FakeHost, tmp_path: Path) -> None:
-    ids = tmp_path / "pci.ids"
-    ids.write_text("# comment\n10de  NVIDIA Corporation\n\t1eb8  TU104GL [Tesla T4]\n\t\t10de 12a2  T4 board\n"
-                   "1af4  Red Hat, Inc.\n\t1000  Virtio network device\nC 00  Unclassified device\n")
-    assert default_resource_name("10de", "1eb8", str(ids)) == "nvidia.com/TU104GL_Tesla_T4"
-    assert default_resource_name("1af4", "1000", str(ids)) == "devices.kubevirt.io/Virtio_network_device"
-    assert default_resource_name("10de", "abcd", str(ids)) == "nvidia.com/10DE_ABCD"
-    assert default_resource_name("10de", "1eb8", str(tmp_path / "absent")) == "nvidia.com/10DE_1EB8"
+def test_default_resource_name_comes_from_the_database_name(host: FakeHost, tmp_path: Path) -> None:
+    """The name udev's hwdb gives (test_umockdev feeds it through a udev database); hex IDs without one."""
+    assert default_resource_name("10de", "1eb8", "TU104GL [Tesla T4]") == "nvidia.com/TU104GL_Tesla_T4"
+    assert default_resource_name("1af4", "1000", "Virtio network device") == "devices.kubevirt.io/Virtio_network_device"
+    assert default_resource_name("10de", "abcd") == "nvidia.com/10DE_ABCD"
+    assert default_resource_name("10de", "1eb8", "") == "nvidia.com/10DE_1EB8"
     host.add_pci("0000:3b:00.0", group="7")
     host.vfio_nodes("7")
-    snapshot = vendor(host, pci_ids=str(ids), pci_host_devices=[{"pci_vendor_selector": "10de:1eb8"}]).discover()
-    assert snapshot[GPU][0].attributes["name"] == "TU104GL [Tesla T4]"
+    ids = tmp_path / "pci.ids"  # still accepted (nothing accepted before is refused), no longer read
+    ids.write_text("10de  NVIDIA Corporation\n\t1eb8  TU104GL [Tesla T4]\n")
+    made = vendor(host, pci_ids=str(ids), pci_host_devices=[{"pci_vendor_selector": "10de:1eb8"}])
+    snapshot = made.discover()
+    # a tree outside libudev's /sys has no udev names: the hex IDs stand in
+    assert [d.id for d in snapshot["nvidia.com/10DE_1EB8"]] == ["0000:3b:00.0"]
+    assert "name" not in snapshot["nvidia.com/10DE_1EB8"][0].attributes
+    notes = [f for f in made.explain() if f.subject == "vendor.pci_ids"]
+    assert len(notes) == 1 and "udev" in notes[0].reason and "resource_name" in notes[0].hint
 
 
 def test_env_name_follows_kubevirt() -> None:

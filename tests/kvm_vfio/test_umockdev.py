@@ -67,3 +67,22 @@ def test_mdev_hotplug_follows_uevents(tmp_path: Path, short_tmp: Path) -> None:
     assert result["allocated"] == [["20"], env, ["/dev/vfio/20", "/dev/vfio/vfio"]]
     print(f"mdev uevent -> kubelet latency (ms): bind {result['bind_ms']}, remove {result['remove_ms']}")
     assert result["bind_ms"] < LIMIT_MS and result["remove_ms"] < LIMIT_MS
+
+
+def test_device_names_come_from_the_udev_database(tmp_path: Path) -> None:
+    """Default resource names from udev's ID_MODEL_FROM_DATABASE (umockdev serves it as libudev does)."""
+    host = FakeHost(tmp_path / "unused-sys", tmp_path / "dev")
+    host.vfio_nodes("7")
+    result = umock.run_wrapped(HERE / "umock_names_child.py", tmp_path, args=[str(host.dev)])
+    assert result["first"] == {
+        GPU: [["0000:3b:00.0", "TU104GL [Tesla T4]"]],
+        "devices.kubevirt.io/Virtio_network_device": [["0000:00:04.0", "Virtio network device"]],
+        "intel.com/8086_0001": [["0000:00:05.0", ""]],   # udev has no name: the hex IDs, as before
+        "nvidia.com/10DE_ABCD": [],                       # no function, so nothing to ask udev about
+    }
+    assert result["notes"] and "no longer read" in result["notes"][0][1]  # pci_ids: accepted, said so
+    assert result["after_unplug"][GPU] == []  # the name outlives the last function (no flip to hex)
+    assert "nvidia.com/10DE_1EB8" in result["fresh_after_unplug"]  # a new process has nothing to ask
+    assert result["other_root"] == ["devices.kubevirt.io/1AF4_1000", "intel.com/8086_0001",
+                                    "nvidia.com/10DE_1EB8", "nvidia.com/10DE_ABCD"]
+    print(f"udev name lookup: first {result['lookup_ms']:.1f} ms, then {result['per_lookup_us']:.0f} us each")

@@ -43,7 +43,7 @@ class KvmVfioConfig:
     selectors: tuple[Selector, ...] = ()
     health_interval: float = 5.0
     uevent_source: str = "udev"
-    pci_ids: str = ""  # empty: the first of PCI_IDS_PATHS that exists
+    pci_ids: str = ""  # accepted as before, no longer read: names come from udev (names.py)
     mdevs: tuple[MdevSelector, ...] = ()
     usbs: tuple[UsbSelector, ...] = ()
     #: what ``permittedHostDevices`` says that dpkit does not serve, for ``dpkit discover``
@@ -75,9 +75,18 @@ def parse_config(raw: Mapping[str, Any]) -> KvmVfioConfig:
         pci_ids=_path(raw, "pci_ids", "") if "pci_ids" in raw else "",
         mdevs=permitted.mdevs,
         usbs=permitted.usbs,
-        notes=permitted.notes,
+        notes=permitted.notes + _pci_ids_note(raw),
         usb_owner=_owner(raw),
     )
+
+
+def _pci_ids_note(raw: Mapping[str, Any]) -> tuple[ConfigNote, ...]:
+    """``pci_ids`` is still accepted (nothing accepted before is refused now) but names come from udev."""
+    if "pci_ids" not in raw:
+        return ()
+    return (ConfigNote("vendor.pci_ids", "", "is no longer read: PCI device names come from the host's udev "
+                       "database (ID_MODEL_FROM_DATABASE, /run/udev)",
+                       "remove the key; set resource_name in a selector to pin a resource's name"),)
 
 
 def _owner(raw: Mapping[str, Any]) -> int | None:

@@ -1,18 +1,25 @@
-"""Resource and environment names, as KubeVirt writes them.
+"""Resource and environment names, as KubeVirt writes them, and PCI device names from udev's hwdb.
 
-A selector without ``resource_name`` gets ``<vendor domain>/<device name>``: the device name from
-the pci.ids database with non-alphanumerics turned into ``_`` (``TU104GL [Tesla T4]`` ->
-``nvidia.com/TU104GL_Tesla_T4``, the name KubeVirt's documentation uses for that card), or the
-hex IDs when the database is absent or does not know the device.
+A selector without ``resource_name`` gets ``<vendor domain>/<device name>``: the device name with
+non-alphanumerics turned into ``_`` (``TU104GL [Tesla T4]`` -> ``nvidia.com/TU104GL_Tesla_T4``, the
+name KubeVirt's documentation uses for that card), or the hex IDs when no name is known.
+
+The device name is the host's udev database entry ``ID_MODEL_FROM_DATABASE`` of a function with
+those IDs, read through pyudev: udev fills it from its hwdb (built from the pci.ids database) when
+the device appears, so the name is the host's, needs no copy of pci.ids in the image, and the
+plugin reads it where it already reads uevents (``/run/udev``, mounted read-only).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import re
+from collections.abc import Iterable
+from typing import Any
 
-PCI_IDS_PATHS = ("/usr/share/misc/pci.ids", "/usr/share/hwdata/pci.ids", "/usr/share/pci.ids")
+#: the udev property udev's hwdb sets to the pci.ids name of the device (with its subsystem's name
+#: in parentheses when pci.ids lists that subsystem)
+MODEL_PROPERTY = "ID_MODEL_FROM_DATABASE"
 PCI_RESOURCE_PREFIX = "PCI_RESOURCE_"
 MDEV_RESOURCE_PREFIX = "MDEV_PCI_RESOURCE_"
 USB_RESOURCE_PREFIX = "USB_RESOURCE_"
@@ -39,37 +46,58 @@ def resource_env(prefix: str, resource: str) -> str:
     return prefix + resource.upper().replace("/", "_").replace(".", "_")
 
 
-def default_resource_name(vendor: str, device: str, pci_ids: str = "") -> str:
-    """The resource name for a selector that names none (may still fail validation: check it)."""
+def default_resource_name(vendor: str, device: str, name: str = "") -> str:
+    """The resource name for a selector that names none, from the device's database name (may be "").
+
+    The result may still fail validation: check it.
+    """
     domain = VENDOR_DOMAINS.get(vendor, DEFAULT_DOMAIN)
-    name = device_name(vendor, device, pci_ids)
     short = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")[:63].rstrip("_") if name else ""
     return f"{domain}/{short or f'{vendor.upper()}_{device.upper()}'}"
 
 
-def device_name(vendor: str, device: str, pci_ids: str = "") -> str:
-    """The device's name from pci.ids, or "" when unknown."""
-    path = pci_ids or next((p for p in PCI_IDS_PATHS if os.path.exists(p)), "")
-    return _database(path).get((vendor, device), "") if path else ""
+class DeviceNames:
+    """PCI device names from the host's udev database, remembered per ``vendor:device`` for the process.
 
+    A name, once found, is kept even when the last function with those IDs goes away: the resource
+    name derived from it must not flip back to the hex IDs on a hot-unplug. IDs without a name are
+    asked again on the next scan (udev may not have processed a new device yet). libudev reads
+    ``/sys`` only, so a ``sys_root`` elsewhere (a test tree) has no names.
+    """
 
-@functools.lru_cache(maxsize=4)
-def _database(path: str) -> dict[tuple[str, str], str]:
-    """(vendor, device) -> name, from the pci.ids format (vendor lines, tab-indented devices)."""
-    names: dict[tuple[str, str], str] = {}
-    vendor = ""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("C "):  # the class section follows the vendors
-                    break
-                if not line.strip() or line.startswith("#"):
-                    continue
-                if not line.startswith("\t"):
-                    vendor = line[:4].lower()
-                elif not line.startswith("\t\t") and vendor:
-                    device, _, name = line.strip().partition(" ")
-                    names[(vendor, device.lower())] = name.strip()
-    except OSError:
-        return {}
-    return names
+    def __init__(self, sys_root: str) -> None:
+        self.enabled = os.path.realpath(sys_root) == "/sys"
+        self._known: dict[tuple[str, str], str] = {}
+        self._context: Any = None
+
+    def learn(self, functions: Iterable[tuple[str, str, str]]) -> None:
+        """Look up ``(address, vendor, device)`` functions whose IDs have no name yet (one lookup per IDs)."""
+        if not self.enabled:
+            return
+        asked: set[tuple[str, str]] = set()
+        for address, vendor, device in functions:
+            ids = (vendor, device)
+            if ids in self._known or ids in asked:
+                continue
+            asked.add(ids)
+            name = self._lookup(address)
+            if name:
+                self._known[ids] = name
+
+    def name(self, vendor: str, device: str) -> str:
+        """The database name of ``vendor:device`` (lower-case hex), or "" when none is known."""
+        return self._known.get((vendor, device), "")
+
+    def _lookup(self, address: str) -> str:
+        try:
+            import pyudev  # loads libudev: only where a name is wanted
+
+            if self._context is None:
+                self._context = pyudev.Context()
+        except (ImportError, OSError):
+            return ""  # no libudev here: the hex IDs stand in
+        try:
+            found = pyudev.Devices.from_sys_path(self._context, f"/sys/bus/pci/devices/{address}")
+            return str(found.properties.get(MODEL_PROPERTY, "")).strip()
+        except (pyudev.DeviceNotFoundError, OSError, ValueError):
+            return ""  # gone meanwhile

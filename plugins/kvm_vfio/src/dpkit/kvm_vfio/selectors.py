@@ -64,7 +64,7 @@ class UsbSelector:
 
 @dataclass(frozen=True)
 class ConfigNote:
-    """A ``permittedHostDevices`` entry dpkit accepted but does not act on, and why (``dpkit discover``)."""
+    """A config entry dpkit accepted but does not act on, and why (``dpkit discover``)."""
 
     where: str  # key path, e.g. vendor.permittedHostDevices.pciHostDevices[1]
     resource: str

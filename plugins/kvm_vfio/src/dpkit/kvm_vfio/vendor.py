@@ -24,6 +24,7 @@ from dpkit.kvm_vfio import mdev, usb
 from dpkit.kvm_vfio import watch as uevents
 from dpkit.kvm_vfio.allocation import prefer_groups
 from dpkit.kvm_vfio.config import parse_config
+from dpkit.kvm_vfio.names import DeviceNames
 from dpkit.kvm_vfio.shared import SHARED_NODES, hint_for, node_problem, slots
 from dpkit.kvm_vfio.sysfs import iommu_groups, read_functions
 from dpkit.kvm_vfio.vfio import IOMMU_HINT, scan
@@ -45,6 +46,10 @@ class KvmVfioVendor(Vendor):
         self._logged: dict[tuple[str, str], str] = {}  # what was last logged per subject
         #: set while watch() listens for uevents (changes from then on are seen at once)
         self.listening = threading.Event()
+        self._device_names = DeviceNames(self.settings.sys_root)
+        for note in self.settings.notes:
+            if note.where == "vendor.pci_ids":
+                log.warning(f"{note.where} {note.reason}", extra=kv(hint=note.hint))
 
     # -- discovery ----------------------------------------------------------------------------
     def discover(self) -> Snapshot:
@@ -102,7 +107,7 @@ class KvmVfioVendor(Vendor):
             findings.append(Finding("IOMMU", False,
                                     f"no groups in {s.sys_root}/kernel/iommu_groups: the IOMMU is disabled",
                                     "", IOMMU_HINT))
-        result = scan(functions, s.selectors, s.sys_root, s.dev_root, s.pci_ids)
+        result = scan(functions, s.selectors, s.sys_root, s.dev_root, self._device_names)
         return {r: tuple(d) for r, d in result.resources.items()}, findings + result.findings
 
     def _log_unhealthy(self, snapshot: Mapping[str, Sequence[Device]]) -> None:

@@ -21,7 +21,7 @@ from dpkit.core.errors import ValidationError
 from dpkit.core.validation import check_resource_name
 from dpkit.core.vendor import Finding
 from dpkit.kvm_vfio.config import Selector
-from dpkit.kvm_vfio.names import default_resource_name, device_name, pci_resource_env
+from dpkit.kvm_vfio.names import DeviceNames, default_resource_name, pci_resource_env
 from dpkit.kvm_vfio.sysfs import PciFunction, driver_of, group_members
 
 VFIO_DRIVER = "vfio-pci"
@@ -51,11 +51,13 @@ class _Candidate:
 
 def scan(
     functions: Sequence[PciFunction], selectors: Sequence[Selector], sys_root: str, dev_root: str,
-    pci_ids: str = "",
+    device_names: DeviceNames | None = None,
 ) -> VfioScan:
     """Match ``functions`` against ``selectors`` and build every selected function's device."""
     result = VfioScan()
-    names = _resource_names(selectors, pci_ids, result)
+    device_names = device_names or DeviceNames(sys_root)
+    device_names.learn((f.address, f.vendor, f.device) for f in functions)
+    names = _resource_names(selectors, device_names, result)
     candidates = _select(functions, selectors, names, result)
     group_resources: dict[str, set[str]] = {}
     for c in candidates:
@@ -63,7 +65,7 @@ def scan(
             group_resources.setdefault(c.function.iommu_group, set()).add(c.resource)
     by_group: dict[tuple[str, str], list[Device]] = {}
     for c in candidates:
-        device = _device(c, sys_root, dev_root, group_resources, pci_ids)
+        device = _device(c, sys_root, dev_root, group_resources, device_names)
         if not device.healthy:
             result.findings.append(Finding(c.function.address, False, f"listed Unhealthy: {device.reason}",
                                           c.resource, _hint(device.reason, c.function.address)))
@@ -98,11 +100,12 @@ def group_device(group: str, members: Sequence[Device], key: str = "pci_address"
                   merge_specs(d.spec for d in members), reason, attributes)
 
 
-def _resource_names(selectors: Sequence[Selector], pci_ids: str, result: VfioScan) -> dict[int, str]:
+def _resource_names(selectors: Sequence[Selector], device_names: DeviceNames, result: VfioScan) -> dict[int, str]:
     """Selector index -> its resource (registered even with no device); invalid ones are skipped."""
     names: dict[int, str] = {}
     for index, selector in enumerate(selectors):
-        name = selector.resource_name or default_resource_name(selector.vendor, selector.device, pci_ids)
+        name = selector.resource_name or default_resource_name(
+            selector.vendor, selector.device, device_names.name(selector.vendor, selector.device))
         try:
             check_resource_name(name)
         except ValidationError as exc:
@@ -138,11 +141,11 @@ def _select(
 
 
 def _device(c: _Candidate, sys_root: str, dev_root: str, group_resources: dict[str, set[str]],
-            pci_ids: str) -> Device:
+            device_names: DeviceNames) -> Device:
     f = c.function
     attributes = {"pci_address": f.address, "vendor": f.vendor, "device": f.device, "class": f.pci_class,
                   "driver": f.driver or "none", "iommu_group": f.iommu_group or "none"}
-    name = device_name(f.vendor, f.device, pci_ids)
+    name = device_names.name(f.vendor, f.device)
     if name:
         attributes["name"] = name
     numa = () if f.numa_node is None else (f.numa_node,)
