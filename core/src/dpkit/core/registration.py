@@ -73,7 +73,13 @@ class RegistrationState:
 
 
 class KubeletLink:
-    """Owns the registration of a set of resource servers with one kubelet plugin directory."""
+    """Owns the registration of a set of resource servers with one kubelet plugin directory.
+
+    The manager edits a *desired* set (:meth:`add`, :meth:`remove`); the watch thread reconciles
+    the kubelet towards it. Membership, per-resource state and the resource in flight live under
+    one lock, and a pass re-reads the desired set before each step it takes on a resource, so a
+    pass that started before a removal (or a replacement) never acts on the old member again.
+    """
 
     def __init__(
         self,
@@ -87,10 +93,15 @@ class KubeletLink:
         self.kubelet_socket = self.plugin_dir / kubelet_socket
         self.backoff_max = backoff_max
         self.on_event = on_event  # (kind, resource) for metrics: "registered", "kubelet_restart", ...
-        self.servers: dict[str, ResourceServer] = {}
-        self.state: dict[str, RegistrationState] = {}
+        self.state: dict[str, RegistrationState] = {}  # written under the lock only
         self.kubelet_restarts = 0
-        self._lock = threading.RLock()
+        self._desired: dict[str, ResourceServer] = {}
+        self._version = 0  # bumped by every add and remove
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified when the resource in flight is done
+        self._busy: str | None = None  # the resource whose restart or registration is in flight
+        self._stopping = False
+        self._pass = threading.Lock()  # one reconcile pass at a time
         self._stop = threading.Event()
         self._kick_r, self._kick_w = os.pipe()
         self._thread: threading.Thread | None = None
@@ -99,23 +110,68 @@ class KubeletLink:
         self._last_kubelet: tuple[int, int] | None = None
 
     # -- membership ----------------------------------------------------------------------
-    def add(self, server: ResourceServer) -> None:
+    @property
+    def servers(self) -> dict[str, ResourceServer]:
+        """A copy of the desired set: resource -> server."""
         with self._lock:
-            self.servers[server.resource] = server
-            self.state.setdefault(server.resource, RegistrationState())
+            return dict(self._desired)
+
+    @property
+    def version(self) -> int:
+        """The desired set's version; every add and remove bumps it."""
+        with self._lock:
+            return self._version
+
+    def add(self, server: ResourceServer) -> None:
+        """Register ``server`` (and keep it registered). A new server for a resource starts unregistered.
+
+        Replacing a resource's server waits, like :meth:`remove`, for work in flight on the old one.
+        """
+        with self._changed:
+            if self._desired.get(server.resource) is not server:
+                self._settle(server.resource)
+                self.state[server.resource] = RegistrationState()
+            self._desired[server.resource] = server
+            self._version += 1
         self.kick()
 
     def remove(self, resource: str) -> ResourceServer | None:
-        with self._lock:
+        """Stop registering ``resource`` and stop its server; returns that server, stopped.
+
+        Waits for a restart or registration of ``resource`` already in flight to finish or give up
+        (each is bounded: Register has a 5 s deadline), so when this returns the link will never
+        touch the server again and its socket is gone. The kubelet sees the plugin's stream end.
+        """
+        with self._changed:
+            server = self._desired.pop(resource, None)
             self.state.pop(resource, None)
-            return self.servers.pop(resource, None)
+            self._version += 1
+            self._settle(resource)
+        if server is not None:
+            server.stop()
+        return server
+
+    def _settle(self, resource: str) -> None:
+        """Under the lock: wait until no pass is working on ``resource`` (never on the link's own thread)."""
+        if self._busy == resource and threading.current_thread() is not self._thread:
+            self._removal_waits(resource)
+            self._changed.wait_for(lambda: self._busy != resource)
+
+    def _removal_waits(self, resource: str) -> None:
+        """Called under the lock just before a membership change waits for ``resource``'s work in flight.
+
+        Does nothing; tests override it to see the wait begin. It must neither block nor take the lock.
+        """
 
     def kick(self) -> None:
         """Ask the watch thread to reconcile now."""
-        try:
-            os.write(self._kick_w, b"x")
-        except OSError:
-            pass
+        with self._lock:
+            if self._stopping:  # the pipe may be closed, and its descriptor number reused
+                return
+            try:
+                os.write(self._kick_w, b"x")
+            except OSError:
+                pass
 
     # -- thread --------------------------------------------------------------------------
     def start(self) -> None:
@@ -125,10 +181,21 @@ class KubeletLink:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self.kick()
+        """Stop the watch thread; the pass in progress registers nothing more. Idempotent."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._stop.set()
+            try:
+                os.write(self._kick_w, b"x")
+            except OSError:
+                pass
         if self._thread is not None:
-            self._thread.join(5)
+            self._thread.join(10)  # a Register in flight has a 5 s deadline
+            if self._thread.is_alive():  # it still selects on the pipe: leave it open
+                log.warning("kubelet link thread did not stop in time")
+                return
         for fd in (self._kick_r, self._kick_w):
             try:
                 os.close(fd)
@@ -170,64 +237,103 @@ class KubeletLink:
     # -- the reconcile step --------------------------------------------------------------
     def reconcile(self) -> None:
         """Restart servers whose socket vanished; register everything not registered with this kubelet."""
-        kubelet = _socket_identity(self.kubelet_socket)
-        if kubelet is not None and self._last_kubelet is not None and kubelet != self._last_kubelet:
-            self.kubelet_restarts += 1
-            log.info("kubelet restart detected (kubelet.sock recreated); re-registering")
-            if self.on_event:
-                self.on_event("kubelet_restart", "")
-        if kubelet is not None:
-            self._last_kubelet = kubelet
-        with self._lock:
-            items = list(self.servers.items())
-        failed = False
-        for resource, server in items:
-            state = self.state.setdefault(resource, RegistrationState())
-            if not server.socket_present():
-                log.info("plugin socket missing; restarting server", extra=kv(resource=resource))
+        with self._pass:
+            kubelet = _socket_identity(self.kubelet_socket)
+            if kubelet is not None and self._last_kubelet is not None and kubelet != self._last_kubelet:
+                self.kubelet_restarts += 1
+                log.info("kubelet restart detected (kubelet.sock recreated); re-registering")
+                if self.on_event:
+                    self.on_event("kubelet_restart", "")
+            if kubelet is not None:
+                self._last_kubelet = kubelet
+            with self._lock:
+                version = self._version
+                members = list(self._desired.items())
+            failed = False
+            for resource, server in members:
+                with self._lock:
+                    if not self._wanted(resource, server):
+                        continue
+                    self._busy = resource
                 try:
-                    server.restart()
-                except Exception as exc:
-                    state.last_error = f"restart failed: {exc}"
-                    log.error("server restart failed", extra=kv(resource=resource, error=str(exc)))
-                    failed = True
-                    continue
-                state.registered_with = None
+                    failed = not self._reconcile_one(resource, server, kubelet) or failed
+                finally:
+                    with self._changed:
+                        self._busy = None
+                        self._changed.notify_all()
+            with self._lock:
+                if self._version != version and not self._stopping:
+                    failed = False
+                    self._next_retry = time.monotonic()  # the set changed during the pass: go again now
+                    return
+            if failed:
+                self._next_retry = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, self.backoff_max)
+            else:
+                self._next_retry = None
+                self._backoff = 0.1
+
+    def _wanted(self, resource: str, server: ResourceServer) -> bool:
+        """Under the lock: is ``server`` still the desired member for ``resource``, and are we running?"""
+        return not self._stopping and self._desired.get(resource) is server
+
+    def _reconcile_one(self, resource: str, server: ResourceServer, kubelet: tuple[int, int] | None) -> bool:
+        """Bring one member up and registered; False when it needs a retry. Runs with it marked in flight."""
+        if not server.socket_present():
+            with self._lock:
+                if not self._wanted(resource, server):
+                    return True
+            log.info("plugin socket missing; restarting server", extra=kv(resource=resource))
+            try:
+                server.restart()
+            except Exception as exc:
+                with self._lock:
+                    if resource in self.state and self._wanted(resource, server):
+                        self.state[resource].last_error = f"restart failed: {exc}"
+                log.error("server restart failed", extra=kv(resource=resource, error=str(exc)))
+                return False
+            with self._lock:
+                if self._wanted(resource, server):
+                    self.state[resource].registered_with = None
+        with self._lock:
+            if not self._wanted(resource, server):
+                return True
+            state = self.state[resource]
             if kubelet is None:
                 state.registered_with = None
                 missing = f"kubelet socket {self.kubelet_socket} not present; waiting for the kubelet"
                 if state.last_error != missing:  # log once per absence, not once per retry
                     log.warning(missing, extra=kv(resource=resource))
                 state.last_error = missing
-                failed = True
-                continue
+                return False
             if state.registered_with == kubelet:
-                continue
-            try:
-                register(self.kubelet_socket, server)
-            except (grpc.RpcError, OSError) as exc:
-                detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
-                state.last_error = f"kubelet registration failed: {detail}"
-                log.warning(
-                    "registration failed; will retry",
-                    extra=kv(resource=resource, error=detail, retry_in=round(self._backoff, 2)),
-                )
-                failed = True
-                continue
+                return True
+        try:
+            register(self.kubelet_socket, server)
+        except (grpc.RpcError, OSError) as exc:
+            detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+            with self._lock:
+                if self._wanted(resource, server):
+                    self.state[resource].last_error = f"kubelet registration failed: {detail}"
+            log.warning(
+                "registration failed; will retry",
+                extra=kv(resource=resource, error=detail, retry_in=round(self._backoff, 2)),
+            )
+            return False
+        with self._lock:
+            if not self._wanted(resource, server):  # removed or stopped meanwhile: whoever did it stops the server
+                return True
+            state = self.state[resource]
             state.registered_with = kubelet
             state.registrations += 1
             state.last_error = ""
             state.last_registered = time.time()
-            log.info("registered with the kubelet", extra=kv(resource=resource, endpoint=server.socket_path.name))
-            if self.on_event:
-                self.on_event("registered", resource)
-        if failed:
-            self._next_retry = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2, self.backoff_max)
-        else:
-            self._next_retry = None
-            self._backoff = 0.1
+        log.info("registered with the kubelet", extra=kv(resource=resource, endpoint=server.socket_path.name))
+        if self.on_event:
+            self.on_event("registered", resource)
+        return True
 
     def registered(self, resource: str) -> bool:
-        state = self.state.get(resource)
-        return bool(state and state.registered_with is not None)
+        with self._lock:
+            state = self.state.get(resource)
+            return bool(state and state.registered_with is not None)
