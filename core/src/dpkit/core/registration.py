@@ -104,6 +104,7 @@ class KubeletLink:
         self._pass = threading.Lock()  # one reconcile pass at a time
         self._stop = threading.Event()
         self._kick_r, self._kick_w = os.pipe()
+        os.set_blocking(self._kick_w, False)  # a full pipe already means "reconcile": never block a kick
         self._thread: threading.Thread | None = None
         self._backoff = 0.1
         self._next_retry: float | None = None
