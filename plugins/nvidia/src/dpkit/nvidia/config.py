@@ -52,6 +52,7 @@ VENDOR_KEYS: dict[str, Any] = {
     "cdi_vendor": RESOURCE_PREFIX,  # CDI names are <cdi_vendor>/gpu=<id>
     "poll_interval": 30.0,  # seconds between re-discoveries
     "nvml_timeout": 10.0,  # an NVML call slower than this is 'hung'
+    "discovery_timeout": 60.0,  # a discovery subprocess still running after this is killed ('hung')
     "health_interval": 5.0,  # seconds between the health probe's checks of every GPU
     "health_state_file": "/run/dpkit/nvidia-health.json",  # keeps XID marks across probe restarts
     "mps_container_root": MPS_CONTAINER_ROOT,  # the host's mpsRoot as this container sees it
@@ -127,6 +128,7 @@ class Settings:
     cdi_vendor: str = RESOURCE_PREFIX
     poll_interval: float = 30.0
     nvml_timeout: float = 10.0
+    discovery_timeout: float = 60.0
     health_interval: float = 5.0
     health_state_file: str = "/run/dpkit/nvidia-health.json"
     source: str = "<defaults>"
@@ -581,6 +583,7 @@ def _settings(doc: dict[str, Any], config: Mapping[str, Any], environ: Mapping[s
         xids=policy_from_env(environ),
         poll_interval=_number(config, "poll_interval"),
         nvml_timeout=_number(config, "nvml_timeout"),
+        discovery_timeout=_number(config, "discovery_timeout"),
         health_interval=_number(config, "health_interval"),
         source=source,
         notes=tuple(notes),

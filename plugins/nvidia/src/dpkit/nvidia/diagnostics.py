@@ -6,16 +6,16 @@ import os
 from pathlib import Path
 
 from dpkit.core.vendor import Check, Finding
-from dpkit.nvidia import hostfiles, nvml
+from dpkit.nvidia import hostfiles, nodeinfo
 from dpkit.nvidia.config import Settings
-from dpkit.nvidia.gpus import GpuInfo
+from dpkit.nvidia.nodeinfo import GpuInfo
 
 DRIVER_HINT = "load the driver (modprobe nvidia) or start the NVIDIA driver container; check dmesg for NVRM errors"
 LIBRARY_HINT = ("install the driver's user-space libraries, or mount the driver root into the pod and set "
                 "nvidiaDriverRoot (NVIDIA_DRIVER_ROOT) or vendor.nvml_library")
 
 
-def unavailable_finding(exc: nvml.NvmlUnavailable) -> Finding:
+def unavailable_finding(exc: nodeinfo.NvmlUnavailable) -> Finding:
     """Why NVML cannot be used, worded for an operator."""
     if exc.kind == "library":
         return Finding("NVML library", False, f"missing: {exc}", hint=LIBRARY_HINT)
@@ -41,10 +41,10 @@ def driver_loaded(settings: Settings) -> tuple[bool, str]:
     return False, f"neither {version} nor {module} exists"
 
 
-def checks(settings: Settings, gpus: tuple[GpuInfo, ...], nvml_error: nvml.NvmlUnavailable | None) -> list[Check]:
+def checks(settings: Settings, gpus: tuple[GpuInfo, ...], nvml_error: nodeinfo.NvmlUnavailable | None) -> list[Check]:
     """NVML loadable, driver loaded, device nodes present and usable."""
     out = []
-    library = nvml.library_path(settings.nvml_library, settings.driver_root) or nvml.SONAME
+    library = nodeinfo.library_path(settings.nvml_library, settings.driver_root) or nodeinfo.SONAME
     if nvml_error is not None and nvml_error.kind == "library":
         out.append(Check("NVML library loadable", False, str(nvml_error), LIBRARY_HINT))
     else:

@@ -1,4 +1,6 @@
-"""Read every GPU (and its MIG devices, NVLinks and PCIe topology) from NVML into plain values.
+"""Read every GPU (and its MIG devices, NVLinks and PCIe topology) from NVML into plain values
+(:mod:`dpkit.nvidia.nodeinfo`). Runs where NVML may be loaded: the discovery subprocess, the
+health probe, and ``dpkit discover`` / ``doctor``; never in the serving process.
 
 Each GPU is read in its own guarded call, so one lost or hung GPU never hides the others: it is
 reported from the last good reading with a ``problem`` (and turned Unhealthy downstream). What
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import pynvml
@@ -19,6 +21,18 @@ from dpkit.core.logs import get_logger, kv
 from dpkit.core.validation import check_device_id
 from dpkit.nvidia import hostfiles, nvml
 from dpkit.nvidia.guard import Guard, Hung
+from dpkit.nvidia.nodeinfo import (
+    GpuInfo,
+    Issue,
+    MigInfo,
+    NodeInfo,
+    gpu_from_json,
+    gpu_to_json,
+    pcie_from_json,
+    pcie_to_json,
+)
+
+__all__ = ["GpuInfo", "Issue", "MigInfo", "NodeInfo", "NodeReader", "mig_profile"]
 
 log = get_logger("nvidia.gpus")
 UUID = re.compile(r"^(GPU|MIG)-[0-9a-fA-F-]{8,}$")
@@ -27,53 +41,6 @@ MAX_MINOR = 1 << 20
 #: broken NVML answer, and reading it would loop guarded calls for hours. The first MAX_GPUS
 #: indices are read and an Issue says why the rest are not.
 MAX_GPUS = 64
-
-
-@dataclass(frozen=True)
-class MigInfo:
-    """One MIG device: ``index`` is its position under the parent (NVIDIA's ``<gpu>:<index>``)."""
-
-    index: int
-    uuid: str
-    gi: int
-    ci: int
-    profile: str
-    memory_mb: int
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    index: int
-    uuid: str
-    name: str
-    memory: int  # bytes
-    minor: int
-    bus_id: str
-    numa: int | None
-    mig_enabled: bool = False
-    mig_pending: bool = False
-    mig_capable: bool = False  # NVML answers GetMigMode (GFD's nvidia.com/mig.capable)
-    migs: tuple[MigInfo, ...] = ()
-    nvlinks: tuple[str, ...] = ()  # remote PCI bus IDs, one per active link
-    problem: str = ""  # known GPU that cannot be used now (lost, hung)
-
-
-@dataclass(frozen=True)
-class Issue:
-    """Something read that could not be used, for ``dpkit discover``."""
-
-    subject: str
-    reason: str
-    hint: str = ""
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    driver: str
-    cuda: str
-    gpus: tuple[GpuInfo, ...]
-    issues: tuple[Issue, ...] = ()
-    pcie: dict[tuple[str, str], int] = field(default_factory=dict)  # uuid pair -> NVML topology level
 
 
 def mig_profile(gi_slices: int, ci_slices: int, memory_mb: int, total_memory: int) -> str:
@@ -109,6 +76,17 @@ class NodeReader:
         self._pcie_for: tuple[str, ...] = ()
         self._pcie: dict[tuple[str, str], int] = {}
         self._warned_count = -1
+
+    def memory(self) -> dict[str, Any]:
+        """What this reader keeps between readings (last good GPUs, the PCIe cache), as JSON."""
+        return {"known": {str(k): gpu_to_json(g) for k, g in self.known.items()},
+                "pcie_for": list(self._pcie_for), "pcie": pcie_to_json(self._pcie)}
+
+    def restore(self, memory: dict[str, Any]) -> None:
+        """Take over what :meth:`memory` returned (from another process)."""
+        self.known = {int(k): gpu_from_json(v) for k, v in memory.get("known", {}).items()}
+        self._pcie_for = tuple(str(u) for u in memory.get("pcie_for", ()))
+        self._pcie = pcie_from_json(memory.get("pcie", []))
 
     def ensure_init(self) -> None:
         if not self.initialized:

@@ -33,8 +33,6 @@ from dpkit.nvidia.guard import Guard, Hung
 
 log = get_logger("nvidia.health")
 
-PROBE_NAME = "nvml-health"
-TARGET = "dpkit.nvidia.health:run"
 ALL_INSTANCES = 0xFFFFFFFF
 EVENT_WAIT_MS = 1000
 MAX_STUCK = 4  # NVML calls stuck at once before the probe gives up and lets the core restart it

@@ -17,7 +17,7 @@ from dpkit.core.errors import ValidationError
 from dpkit.core.vendor import Finding
 from dpkit.nvidia import hostfiles, sharing, spec
 from dpkit.nvidia.config import DEFAULT_GPU_RESOURCE, Settings, gpu_rules, mig_resource
-from dpkit.nvidia.gpus import GpuInfo, MigInfo, NodeInfo
+from dpkit.nvidia.nodeinfo import GpuInfo, MigInfo, NodeInfo
 
 NODE_HINT = "load the driver's device nodes (nvidia-modprobe, or the driver container) and check nvidiaDevRoot"
 

@@ -11,32 +11,21 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from pathlib import Path
 from typing import Any
 
 import pynvml
 
-from dpkit.core.errors import DpkitError
 from dpkit.core.logs import get_logger, kv
+from dpkit.nvidia.nodeinfo import LIBRARY_DIRS, SONAME, NvmlUnavailable, library_path
+
+__all__ = ["LIBRARY_DIRS", "SONAME", "NVMLError", "NvmlUnavailable", "error_name", "init", "is_error",
+           "library_path", "preload", "shutdown", "text"]
 
 log = get_logger("nvidia.nvml")
-
-SONAME = "libnvidia-ml.so.1"
-# where driver installs put the library, relative to the driver root
-LIBRARY_DIRS = ("usr/lib64", "usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "lib64",
-                "lib/x86_64-linux-gnu", "lib/aarch64-linux-gnu", "usr/lib")
 
 NVMLError = pynvml.NVMLError
 _loaded: dict[str, Any] = {}
 _load_lock = threading.Lock()
-
-
-class NvmlUnavailable(DpkitError):
-    """NVML cannot be used; ``kind`` is ``library``, ``driver`` or ``init``."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 def error_name(exc: BaseException) -> str:
@@ -51,19 +40,6 @@ def error_name(exc: BaseException) -> str:
 def is_error(exc: BaseException, *names: str) -> bool:
     value = getattr(exc, "value", None)
     return isinstance(exc, NVMLError) and any(getattr(pynvml, n, object()) == value for n in names)
-
-
-def library_path(explicit: str, driver_root: str) -> str:
-    """The library to open by path, or "" to let the loader search (driver root ``/``)."""
-    if explicit:
-        return explicit
-    if driver_root in ("", "/"):
-        return ""
-    for directory in LIBRARY_DIRS:
-        candidate = Path(driver_root) / directory / SONAME
-        if candidate.exists():
-            return str(candidate)
-    return str(Path(driver_root) / LIBRARY_DIRS[0] / SONAME)  # reported as missing
 
 
 def preload(path: str) -> None:

@@ -14,8 +14,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from dpkit.nvidia.gpus import GpuInfo
 from dpkit.nvidia.hostfiles import sysfs_bus_id
+from dpkit.nvidia.nodeinfo import GpuInfo
 
 NVLINK_SCORE = 100
 # NVML topology levels: internal (same board), single PCIe switch, multiple switches,

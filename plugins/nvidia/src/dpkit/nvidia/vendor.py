@@ -17,17 +17,24 @@ from dpkit.core.device import ContainerSpec, Device, Snapshot
 from dpkit.core.errors import ValidationError, VendorError
 from dpkit.core.logs import get_logger, kv
 from dpkit.core.vendor import Check, Finding, MetricSample, Probe, Vendor
-from dpkit.nvidia import diagnostics, health, inventory, mps, nvml, sharing, spec, topology
+from dpkit.nvidia import diagnostics, inventory, mps, nodeinfo, sharing, spec, topology
 from dpkit.nvidia.config import Settings, load_settings
-from dpkit.nvidia.gpus import NodeReader
-from dpkit.nvidia.guard import Guard, Hung
+from dpkit.nvidia.guard import Hung
+from dpkit.nvidia.remote import RemoteReader
 
 log = get_logger("nvidia")
 CDI_SPEC_VENDOR = "dpkit.io"
+HEALTH_PROBE = "nvml-health"
+HEALTH_TARGET = "dpkit.nvidia.health:run"
 
 
 class NvidiaVendor(Vendor):
-    """NVIDIA GPUs (whole, MIG, time-sliced) through NVML."""
+    """NVIDIA GPUs (whole, MIG, time-sliced) through NVML.
+
+    This process never loads the driver library: discovery runs in a subprocess
+    (:class:`~dpkit.nvidia.remote.RemoteReader`), health in the probe process; everything here
+    works on their plain answers (:mod:`dpkit.nvidia.nodeinfo`).
+    """
 
     name = "nvidia"
     description = "NVIDIA GPUs through NVML; reads NVIDIA device-plugin config files and env"
@@ -36,12 +43,13 @@ class NvidiaVendor(Vendor):
         super().__init__(config)
         self.settings: Settings = load_settings(self.config, environ)
         self.poll_interval = self.settings.poll_interval
-        library = nvml.library_path(self.settings.nvml_library, self.settings.driver_root)
-        self.reader = NodeReader(library, self.settings.sysfs_root, Guard(self.settings.nvml_timeout))
+        library = nodeinfo.library_path(self.settings.nvml_library, self.settings.driver_root)
+        self.reader = RemoteReader(library, self.settings.sysfs_root, self.settings.nvml_timeout,
+                                   self.settings.discovery_timeout)
         self._lock = threading.Lock()
         self._inventory: inventory.Inventory | None = None
         self._topology = topology.Topology((), ())
-        self._nvml_error: nvml.NvmlUnavailable | None = None
+        self._nvml_error: nodeinfo.NvmlUnavailable | None = None
         self._discoveries = 0
         self._failures = 0
         self._quiet = False  # discovery for explain/doctor: they print the reason themselves
@@ -56,14 +64,17 @@ class NvidiaVendor(Vendor):
         self._discoveries += 1
         try:
             node = self.reader.read(topology=True)
-        except nvml.NvmlUnavailable as exc:
+        except nodeinfo.NvmlUnavailable as exc:
             self._nvml_error = exc
             return self._unavailable(diagnostics.unavailable_finding(exc))
         except Hung as exc:
             return self._unavailable(Finding("NVML", False, f"NVML hangs: {exc}",
                                              hint="the driver or a GPU is wedged; check dmesg for Xid errors"))
-        except nvml.NVMLError as exc:
-            return self._unavailable(Finding("NVML", False, f"NVML query failed: {nvml.error_name(exc)}"))
+        except nodeinfo.NvmlQueryFailed as exc:
+            return self._unavailable(Finding("NVML", False, str(exc)))
+        except VendorError as exc:  # the discovery subprocess failed without an answer
+            return self._unavailable(Finding("NVML", False, str(exc),
+                                             hint="run `dpkit discover nvidia` on the node to see the error"))
         self._nvml_error = None
         built = inventory.build(self.settings, node)
         if self.settings.mps:
@@ -126,7 +137,7 @@ class NvidiaVendor(Vendor):
             log.info("health checks disabled by DP_DISABLE_HEALTHCHECKS=all")
             return ()
         config = json.loads(json.dumps({"vendor": dict(self.config)}, default=str))
-        return (Probe(health.PROBE_NAME, health.TARGET, config),)
+        return (Probe(HEALTH_PROBE, HEALTH_TARGET, config),)
 
     # -- diagnostics ----------------------------------------------------------------------------
     def _current(self) -> inventory.Inventory:
