@@ -45,13 +45,16 @@ class FrozenMap(dict[str, str]):
         return (FrozenMap, (dict(self),))
 
 
+_EMPTY = FrozenMap()  # shared by every spec and device without env, annotations or attributes
+
+
 def _frozen(mapping: Mapping[str, str] | None) -> Mapping[str, str]:
     if isinstance(mapping, FrozenMap):
         return mapping
-    return FrozenMap(mapping or {})
+    return FrozenMap(mapping) if mapping else _EMPTY
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceNode:
     """A device node the container gets; ``container_path`` defaults to ``host_path``."""
 
@@ -67,7 +70,7 @@ class DeviceNode:
         check_permissions(self.permissions)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Mount:
     """A host path bind-mounted into the container, read-only unless said otherwise."""
 
@@ -82,7 +85,7 @@ class Mount:
         check_container_path(self.container_path)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ContainerSpec:
     """What a container needs to use some devices.
 
@@ -151,7 +154,7 @@ def merge_specs(specs: Iterable[ContainerSpec]) -> ContainerSpec:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Device:
     """One schedulable unit of a resource.
 
@@ -178,8 +181,16 @@ class Device:
         return self.health is Health.HEALTHY
 
     def with_health(self, health: Health, reason: str = "") -> Device:
-        """A copy with another health (and the reason for it)."""
-        return Device(self.id, health, self.numa_nodes, self.spec, reason, self.attributes)
+        """A copy with another health (and the reason for it).
+
+        Everything else was validated when this device was made, so it is copied as is: the
+        manager calls this for every health change of every device.
+        """
+        copy = object.__new__(Device)
+        for name, value in (("id", self.id), ("health", Health(health)), ("numa_nodes", self.numa_nodes),
+                            ("spec", self.spec), ("reason", str(reason)), ("attributes", self.attributes)):
+            object.__setattr__(copy, name, value)
+        return copy
 
     def __hash__(self) -> int:
         return hash((self.id, self.health, self.numa_nodes, self.spec, self.reason))

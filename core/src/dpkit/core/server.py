@@ -35,6 +35,7 @@ log = get_logger("server")
 WORKERS = 16
 MAX_STREAMS = 8  # the kubelet holds one; the rest are debugging clients and restarts in flight
 MAX_LISTED_IDS = 10  # IDs named in one error message
+SERVICE = "v1beta1.DevicePlugin"  # the kubelet's service name (proto package v1beta1)
 
 
 _T = TypeVar("_T")
@@ -96,6 +97,25 @@ def device_to_proto(device: Device) -> api_pb2.Device:
     return proto
 
 
+def encoded_entry(device: Device) -> bytes:
+    """One device as a serialised ``ListAndWatchResponse`` holding just it.
+
+    Serialised protobuf messages concatenate into their merge, and ``devices`` is a repeated
+    field, so the join of every device's entry *is* the serialised whole list: a health change
+    re-encodes one device, not ten thousand.
+    """
+    return api_pb2.ListAndWatchResponse(devices=[device_to_proto(device)]).SerializeToString()
+
+
+def _visible(device: Device) -> tuple[object, ...]:
+    """What the kubelet sees of a device; a change in anything else wakes no stream."""
+    return (device.health, device.numa_nodes)
+
+
+def _serialize_list(response: bytes | api_pb2.ListAndWatchResponse) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
 class ResourceServer(api_pb2_grpc.DevicePluginServicer):
     """Serves one extended resource; the manager feeds it device lists through :meth:`update`."""
 
@@ -123,6 +143,8 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         self._calls = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"vendor-{resource}")
         self.stats = ServerStats()
         self._devices: dict[str, Device] = {}
+        self._entries: dict[str, bytes | None] = {}  # device ID -> encoded_entry; None: to encode
+        self._response: bytes | None = None  # the current ListAndWatch response, shared by every stream
         self._version = 0
         self._changed = threading.Condition()
         self._server: grpc.Server | None = None
@@ -136,16 +158,27 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
             return tuple(self._devices.values())
 
     def update(self, devices: Sequence[Device]) -> bool:
-        """Replace the device list; streams are woken only when something the kubelet sees changed."""
+        """Replace the device list; streams are woken only when something the kubelet sees changed.
+
+        Devices whose visible state is unchanged keep their encoded entry, so a rediscovery of an
+        unchanged node re-encodes nothing.
+        """
         new = {d.id: d for d in devices}
         with self._changed:
-            before = [(d.id, d.health, d.numa_nodes) for d in self._devices.values()]
-            after = [(d.id, d.health, d.numa_nodes) for d in new.values()]
-            self._devices = new
-            if before == after:
+            old = self._devices
+            entries: dict[str, bytes | None] = {}
+            changed = list(old) != list(new)
+            for device_id, device in new.items():
+                before = old.get(device_id)
+                if before is not None and _visible(before) == _visible(device):
+                    entries[device_id] = self._entries[device_id]
+                else:
+                    entries[device_id] = None
+                    changed = True
+            self._devices, self._entries = new, entries
+            if not changed:
                 return False
-            self._version += 1
-            self._changed.notify_all()
+            self._bump()
             return True
 
     def patch(self, devices: Sequence[Device]) -> bool:
@@ -157,11 +190,32 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                 if old is None:
                     continue  # only a full update adds devices
                 self._devices[device.id] = device
-                visible = visible or old.health != device.health or old.numa_nodes != device.numa_nodes
+                if _visible(old) != _visible(device):
+                    self._entries[device.id] = None
+                    visible = True
             if visible:
-                self._version += 1
-                self._changed.notify_all()
+                self._bump()
             return visible
+
+    def _bump(self) -> None:
+        """Called with the lock held after a visible change: a new version for every stream."""
+        self._response = None
+        self._version += 1
+        self._changed.notify_all()
+
+    def _current_response(self) -> bytes:
+        """Called with the lock held: the encoded list, built once per version for all streams.
+
+        Entries are encoded here, on the first stream that needs them, so the manager's loop
+        never pays for serialisation and a device that changes twice between sends is encoded once.
+        """
+        if self._response is None:
+            entries = self._entries
+            for device_id, entry in entries.items():
+                if entry is None:
+                    entries[device_id] = encoded_entry(self._devices[device_id])
+            self._response = b"".join(e for e in entries.values() if e is not None)
+        return self._response
 
     @property
     def options(self) -> api_pb2.DevicePluginOptions:
@@ -181,7 +235,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
             futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix=f"grpc-{self.resource}"),
             options=[("grpc.so_reuseport", 0)],
         )
-        api_pb2_grpc.add_DevicePluginServicer_to_server(self, server)
+        self._add_handlers(server)
         # Bind in a private 0700 directory, tighten the mode, then rename into the plugin dir,
         # so the socket is never reachable with looser permissions.
         # The staging directory has a random name, made exclusively; a failed start leaves nothing.
@@ -198,6 +252,24 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                 raise
         self._server = server
         log.info("serving", extra=kv(resource=self.resource, socket=str(self.socket_path)))
+
+    def _add_handlers(self, server: grpc.Server) -> None:
+        """The generated handler table, except that ListAndWatch yields the cached encoded list."""
+        unary = grpc.unary_unary_rpc_method_handler
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            "GetDevicePluginOptions": unary(self.GetDevicePluginOptions, api_pb2.Empty.FromString,
+                                            api_pb2.DevicePluginOptions.SerializeToString),
+            "ListAndWatch": grpc.unary_stream_rpc_method_handler(self.ListAndWatch, api_pb2.Empty.FromString,
+                                                                 _serialize_list),
+            "GetPreferredAllocation": unary(self.GetPreferredAllocation, api_pb2.PreferredAllocationRequest.FromString,
+                                            api_pb2.PreferredAllocationResponse.SerializeToString),
+            "Allocate": unary(self.Allocate, api_pb2.AllocateRequest.FromString,
+                              api_pb2.AllocateResponse.SerializeToString),
+            "PreStartContainer": unary(self.PreStartContainer, api_pb2.PreStartContainerRequest.FromString,
+                                       api_pb2.PreStartContainerResponse.SerializeToString),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        server.add_registered_method_handlers(SERVICE, handlers)
 
     def _vendor_call(self, what: str, func: Callable[..., _T], *args: Any) -> _T:
         """Run a vendor hook with the deadline; VendorTimeout when it does not answer in time."""
@@ -279,9 +351,9 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                     if self._stopping or self._generation != generation or not context.is_active():
                         return
                     sent = self._version
-                    devices = list(self._devices.values())
+                    response = self._current_response()
                 started = time.perf_counter()
-                yield api_pb2.ListAndWatchResponse(devices=[device_to_proto(d) for d in devices])
+                yield response  # type: ignore[misc]  # bytes: serialised by _serialize_list
                 self.stats.list_and_watch_sends += 1
                 self._observe("ListAndWatch", started, True)
         except Exception:
@@ -297,27 +369,29 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
             self._changed.notify_all()
 
     def _lookup(self, ids: Sequence[str], context: grpc.ServicerContext, *, need_healthy: bool) -> list[Device]:
+        """The devices named in a request, checked: cost grows with the request, not the resource."""
         with self._changed:
-            current = dict(self._devices)
-        unknown = [i for i in ids if i not in current]
+            current = self._devices
+            devices = [current.get(i) for i in ids]
+        unknown = [i for i, d in zip(ids, devices, strict=True) if d is None]
         if unknown:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{self.resource}: unknown device ID(s) {_listing(unknown)}",
             )
-        duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
-        if duplicates:
+        if len(set(ids)) != len(ids):
+            duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{self.resource}: device ID(s) requested twice: {_listing(duplicates)}",
             )
-        devices = [current[i] for i in ids]
+        found = [d for d in devices if d is not None]
         if need_healthy:
-            sick = [d for d in devices if not d.healthy]
+            sick = [d for d in found if not d.healthy]
             if sick:
                 detail = "; ".join(f"{d.id} ({d.reason or 'unhealthy'})" for d in sick)
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.resource}: unhealthy device(s) {detail}")
-        return devices
+        return found
 
     def Allocate(self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext) -> api_pb2.AllocateResponse:
         with self._observed("Allocate"):
@@ -326,9 +400,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                 for container in request.container_requests:
                     devices = self._lookup(list(container.devices_ids), context, need_healthy=True)
                     try:
-                        spec = self._vendor_call("container_spec", self.vendor.container_spec, self.resource, devices)
-                        if self.cdi_spec is not None:
-                            spec = spec.merge(self.cdi_spec(self.resource, devices))
+                        spec = self._container_spec(devices)
                     except VendorTimeout as exc:
                         self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
                     except ValidationError as exc:
@@ -346,6 +418,22 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                 raise
             self.stats.allocations += 1
             return response
+
+    def _container_spec(self, devices: list[Device]) -> ContainerSpec:
+        """The vendor's spec (plus CDI names), under the deadline when vendor or file code runs.
+
+        The default hook only merges the devices' own specs in memory, so it runs right here:
+        no thread hop on the kubelet's hottest call.
+        """
+        if not self.vendor.overrides("container_spec") and self.cdi_spec is None:
+            return self.vendor.container_spec(self.resource, devices)
+        return self._vendor_call("container_spec", self._guarded_container_spec, devices)
+
+    def _guarded_container_spec(self, devices: list[Device]) -> ContainerSpec:
+        spec = self.vendor.container_spec(self.resource, devices)
+        if self.cdi_spec is not None:
+            spec = spec.merge(self.cdi_spec(self.resource, devices))
+        return spec
 
     def _fail(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         self.stats.last_error = message
