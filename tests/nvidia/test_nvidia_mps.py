@@ -168,8 +168,9 @@ def test_plugin_serves_mps_replicas_only_while_the_daemon_is_healthy(host, kubel
                           "/dev/shm": (str(root / "shm"), False)}
         with pytest.raises(grpc.RpcError) as err:
             kubelet.allocate(SHARED, 2, pod="b")
-        assert ('invalid allocation request for "nvidia.com/gpu.shared": invalid request: maximum request size '
-                "for shared resources is 1; found 2") in err.value.details()
+        assert err.value.details() == ('invalid allocation request for "nvidia.com/gpu.shared": invalid request: '
+                                       "maximum request size for shared resources is 1; found 2")  # NVIDIA's text
+        assert err.value.code() == grpc.StatusCode.UNKNOWN  # what a Go plugin's plain error is
 
         control.fail.touch()  # the daemon stops answering
         assert kubelet.wait_for(lambda k: k.allocatable(SHARED) == 0, WAIT)

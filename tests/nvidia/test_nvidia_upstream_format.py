@@ -16,7 +16,7 @@ import pytest
 from fakenvml import FakeMig, FakeNode, gpu_uuid, mig_uuid
 
 from dpkit.core.device import Health
-from dpkit.core.errors import ConfigError, ValidationError
+from dpkit.core.errors import AllocationError, ConfigError
 from dpkit.nvidia.config import load_settings
 from dpkit.nvidia.vendor import NvidiaVendor
 
@@ -95,7 +95,7 @@ def test_every_key_is_accepted_and_acted_on_as_nvidia_does(host, vendors):
     (key, value), = spec.annotations.items()
     assert key.startswith("cdi.k8s.io/nvidia-device-plugin_")
     assert value.split(",") == [f"nvidia.com/gpu={uuid0}", *extras]
-    with pytest.raises(ValidationError, match=r'invalid allocation request for "nvidia.com/gpu": invalid request: '
+    with pytest.raises(AllocationError, match=r'invalid allocation request for "nvidia.com/gpu": invalid request: '
                                               r"maximum request size for shared resources is 1; found 2"):
         vendor.container_spec("nvidia.com/gpu", snapshot["nvidia.com/gpu"][:2])
 

@@ -20,9 +20,9 @@ class VendorError(DpkitError):
 
 
 class AllocationError(DpkitError):
-    """An Allocate request named devices that cannot be given out."""
+    """A vendor refuses an allocation request (e.g. too many shared replicas for one container).
 
-    def __init__(self, message: str, *, unknown: tuple[str, ...] = (), unhealthy: tuple[str, ...] = ()):
-        super().__init__(message)
-        self.unknown = unknown
-        self.unhealthy = unhealthy
+    Raised from ``container_spec``; the message reaches the kubelet exactly as written, with the
+    gRPC code a Go plugin's plain error gets (UNKNOWN), so an operator migrating from an
+    upstream plugin sees the same pod event text.
+    """

@@ -24,7 +24,7 @@ import grpc
 from dpkit.core.allocation import is_valid_choice, pack_numa
 from dpkit.core.api.v1beta1 import api_pb2, api_pb2_grpc
 from dpkit.core.device import ContainerSpec, Device
-from dpkit.core.errors import ValidationError
+from dpkit.core.errors import AllocationError, ValidationError
 from dpkit.core.files import remove_own_socket, staging_dir
 from dpkit.core.logs import get_logger, kv
 from dpkit.core.validation import socket_name_for
@@ -403,6 +403,8 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                         spec = self._container_spec(devices)
                     except VendorTimeout as exc:
                         self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+                    except AllocationError as exc:
+                        self._fail(context, grpc.StatusCode.UNKNOWN, str(exc))
                     except ValidationError as exc:
                         self._fail(context, grpc.StatusCode.INTERNAL,
                                    f"{self.resource}: container spec rejected: {exc}")

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from dpkit.core.device import ContainerSpec, Device, Snapshot
-from dpkit.core.errors import ValidationError, VendorError
+from dpkit.core.errors import AllocationError, VendorError
 from dpkit.core.logs import get_logger, kv
 from dpkit.core.vendor import Check, Finding, MetricSample, Probe, Vendor
 from dpkit.nvidia import diagnostics, inventory, mps, nodeinfo, sharing, spec, topology
@@ -109,7 +109,7 @@ class NvidiaVendor(Vendor):
         ``failRequestsGreaterThanOne`` says so, with NVIDIA's message."""
         limited = self.settings.mps or self.settings.fail_requests_greater_than_one
         if limited and len(devices) > 1 and any(sharing.is_replica(d.id) for d in devices):
-            raise ValidationError(f'invalid allocation request for "{resource}": invalid request: maximum request '
+            raise AllocationError(f'invalid allocation request for "{resource}": invalid request: maximum request '
                                   f"size for shared resources is 1; found {len(devices)}")
         with self._lock:
             channels = self._inventory.imex_channels if self._inventory else ()
