@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,10 +71,21 @@ def _session(conn: socket.socket, handler: Handler, stop: threading.Event) -> No
 class Client:
     """The measuring side: a persistent connection, so a command costs no connect."""
 
-    def __init__(self, path: str | Path, timeout: float = 120.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
+    def __init__(self, path: str | Path, timeout: float = 120.0, connect_within: float = 30.0) -> None:
+        # The server binds before it listens, and a loaded machine may leave a gap between the two
+        # (ECONNREFUSED on a path that exists): retry until it listens, within a deadline.
+        deadline = time.monotonic() + connect_within
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.connect(str(path))
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                self.sock.close()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
         self.reader = self.sock.makefile("rb")
 
     def send(self, command: dict[str, Any]) -> None:
