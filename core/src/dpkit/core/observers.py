@@ -36,9 +36,9 @@ def attach_observers(manager: Manager) -> list[Any]:
     Raises :class:`ConfigError` naming the key when the settings contradict each other or an
     address is malformed.
     """
+    # Each integration is imported only when enabled: prometheus_client alone is ~5 MB resident.
     from dpkit.core.cdi import CdiWriter
     from dpkit.core.labels import NodeLabelWriter
-    from dpkit.core.metrics import Metrics
     from dpkit.core.podresources import PodResourcesView
 
     config = manager.config
@@ -54,6 +54,8 @@ def attach_observers(manager: Manager) -> list[Any]:
     if config.nfd_features_dir:
         attached.append(NodeLabelWriter(config.nfd_features_dir))
     if config.metrics_address:
+        from dpkit.core.metrics import Metrics
+
         attached.append(Metrics(manager, config.metrics_address, pod_view=view))
     manager.observers.extend(attached)
     return attached

@@ -17,7 +17,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol
 
 from dpkit.core.device import ContainerSpec, Device, Health, Snapshot, merge_specs
@@ -189,6 +188,8 @@ class Vendor:
 
 def installed_vendors() -> dict[str, str]:
     """Entry-point name -> ``module:object`` for every installed vendor package."""
+    from importlib.metadata import entry_points  # here: a serving process that never asks pays nothing
+
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
@@ -198,6 +199,8 @@ def load_vendor_class(name: str) -> type[Vendor]:
         from dpkit.core.sim import SimulatedVendor
 
         return SimulatedVendor
+    from importlib.metadata import entry_points  # about 3 MB resident: only when a vendor is looked up
+
     matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
     if not matches:
         known = ", ".join(sorted(installed_vendors())) or "none installed"
