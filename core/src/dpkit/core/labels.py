@@ -105,7 +105,8 @@ class NodeLabelWriter:
     def _on_devices(self, manager: Manager) -> None:
         vendor = manager.vendor
         self.path = self.features_dir / f"dpkit-{vendor.name or 'vendor'}"
-        snapshot = {r: manager.effective_devices(r) for r in manager.servers}
+        # the manager's current effective lists (kept up to date per change), not a recomputation
+        snapshot = {r: tuple(manager.effective.get(r, {}).values()) for r in manager.servers}
         try:
             raw = vendor.node_labels(snapshot)
         except Exception as exc:  # keep the last good file rather than publish nothing
