@@ -147,6 +147,11 @@ def test_shapes_nvidia_accepts():
     assert mps.sharing_strategy == "mps" and mps.shared[0].rename == "nvidia.com/gpu.shared"
     assert mps.shared[0].replicas == 3
     assert any("sharing.timeSlicing is ignored" in w for w in mps.warnings), "MPS wins over time-slicing, as NVIDIA's"
+    # NVIDIA's NewConfig: MPS keeps refusing requests above one replica unless the config relaxes it
+    assert mps.fail_requests_greater_than_one
+    relaxed = settings({"flags": {"mpsRoot": "/run/nvidia/mps"}, "sharing": {"mps": {
+        "failRequestsGreaterThanOne": False, "resources": [{"name": "nvidia.com/gpu", "replicas": 3}]}}})
+    assert relaxed.sharing_strategy == "mps" and not relaxed.fail_requests_greater_than_one
 
 
 def test_resource_patterns_are_anchored_like_nvidias():

@@ -120,11 +120,10 @@ def _default_empty_grace() -> float:
 
 
 def _resource_count(manager: Any) -> int | None:
-    """How many resources the manager serves; None when its state was mid-change (ask again)."""
-    try:
-        return len(manager.status()["resources"])
-    except RuntimeError:  # a dict changed size under us: the loop thread was applying a snapshot
-        return None
+    """How many valid resources the vendor offers: the manager's current snapshot, replaced whole
+    by its loop thread, so reading its size here is safe and costs nothing (``status()`` would
+    build every device's entry and ask the kubelet each second)."""
+    return len(manager.snapshot)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

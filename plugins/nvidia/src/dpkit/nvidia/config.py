@@ -574,7 +574,9 @@ def _settings(doc: dict[str, Any], config: Mapping[str, Any], environ: Mapping[s
         mig_rules=resources.get("mig", ()),
         shared=tuple(shared),
         sharing_strategy=strategy,
-        fail_requests_greater_than_one=bool(active.get("failRequestsGreaterThanOne", False)),
+        # NVIDIA's current loader: MPS refuses requests above one replica unless the config says
+        # failRequestsGreaterThanOne: false; time-slicing allows them unless it says true.
+        fail_requests_greater_than_one=bool(active.get("failRequestsGreaterThanOne", strategy == "mps")),
         allocation_policy=policy,
         mps_root=mps_root,
         mps_container_root=_string(config, "mps_container_root"),

@@ -107,7 +107,7 @@ class NvidiaVendor(Vendor):
     def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
         """NVIDIA's answer; more than one replica fails under MPS always, under time-slicing when
         ``failRequestsGreaterThanOne`` says so, with NVIDIA's message."""
-        limited = self.settings.mps or self.settings.fail_requests_greater_than_one
+        limited = self.settings.fail_requests_greater_than_one
         if limited and len(devices) > 1 and any(sharing.is_replica(d.id) for d in devices):
             raise AllocationError(f'invalid allocation request for "{resource}": invalid request: maximum request '
                                   f"size for shared resources is 1; found {len(devices)}")
