@@ -111,8 +111,28 @@ def after_the_pass(kubelet: Kubelet, link: Link, servers: Servers) -> None:
     )
 
 
-def both_registered(kubelet: Kubelet, link: Link) -> None:
+def serving_both(kubelet: Kubelet, link: Link, servers: Servers) -> tuple[GatedServer, GatedServer]:
+    """B and A served, the link started, both registered at the kubelet and at the link."""
+    b, a = servers(B), servers(A)
+    link.start()
+    link.add(b)
+    link.add(a)
     assert kubelet.wait_for(lambda k: all(k.registered(r) and link.registered(r) for r in (A, B)), WAIT)
+    return b, a
+
+
+def remove_while_held(link: Link, a: GatedServer, held: str, gate: Gate) -> None:
+    """Remove A as the manager does while the pass is held at ``held``'s gate, then let the pass go on."""
+    removed = threading.Event()
+    helper = in_thread(lambda: remove_like_the_manager(link, a, removed))
+    if held == A:  # the removal waits for A's work in flight (the fixed link says when it starts waiting)
+        assert link.removal_blocked.wait(WAIT) or removed.is_set()
+        assert not (link.removal_blocked.is_set() and removed.is_set()), "removal returned during A's work"
+    else:
+        assert removed.wait(WAIT)
+    gate.release.set()
+    helper.join(WAIT)
+    assert removed.is_set() and not a.socket_path.exists()
 
 
 def registrations_of(kubelet: Kubelet, resource: str, since: int) -> list[str]:
@@ -132,11 +152,7 @@ def assert_gone(kubelet: Kubelet, link: Link, server: GatedServer, since: int) -
 @pytest.mark.parametrize("held", [A, B], ids=["its-own-registration", "another-resource"])
 def test_remove_during_a_pass_is_final(kubelet: Kubelet, link: Link, servers: Servers, held: str) -> None:
     """A removal that lands while the pass is at the removed resource (or at another) is never undone."""
-    b, a = servers(B), servers(A)
-    link.start()
-    link.add(b)
-    link.add(a)
-    both_registered(kubelet, link)
+    b, a = serving_both(kubelet, link, servers)
     gate = Gate()
     (a if held == A else b).gate = gate
     link.kick()
@@ -145,16 +161,7 @@ def test_remove_during_a_pass_is_final(kubelet: Kubelet, link: Link, servers: Se
     # restart), so the pass would restart the server if it still acted on it.
     a.socket_path.unlink()
     since = len(kubelet.registrations)
-    removed = threading.Event()
-    helper = in_thread(lambda: remove_like_the_manager(link, a, removed))
-    if held == A:  # the removal waits for A's work in flight (the fixed link says when it starts waiting)
-        assert link.removal_blocked.wait(WAIT) or removed.is_set()
-        assert not (link.removal_blocked.is_set() and removed.is_set()), "removal returned during A's work"
-    else:
-        assert removed.wait(WAIT)
-    gate.release.set()
-    helper.join(WAIT)
-    assert removed.is_set() and not a.socket_path.exists()
+    remove_while_held(link, a, held, gate)
     after_the_pass(kubelet, link, servers)
     assert_gone(kubelet, link, a, since)
     assert kubelet.registered(B) and link.registered(B)
@@ -167,11 +174,7 @@ def test_replace_and_add_during_a_pass(kubelet: Kubelet, link: Link, servers: Se
     The kubelet also restarts while the pass is held, so every socket the pass meets is gone: a pass
     still acting on the old server object would restart it over the new server's socket path.
     """
-    b, a = servers(B), servers(A)
-    link.start()
-    link.add(b)
-    link.add(a)
-    both_registered(kubelet, link)
+    b, a = serving_both(kubelet, link, servers)
     gate = Gate()
     b.gate = gate
     link.kick()
@@ -198,26 +201,13 @@ def test_replace_and_add_during_a_pass(kubelet: Kubelet, link: Link, servers: Se
 @pytest.mark.parametrize("held", [A, B], ids=["its-own-registration", "another-resource"])
 def test_kubelet_restart_during_removal(kubelet: Kubelet, link: Link, servers: Servers, held: str) -> None:
     """The kubelet restarts (wiping our sockets); the pass that follows must not bring a removed resource back."""
-    b, a = servers(B), servers(A)
-    link.start()
-    link.add(b)
-    link.add(a)
-    both_registered(kubelet, link)
+    b, a = serving_both(kubelet, link, servers)
     gate = Gate()
     (a if held == A else b).gate = gate
     kubelet.restart()  # inotify: our sockets deleted, kubelet.sock recreated -> a pass
     assert gate.reached.wait(WAIT)
     since = len(kubelet.registrations)
-    removed = threading.Event()
-    helper = in_thread(lambda: remove_like_the_manager(link, a, removed))
-    if held == A:  # the removal waits for A's work in flight (the fixed link says when it starts waiting)
-        assert link.removal_blocked.wait(WAIT) or removed.is_set()
-        assert not (link.removal_blocked.is_set() and removed.is_set()), "removal returned during A's work"
-    else:
-        assert removed.wait(WAIT)
-    gate.release.set()
-    helper.join(WAIT)
-    assert removed.is_set() and not a.socket_path.exists()
+    remove_while_held(link, a, held, gate)
     after_the_pass(kubelet, link, servers)
     assert_gone(kubelet, link, a, since)
     assert kubelet.wait_for(lambda k: k.registered(B) and link.registered(B), WAIT), "B was not re-registered"
