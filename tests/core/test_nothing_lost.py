@@ -230,3 +230,26 @@ def test_probe_backoff_starts_over_after_a_healthy_period(monkeypatch) -> None:
     supervisor.heartbeat("p")
     assert state.failures == 0
     assert backoff(state.failures + 1) == 1.0 and backoff(7) == 30.0
+
+
+class LateWatcher(ScriptedVendor):
+    """A watcher whose last act, as it is stopped for a reload, reports the old configuration."""
+
+    def watch(self, sink, stop):  # type: ignore[no-untyped-def]
+        self.sink = sink
+        self.sink_ready.set()
+        stop.wait()
+        sink.snapshot({RES: (widget(0),)})
+
+
+def test_a_stopping_watchers_last_snapshot_does_not_undo_a_reload(kubelet, run_manager, make_config):
+    vendor = LateWatcher()
+    manager = run_manager(vendor, make_config(cdi_dir="", nfd_features_dir=""))
+    assert kubelet.wait_for(lambda k: k.capacity(RES) == 4, 10)
+    first_sink = vendor.sink
+    manager.request_reload()
+    assert kubelet.wait_for(lambda k: manager.reloads == 1 and vendor.sink is not first_sink, 10)
+    vendor.set_health("w1", Health.UNHEALTHY, "after the reload")  # through the new watcher
+    assert kubelet.wait_for(lambda k: k.devices(RES).get("w1") is not None
+                            and k.devices(RES)["w1"].health == "Unhealthy", 10), kubelet.devices(RES)
+    assert kubelet.capacity(RES) == 4, "the old watcher's stale one-device snapshot replaced the reload's"

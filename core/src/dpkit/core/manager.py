@@ -512,6 +512,11 @@ class Manager:
             config = config.replace(**{k: getattr(self.config, k) for k in changed})
         log.info("reloading configuration", extra=kv(source=source))
         self._stop_vendor_threads()
+        # What the old watcher said last is still on the board: its health reports count, but its
+        # snapshot describes the old configuration and must not replace the rediscovery below.
+        stale = self.bus.board.take()
+        for (resource, device_id, report_source), (health, reason) in stale.reports.items():
+            self._record(report_source, resource, device_id, health, reason)
         old = self.vendor
         self.vendor, self.config = vendor, config
         for server in self.servers.values():
