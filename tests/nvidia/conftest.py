@@ -5,14 +5,17 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/nvidia/fakenvml as `fakenvml`
 
 from fakenvml import FakeHost, build_library
+
+from dpkit.nvidia.vendor import NvidiaVendor
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +37,18 @@ def host(fake_library: Path, short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -
                  "DP_DISABLE_HEALTHCHECKS", "DP_ENABLE_HEALTHCHECKS", "NVIDIA_DRIVER_ROOT", "NVIDIA_DEV_ROOT"):
         monkeypatch.delenv(name, raising=False)
     return fake
+
+
+@pytest.fixture
+def vendors(host: FakeHost) -> Iterator[Callable[..., NvidiaVendor]]:
+    """Makes NvidiaVendors on the fake host (``vendors(config, environ=None)``); closes them all at the end."""
+    made: list[NvidiaVendor] = []
+
+    def make(config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> NvidiaVendor:
+        vendor = NvidiaVendor(config, environ=environ or {})
+        made.append(vendor)
+        return vendor
+
+    yield make
+    for vendor in made:
+        vendor.close()

@@ -19,20 +19,6 @@ from dpkit.nvidia.vendor import NvidiaVendor
 GPU = "nvidia.com/gpu"
 
 
-@pytest.fixture
-def vendors():
-    made: list[NvidiaVendor] = []
-
-    def make(config, environ=None):
-        vendor = NvidiaVendor(config, environ=environ or {})
-        made.append(vendor)
-        return vendor
-
-    yield make
-    for vendor in made:
-        vendor.close()
-
-
 def by_id(snapshot, resource=GPU):
     return {d.id: d for d in snapshot[resource]}
 

@@ -18,7 +18,6 @@ from fakenvml import FakeMig, FakeNode, gpu_uuid, mig_uuid
 from dpkit.core.device import Health
 from dpkit.core.errors import AllocationError, ConfigError
 from dpkit.nvidia.config import load_settings
-from dpkit.nvidia.vendor import NvidiaVendor
 
 GPU_REF = "GPU-4cf8db2d-06c0-7d70-1a51-e59b25b2c16c"
 MIG_REF = "MIG-3eb87630-93d5-b2b6-b8ff-9b359caf4ee2"
@@ -47,20 +46,6 @@ EVERY_KEY = {
                                 "resources": [{"name": "nvidia.com/gpu", "replicas": 2, "devices": "all"}]}},
     "imex": {"channelIDs": [0], "required": False},
 }
-
-
-@pytest.fixture
-def vendors(host):
-    made: list[NvidiaVendor] = []
-
-    def make(config, environ=None):
-        vendor = NvidiaVendor(config, environ=environ or {})
-        made.append(vendor)
-        return vendor
-
-    yield make
-    for vendor in made:
-        vendor.close()
 
 
 def settings(document, environ=None):
