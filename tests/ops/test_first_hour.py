@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -23,38 +22,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from child_process import processes_mentioning, read_until
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDGET = "example.com/widget"
 
 pytestmark = pytest.mark.timeout(1500)
-
-
-def read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> str:
-    """stdout of ``proc`` up to ``marker``, read from the pipe's fd so no buffer hides data from select."""
-    assert proc.stdout is not None
-    fd, seen, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while marker.encode() not in seen:
-            left = deadline - time.monotonic()
-            assert left > 0 and sel.select(left), f"no {marker!r} within {timeout}s; got: {seen!r}"
-            chunk = os.read(fd, 65536)
-            assert chunk, f"process ended before {marker!r}; got: {seen!r}"
-            seen += chunk
-    return seen.decode()
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line contains ``text``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                found.append(int(entry.name))
-        except (OSError, UnicodeDecodeError):
-            continue
-    return found
 
 
 def user_env(home: Path) -> dict[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from child_process import processes_mentioning, read_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from dpkit.core.cdi import spec_file_name
@@ -63,23 +63,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "dpkit.core.cli"]
 
 
-def read_until(proc: subprocess.Popen[str], marker: str, timeout: float = 30.0) -> str:
-    """stdout of ``proc`` up to ``marker`` (read from the pipe's fd: no buffer hides data from select)."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    seen = b""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while marker.encode() not in seen:
-            left = deadline - time.monotonic()
-            assert left > 0 and sel.select(left), f"no {marker!r} within {timeout}s; got: {seen!r}"
-            chunk = os.read(fd, 65536)
-            assert chunk, f"process ended before {marker!r}; got: {seen!r}"
-            seen += chunk
-    return seen.decode()
-
-
 def kubectl(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """`dpkit kubelet --dir ROOT ARGS...` as its own process, as a user types it."""
     result = subprocess.run([*CLI, "kubelet", "--dir", str(root), *args], capture_output=True, text=True, timeout=60)
@@ -107,19 +90,6 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, s
         _, err = proc.communicate(timeout=10)
         raise
     return proc.returncode, err
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line contains ``text``: what a stop must not leave behind."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 @pytest.fixture
