@@ -14,9 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpkit.core.errors import ConfigError, ValidationError
-from dpkit.core.validation import check_host_path, check_resource_name
+from dpkit.core.validation import check_host_path
 from dpkit.kvm_vfio.kubevirt import Permitted, parse_permitted
-from dpkit.kvm_vfio.selectors import SHARED_RESOURCES, ConfigNote, MdevSelector, Selector, UsbSelector
+from dpkit.kvm_vfio.selectors import (
+    SHARED_RESOURCES,
+    ConfigNote,
+    MdevSelector,
+    Selector,
+    UsbSelector,
+    check_served_name,
+)
 
 __all__ = ["SHARED_RESOURCES", "ConfigNote", "KvmVfioConfig", "MdevSelector", "Selector", "UsbSelector", "parse_config"]
 
@@ -165,12 +172,7 @@ def _selector(entry: Any, where: str) -> Selector:
     if not isinstance(resource, str):
         raise ConfigError(f"{where}.resource_name: expected a string, got {resource!r}")
     if resource:
-        try:
-            check_resource_name(resource)
-        except ValidationError as exc:
-            raise ConfigError(f"{where}.resource_name: {exc}") from None
-        if resource in SHARED_RESOURCES:
-            raise ConfigError(f"{where}.resource_name: {resource!r} is the shared node resource of that name")
+        check_served_name(resource, f"{where}.resource_name")
     pci_class = entry.get("class", "")
     if pci_class != "" and not (isinstance(pci_class, str) and _CLASS.match(pci_class)):
         raise ConfigError(f"{where}.class: expected a hex PCI class prefix like '0x0302', got {pci_class!r}")

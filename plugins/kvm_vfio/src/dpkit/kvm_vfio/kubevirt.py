@@ -18,9 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dpkit.core.errors import ConfigError, ValidationError
-from dpkit.core.validation import check_resource_name
-from dpkit.kvm_vfio.selectors import SHARED_RESOURCES, ConfigNote, MdevSelector, Selector, UsbSelector
+from dpkit.core.errors import ConfigError
+from dpkit.kvm_vfio.selectors import ConfigNote, MdevSelector, Selector, UsbSelector, check_served_name
 
 _KEYS = {"pciHostDevices", "mediatedDevices", "usb"}
 _PCI_KEYS = {"pciVendorSelector", "resourceName", "externalResourceProvider"}
@@ -59,7 +58,7 @@ def parse_permitted(raw: Any, where: str) -> Permitted:
         if not external:
             notes.append(ConfigNote(key, resource, KUBEVIRT_SERVES, HANDOVER_HINT))
             continue
-        _served_name(resource, key)
+        check_served_name(resource, f"{key}.resourceName")
         ids = selector.lower()
         if not _PCI_ID.match(ids):
             notes.append(ConfigNote(key, resource, f"pciVendorSelector {selector!r} never matches: KubeVirt compares "
@@ -74,7 +73,7 @@ def parse_permitted(raw: Any, where: str) -> Permitted:
         if not external:
             notes.append(ConfigNote(key, resource, KUBEVIRT_SERVES, HANDOVER_HINT))
             continue
-        _served_name(resource, key)
+        check_served_name(resource, f"{key}.resourceName")
         type_name = name.replace(" ", "_").strip()  # as KubeVirt: "GRID T4-1Q" matches GRID_T4-1Q
         if not type_name:
             notes.append(ConfigNote(key, resource, "an empty mdevNameSelector never matches"))
@@ -88,7 +87,7 @@ def parse_permitted(raw: Any, where: str) -> Permitted:
         if not external:
             notes.append(ConfigNote(key, resource, KUBEVIRT_SERVES, HANDOVER_HINT))
             continue
-        _served_name(resource, key)
+        check_served_name(resource, f"{key}.resourceName")
         if not selectors:
             raise ConfigError(f"{key}.selectors: at least one vendor/product selector is needed for dpkit to serve "
                               f"{resource!r} (without one, KubeVirt's handler never finishes matching)")
@@ -138,16 +137,6 @@ def _external(fields: Mapping[str, Any], where: str) -> bool:
     if value is not None and not isinstance(value, bool):
         raise ConfigError(f"{where}.externalResourceProvider: expected true or false, got {value!r}")
     return bool(value)
-
-
-def _served_name(resource: str, where: str) -> None:
-    """A resource dpkit registers must be one the kubelet accepts (KubeVirt would fail to register it)."""
-    try:
-        check_resource_name(resource)
-    except ValidationError as exc:
-        raise ConfigError(f"{where}.resourceName: {exc}") from None
-    if resource in SHARED_RESOURCES:
-        raise ConfigError(f"{where}.resourceName: {resource!r} is the shared node resource of that name")
 
 
 def _replace(seen: dict[str, Any], key: str, value: tuple[Any, str], notes: list[ConfigNote], field: str) -> None:

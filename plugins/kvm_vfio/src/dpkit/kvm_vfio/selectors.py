@@ -8,8 +8,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dpkit.core.errors import ConfigError, ValidationError
+from dpkit.core.validation import check_resource_name
+
 #: the shared-node resources; a selector may not reuse them
 SHARED_RESOURCES = ("devices.kubevirt.io/kvm", "devices.kubevirt.io/vhost-net", "devices.kubevirt.io/tun")
+
+
+def check_served_name(resource: str, field: str) -> None:
+    """A resource a selector serves must be one the kubelet accepts and not a shared node resource.
+
+    ``field`` is the key path named in the :class:`ConfigError` (``pci_host_devices[0].resource_name``).
+    """
+    try:
+        check_resource_name(resource)
+    except ValidationError as exc:
+        raise ConfigError(f"{field}: {exc}") from None
+    if resource in SHARED_RESOURCES:
+        raise ConfigError(f"{field}: {resource!r} is the shared node resource of that name")
 
 @dataclass(frozen=True)
 class Selector:
