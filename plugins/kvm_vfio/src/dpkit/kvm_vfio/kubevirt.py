@@ -55,10 +55,8 @@ def parse_permitted(raw: Any, where: str) -> Permitted:
         fields = _mapping(entry, key, _PCI_KEYS)
         selector, resource, external = (_string(fields, "pciVendorSelector", key), _string(fields, "resourceName", key),
                                         _external(fields, key))
-        if not external:
-            notes.append(ConfigNote(key, resource, KUBEVIRT_SERVES, HANDOVER_HINT))
+        if not _dpkit_serves(key, resource, external, notes):
             continue
-        check_served_name(resource, f"{key}.resourceName")
         ids = selector.lower()
         if not _PCI_ID.match(ids):
             notes.append(ConfigNote(key, resource, f"pciVendorSelector {selector!r} never matches: KubeVirt compares "
@@ -70,10 +68,8 @@ def parse_permitted(raw: Any, where: str) -> Permitted:
         fields = _mapping(entry, key, _MDEV_KEYS)
         name, resource, external = (_string(fields, "mdevNameSelector", key), _string(fields, "resourceName", key),
                                     _external(fields, key))
-        if not external:
-            notes.append(ConfigNote(key, resource, KUBEVIRT_SERVES, HANDOVER_HINT))
+        if not _dpkit_serves(key, resource, external, notes):
             continue
-        check_served_name(resource, f"{key}.resourceName")
         type_name = name.replace(" ", "_").strip()  # as KubeVirt: "GRID T4-1Q" matches GRID_T4-1Q
         if not type_name:
             notes.append(ConfigNote(key, resource, "an empty mdevNameSelector never matches"))
@@ -84,10 +80,8 @@ def parse_permitted(raw: Any, where: str) -> Permitted:
         fields = _mapping(entry, key, _USB_KEYS)
         resource, external = _string(fields, "resourceName", key), _external(fields, key)
         selectors = _usb_selectors(fields.get("selectors"), f"{key}.selectors")
-        if not external:
-            notes.append(ConfigNote(key, resource, KUBEVIRT_SERVES, HANDOVER_HINT))
+        if not _dpkit_serves(key, resource, external, notes):
             continue
-        check_served_name(resource, f"{key}.resourceName")
         if not selectors:
             raise ConfigError(f"{key}.selectors: at least one vendor/product selector is needed for dpkit to serve "
                               f"{resource!r} (without one, KubeVirt's handler never finishes matching)")
@@ -100,6 +94,18 @@ def parse_permitted(raw: Any, where: str) -> Permitted:
         usbs.append(UsbSelector(resource, usb_ids))
     return Permitted(tuple(s for s, _ in pci.values()), tuple(m for m, _ in mdevs.values()), tuple(usbs),
                      tuple(notes))
+
+
+def _dpkit_serves(key: str, resource: str, external: bool, notes: list[ConfigNote]) -> bool:
+    """Whether dpkit serves the entry (externalResourceProvider true; its resourceName is then checked).
+
+    An entry KubeVirt's virt-handler serves itself becomes a note instead.
+    """
+    if not external:
+        notes.append(ConfigNote(key, resource, KUBEVIRT_SERVES, HANDOVER_HINT))
+        return False
+    check_served_name(resource, f"{key}.resourceName")
+    return True
 
 
 def _mapping(raw: Any, where: str, known: set[str]) -> Mapping[str, Any]:
