@@ -15,10 +15,8 @@ from typing import Any
 
 import umock
 from kvm_vfio.fakehost import FakeHost
+from kvm_vfio.served import served
 
-from dpkit.core.config import Config
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
 from dpkit.kvm_vfio.vendor import KvmVfioVendor
 
 VGPU = "nvidia.com/GRID_T4-1Q"
@@ -52,12 +50,8 @@ def main() -> None:
         return snapshot
 
     vendor.discover = discover_and_tell  # type: ignore[method-assign]
-    kubelet = Kubelet(work / "dp").start()
-    manager = Manager(vendor, Config(plugin_dir=str(work / "dp"), state_dir=str(work / "st"),
-                                     pod_resources_socket=str(work / "pr.sock")))
     result: dict[str, Any] = {}
-    manager.start()
-    try:
+    with served(vendor, work) as (kubelet, _manager):
         result["listening"] = vendor.listening.wait(10)
         result["registered_empty"] = kubelet.wait_for(lambda k: k.registered(VGPU) and k.capacity(VGPU) == 0, 10)
         scanned.clear()
@@ -80,9 +74,6 @@ def main() -> None:
         umock.uevent(tb, mdev, "remove")
         result["remove_ok"] = kubelet.wait_for(lambda k: k.capacity(VGPU) == 0, 5)
         result["remove_ms"] = round((time.monotonic() - start) * 1000, 1)
-    finally:
-        manager.stop()
-        kubelet.stop()
     umock.write_result(result)
 
 

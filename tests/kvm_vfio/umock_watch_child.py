@@ -15,10 +15,9 @@ from typing import Any
 
 import umock
 from kvm_vfio.fakehost import FakeHost
+from kvm_vfio.served import served
 
-from dpkit.core.config import Config
 from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
 from dpkit.kvm_vfio.vendor import KvmVfioVendor
 
 GPU = "nvidia.com/TU104GL_Tesla_T4"
@@ -56,12 +55,8 @@ def main() -> None:
         "sys_root": "/sys", "dev_root": str(host.dev), "kvm_slots": 4, "vhost_net_slots": 0, "tun_slots": 0,
         "health_interval": 3600, "pci_host_devices": [{"pci_vendor_selector": "10de:1eb8", "resource_name": GPU}],
     })
-    kubelet = Kubelet(work / "dp").start()
-    manager = Manager(vendor, Config(plugin_dir=str(work / "dp"), state_dir=str(work / "st"),
-                                     pod_resources_socket=str(work / "pr.sock")))
     result: dict[str, Any] = {}
-    manager.start()
-    try:
+    with served(vendor, work) as (kubelet, manager):
         result["listening"] = vendor.listening.wait(10)
         result["initial"] = kubelet.wait_for(lambda k: k.allocatable(GPU) == 1 and k.allocatable(KVM) == 4, 10)
         result["initial_numa"] = [list(s.numa) for s in kubelet.devices(GPU).values()]
@@ -112,9 +107,6 @@ def main() -> None:
             umock.uevent(tb, kvm_misc, "add")
 
         result["kvm_back"] = timed(kubelet, kvm_back, lambda k: k.allocatable(KVM) == 4)
-    finally:
-        manager.stop()
-        kubelet.stop()
     umock.write_result(result)
 
 
