@@ -13,10 +13,12 @@ import pytest
 import zmq
 from scripted_vendor import RES, ProbedVendor, ScriptedVendor, widget
 
+from dpkit.core.config import Config
 from dpkit.core.control import query
 from dpkit.core.device import Health
 from dpkit.core.health import HealthBoard
 from dpkit.core.logs import RateLimiter
+from dpkit.core.manager import Manager
 from dpkit.core.probes import ProbeSupervisor, backoff
 from dpkit.core.vendor import Probe
 
@@ -25,6 +27,20 @@ TESTS = Path(__file__).resolve().parent.parent
 
 def _vendor(count: int) -> ScriptedVendor:
     return ScriptedVendor(snapshot={RES: tuple(widget(i, i % 2) for i in range(count))})
+
+
+@pytest.fixture
+def serve_widgets(kubelet, run_manager, make_config):  # type: ignore[no-untyped-def]
+    """``serve_widgets(count)``: that many widgets served (no CDI, no NFD file), all Allocatable at the kubelet."""
+
+    def serve(count: int) -> tuple[ScriptedVendor, Config, Manager]:
+        vendor = _vendor(count)
+        config = make_config(cdi_dir="", nfd_features_dir="")
+        manager = run_manager(vendor, config)
+        assert kubelet.wait_for(lambda k: k.allocatable(RES) == count, 30)
+        return vendor, config, manager
+
+    return serve
 
 
 def _kubelet_health(kubelet) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -50,13 +66,10 @@ def test_board_keeps_the_latest_report_per_device_and_wakes_once() -> None:
     assert wakes == [1, 1]  # the first write after a take wakes the manager again
 
 
-def test_all_unhealthy_then_all_healthy_burst_leaves_no_device_behind(kubelet, run_manager, make_config):
+def test_all_unhealthy_then_all_healthy_burst_leaves_no_device_behind(kubelet, serve_widgets):
     """5k devices all Unhealthy then all Healthy: today's queue dropped ~3k of the recoveries."""
     count = 5000
-    vendor = _vendor(count)
-    config = make_config(cdi_dir="", nfd_features_dir="")
-    manager = run_manager(vendor, config)
-    assert kubelet.wait_for(lambda k: k.allocatable(RES) == count, 30)
+    vendor, config, manager = serve_widgets(count)
     for i in range(count):
         vendor.set_health(f"w{i}", Health.UNHEALTHY, "burst")
     assert kubelet.wait_for(lambda k: k.allocatable(RES) == 0, 30)
@@ -67,13 +80,10 @@ def test_all_unhealthy_then_all_healthy_burst_leaves_no_device_behind(kubelet, r
     assert all(d.healthy for d in manager.servers[RES].devices)
 
 
-def test_flapping_burst_ends_in_every_devices_last_report(kubelet, run_manager, make_config):
+def test_flapping_burst_ends_in_every_devices_last_report(kubelet, serve_widgets):
     """1k devices flapping 20 times each, from two threads, then a last word per device."""
     count = 1000
-    vendor = _vendor(count)
-    config = make_config(cdi_dir="", nfd_features_dir="")
-    manager = run_manager(vendor, config)
-    assert kubelet.wait_for(lambda k: k.allocatable(RES) == count, 30)
+    vendor, config, manager = serve_widgets(count)
     final = {f"w{i}": ("Unhealthy" if i % 3 == 0 else "Healthy") for i in range(count)}
     sink = vendor.sink
     assert sink is not None
@@ -120,8 +130,6 @@ def test_metrics_follow_a_burst(kubelet, run_manager, make_config):
     count = 2000
     vendor = _vendor(count)
     config = make_config(cdi_dir="", nfd_features_dir="", metrics_address="127.0.0.1:0")
-    from dpkit.core.manager import Manager
-
     manager = Manager(vendor, config)
     attach_observers(manager)
     manager.start()
