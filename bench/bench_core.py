@@ -7,7 +7,6 @@ Prints one markdown table row per figure; docs/performance.md records a run.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import yaml
+from harness import proc_cpu_seconds, rss_mb
 
 from dpkit.core.api.v1beta1 import api_pb2, api_pb2_grpc
 from dpkit.core.config import Config
@@ -167,18 +167,6 @@ def bench_preferred(count: int) -> None:
     row(f"GetPreferredAllocation, {count} available, size 8", f"p50 {statistics.median(samples):.1f} ms", "")
 
 
-def _proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def bench_process(idle_seconds: float, runs: int) -> None:
     """`dpkit run sim` as a real process: start-up to registered, RSS and idle CPU."""
     startups: list[float] = []
@@ -200,10 +188,10 @@ def bench_process(idle_seconds: float, runs: int) -> None:
             startups.append((time.perf_counter() - t0) * 1000)
             if run == runs - 1:
                 time.sleep(1.0)  # let start-up work settle before measuring idle
-                c0, w0 = _proc_cpu_seconds(proc.pid), time.monotonic()
+                c0, w0 = proc_cpu_seconds(proc.pid), time.monotonic()
                 time.sleep(idle_seconds)
-                cpu = (_proc_cpu_seconds(proc.pid) - c0) / (time.monotonic() - w0) * 100
-                rss = _rss_mb(proc.pid)
+                cpu = (proc_cpu_seconds(proc.pid) - c0) / (time.monotonic() - w0) * 100
+                rss = rss_mb(proc.pid)
         finally:
             proc.terminate()
             proc.wait(10)
