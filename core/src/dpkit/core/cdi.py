@@ -30,6 +30,7 @@ from dpkit.core.device import ContainerSpec, Device
 from dpkit.core.errors import ValidationError
 from dpkit.core.files import RetryTimer, remove_quietly, write_atomic
 from dpkit.core.logs import get_logger, kv
+from dpkit.core.vendor_calls import VendorTimeout
 
 if TYPE_CHECKING:
     from dpkit.core.manager import Manager
@@ -182,6 +183,8 @@ class CdiWriter:
         self.spec_dir = Path(spec_dir)
         self.written: dict[str, _Written] = {}
         self.errors: dict[str, str] = {}  # resource -> why its file could not be written
+        # resource -> (vendor, devices) whose spec timed out: asked again only when that changes
+        self._timed_out: dict[str, tuple[Any, tuple[Device, ...]]] = {}
         self._lock = threading.Lock()
         self._stale_checked = False
         # Files that could not be written (full or read-only disk) are retried until they are,
@@ -255,19 +258,27 @@ class CdiWriter:
             remove_quietly(written.path, log)
         self.errors.pop(resource, None)
         self._pending.pop(resource, None)
+        self._timed_out.pop(resource, None)
 
     def _sync(self, resource: str, devices: Sequence[Device]) -> None:
-        vendor = self.manager.vendor
+        calls = self.manager.calls
+        vendor = calls.vendor
         path = self.spec_dir / spec_file_name(vendor.name, resource)
         previous = self.written.get(resource)
         source = (vendor, tuple(devices))
         if previous is not None and previous.source[0] is vendor and previous.source[1] == source[1]:
             return  # health events do not change specs: skip rebuilding (and re-asking the vendor)
+        hung = self._timed_out.get(resource)
+        if hung is not None and hung[0] is vendor and hung[1] == source[1]:
+            return  # the vendor hung on exactly this: one deadline per change, not one per pass
+        self._timed_out.pop(resource, None)
         try:
-            kind = vendor.cdi_kind(resource)
+            kind = calls.cdi_kind(resource)
             specs, broken = self._device_specs(resource, devices)
             document, left_out = build_spec(kind, specs)
         except Exception as exc:  # an invalid kind or a vendor bug must not stop the plugin
+            if isinstance(exc, VendorTimeout):
+                self._timed_out[resource] = source
             self._pending.pop(resource, None)  # waits for a vendor fix, not for the disk
             self._fail(resource, path, str(exc))
             return
@@ -326,7 +337,9 @@ class CdiWriter:
         broken: dict[str, str] = {}
         for device in devices:
             try:
-                specs[device.id] = self.manager.vendor.container_spec(resource, [device])
+                specs[device.id] = self.manager.calls.container_spec(resource, [device])
+            except VendorTimeout:
+                raise  # the vendor hangs: give up this resource's spec for this pass, not N deadlines
             except Exception as exc:
                 broken[device.id] = f"container_spec failed: {type(exc).__name__}: {exc}"
         return specs, broken

@@ -204,11 +204,13 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
     config = _config(args)
     setup_logging(config.log_format, "warning")
-    vendor = vendor_factory(args.vendor, config, args.devices)(config.vendor)
+    from dpkit.core.vendor_calls import VendorCalls
+
+    calls = VendorCalls(vendor_factory(args.vendor, config, args.devices)(config.vendor), config.vendor_call_timeout)
     try:
-        report = explain(vendor)
+        report = explain(calls)
     finally:
-        vendor.close()
+        calls.close()
     if args.json:
         print(json.dumps(report, indent=2))
     else:

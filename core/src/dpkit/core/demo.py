@@ -84,7 +84,7 @@ def run_demo(devices_file: Path | None = None, out: TextIO | None = None) -> int
         started = time.perf_counter()
         manager.start()
         try:
-            names = sorted(vendor.discover())
+            names = sorted(manager.calls.discover())
             if not kubelet.wait_for(lambda k: all(k.registered(r) and k.updates(r) for r in names), 10):
                 out.write("demo: the plugin did not register within 10 s\n")
                 return 1

@@ -7,19 +7,26 @@ from typing import Any
 from dpkit.core.events import validate_snapshot
 from dpkit.core.validation import check_resource_name
 from dpkit.core.vendor import Vendor
+from dpkit.core.vendor_calls import VendorCalls
+
+DEFAULT_TIMEOUT = 10.0  # seconds per vendor hook when the caller passes a bare Vendor (the config's default)
 
 
-def explain(vendor: Vendor) -> dict[str, Any]:
-    """Run discovery once, without a kubelet, and collect the vendor's own explanations."""
+def explain(vendor: Vendor | VendorCalls) -> dict[str, Any]:
+    """Run discovery once, without a kubelet, and collect the vendor's own explanations.
+
+    The hooks run under the adapter's deadline: a hung driver call is reported, not waited on forever.
+    """
+    calls = VendorCalls(vendor, DEFAULT_TIMEOUT) if isinstance(vendor, Vendor) else vendor
     errors: list[str] = []
     try:
-        raw = vendor.discover()
+        raw = calls.discover()
     except Exception as exc:  # a discovery failure is exactly what this command must show
         raw, errors = {}, [f"discovery failed: {type(exc).__name__}: {exc}"]
     snapshot, problems = validate_snapshot(raw, check_resource_name)
     errors += problems
     try:
-        findings = list(vendor.explain())
+        findings = calls.explain()
     except Exception as exc:
         findings, errors = [], [*errors, f"explain failed: {type(exc).__name__}: {exc}"]
     resources = []
@@ -34,7 +41,7 @@ def explain(vendor: Vendor) -> dict[str, Any]:
             ],
         })
     return {
-        "vendor": vendor.name,
+        "vendor": calls.name,
         "resources": resources,
         "findings": [
             {"subject": f.subject, "advertised": f.advertised, "reason": f.reason,

@@ -22,6 +22,7 @@ from dpkit.core.errors import ConfigError, DpkitError
 from dpkit.core.events import connect_error, validate_snapshot
 from dpkit.core.validation import check_resource_name
 from dpkit.core.vendor import Check, Vendor, load_vendor_class
+from dpkit.core.vendor_calls import VendorCalls
 
 MAX_LISTED = 5  # problems named in one line; the rest are counted
 
@@ -165,14 +166,18 @@ def core_checks(config: Config, config_error: str) -> list[Check]:
     return checks
 
 
-def vendor_checks(vendor: Vendor) -> list[Check]:
-    """Discovery runs, every device node a container would get is usable, then the vendor's own checks."""
+def vendor_checks(vendor: Vendor | VendorCalls, timeout: float = 10.0) -> list[Check]:
+    """Discovery runs, every device node a container would get is usable, then the vendor's own checks.
+
+    Each hook runs under ``timeout`` (the config's ``vendor_call_timeout``): a hang is a failed check.
+    """
+    calls = VendorCalls(vendor, timeout) if isinstance(vendor, Vendor) else vendor
     checks: list[Check] = []
     try:
-        raw = vendor.discover()
+        raw = calls.discover()
     except Exception as exc:
-        checks.append(Check(f"vendor {vendor.name} discovery", False, f"{type(exc).__name__}: {exc}",
-                            f"run `dpkit discover {vendor.name}` for details"))
+        checks.append(Check(f"vendor {calls.name} discovery", False, f"{type(exc).__name__}: {exc}",
+                            f"run `dpkit discover {calls.name}` for details"))
         snapshot: dict[str, tuple[Device, ...]] = {}
     else:
         # what `dpkit run` keeps: invalid resource names and entries are dropped there too
@@ -182,20 +187,20 @@ def vendor_checks(vendor: Vendor) -> list[Check]:
         detail = f"{total} device(s) in {len(snapshot)} resource(s)"
         if sick:
             detail += f"; unhealthy: {_listing(sick)}"
-        checks.append(Check(f"vendor {vendor.name} discovery", True, detail))
+        checks.append(Check(f"vendor {calls.name} discovery", True, detail))
         if problems:
             checks.append(Check("vendor data valid", False, f"dropped by `dpkit run`: {_listing(problems)}",
                                 "a vendor bug or a bad resource name in the vendor's config"))
         checks.append(Check("resources to register", bool(snapshot),
                             f"{len(snapshot)}: {_listing(sorted(snapshot))}" if snapshot else
                             "none: `dpkit run` would register nothing and exit 1 after its grace period",
-                            "" if snapshot else f"run `dpkit discover {vendor.name}` to see why nothing is offered"))
+                            "" if snapshot else f"run `dpkit discover {calls.name}` to see why nothing is offered"))
     nodes: list[DeviceNode] = []
     spec_errors: list[str] = []
     for resource, devices in snapshot.items():
         for device in devices:
             try:
-                nodes.extend(vendor.container_spec(resource, [device]).devices)
+                nodes.extend(calls.container_spec(resource, [device]).devices)
             except Exception as exc:
                 spec_errors.append(f"{device.id}: {exc}")
     if spec_errors:
@@ -204,7 +209,7 @@ def vendor_checks(vendor: Vendor) -> list[Check]:
     if snapshot:
         name = "container device nodes present and accessible"
         deferred = 0
-        if vendor.overrides("pre_start"):
+        if calls.overrides("pre_start"):
             # a vendor with a pre-start hook may make a container's node only when it starts
             # (CEX's per-container zcrypt nodes): an absent one is not a fault before then
             present = [n for n in nodes if os.path.lexists(n.host_path)]
@@ -215,9 +220,9 @@ def vendor_checks(vendor: Vendor) -> list[Check]:
                           f"{check.detail}; {deferred} more made at container start by the pre-start hook", check.hint)
         checks.append(check)
     try:
-        checks.extend(vendor.doctor())
+        checks.extend(calls.doctor())
     except Exception as exc:
-        checks.append(Check(f"vendor {vendor.name} checks", False, f"{type(exc).__name__}: {exc}"))
+        checks.append(Check(f"vendor {calls.name} checks", False, f"{type(exc).__name__}: {exc}"))
     return checks
 
 
@@ -243,8 +248,9 @@ def run_checks(vendor_name: str, config: Config, config_error: str = "",
                                 "install the vendor package (`dpkit vendors` lists what is installed)"))
         return checks
     checks.append(Check(f"vendor {vendor_name} loads", True, type(vendor).__module__))
+    calls = VendorCalls(vendor, config.vendor_call_timeout)
     try:
-        checks.extend(vendor_checks(vendor))
+        checks.extend(vendor_checks(calls))
     finally:
-        vendor.close()
+        calls.close()
     return checks

@@ -108,7 +108,7 @@ class NodeLabelWriter:
         # the manager's current effective lists (kept up to date per change), not a recomputation
         snapshot = {r: tuple(manager.effective.get(r, {}).values()) for r in manager.servers}
         try:
-            raw = vendor.node_labels(snapshot)
+            raw = manager.calls.node_labels(snapshot)
         except Exception as exc:  # keep the last good file rather than publish nothing
             self._fail(f"vendor node_labels failed: {type(exc).__name__}: {exc}")
             return

@@ -38,6 +38,7 @@ from dpkit.core.registration import KubeletLink
 from dpkit.core.server import ResourceServer
 from dpkit.core.validation import check_resource_name
 from dpkit.core.vendor import Vendor
+from dpkit.core.vendor_calls import VendorCalls
 
 log = get_logger("manager")
 
@@ -81,7 +82,8 @@ class Manager:
     def __init__(
         self, vendor: Vendor, config: Config, *, vendor_factory: Callable[[Mapping[str, Any]], Vendor] | None = None
     ) -> None:
-        self.vendor = vendor
+        # every vendor hook goes through this adapter, under vendor_call_timeout (see vendor_calls.py)
+        self.calls = VendorCalls(vendor, config.vendor_call_timeout)
         self.config = config
         self.vendor_factory = vendor_factory
         self.state_dir = Path(config.state_dir)
@@ -116,6 +118,14 @@ class Manager:
         self._reload_requested = threading.Event()
         self._ready = threading.Event()
         self.reloads = 0
+
+    @property
+    def vendor(self) -> Vendor:
+        return self.calls.vendor
+
+    @vendor.setter
+    def vendor(self, vendor: Vendor) -> None:
+        self.calls.vendor = vendor
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -157,7 +167,7 @@ class Manager:
             remove_own_socket(self._control_path)
         self.bus.close()
         try:
-            self.vendor.close()
+            self.calls.close()
         except Exception:
             log.exception("vendor close failed")
         logging.getLogger("dpkit").removeHandler(self.errors)
@@ -178,7 +188,7 @@ class Manager:
             self._watch_thread.start()
         assert self.probes is not None
         try:
-            probes = list(self.vendor.probes())
+            probes = self.calls.probes()
         except Exception as exc:
             log.error("vendor probes() failed; running without probes", extra=kv(error=str(exc)))
             probes = []
@@ -210,13 +220,13 @@ class Manager:
                     return
                 backoff = min(backoff * 2, 30.0)
                 try:
-                    sink.snapshot(self.vendor.discover())
+                    sink.snapshot(self.calls.discover())
                 except Exception as exc2:
                     log.error("vendor discovery failed", extra=kv(error=str(exc2)))
 
     def _discover(self) -> Snapshot:
         try:
-            return self.vendor.discover()
+            return self.calls.discover()
         except Exception as exc:
             log.error("vendor discovery failed; keeping the last device list", extra=kv(error=str(exc)))
             return self.snapshot
@@ -366,6 +376,7 @@ class Manager:
             cdi_spec=cdi.cdi_spec if cdi is not None and self.config.cdi_allocate else None,
             cdi_allocate=bool(self.config.cdi_allocate and cdi is not None),
             vendor_timeout=self.config.vendor_call_timeout,
+            calls=self.calls,
         )
         try:
             server.start()
@@ -523,7 +534,7 @@ class Manager:
             server.vendor = vendor
         if old is not vendor:
             try:
-                old.close()
+                self.calls.close(old)
             except Exception:
                 log.exception("vendor close failed")
         # The old probes are gone: their silences and health reports go with them (the new

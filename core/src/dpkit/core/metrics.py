@@ -144,7 +144,7 @@ class Metrics:
     # -- scrape side -------------------------------------------------------------------------
     def vendor_families(self) -> list[Metric]:
         try:
-            samples = list(self.manager.vendor.metric_samples())
+            samples = self.manager.calls.metric_samples()
         except Exception as exc:
             self.vendor_errors.inc()
             self._vendor_problem(f"metric_samples() failed: {type(exc).__name__}: {exc}")
@@ -176,8 +176,8 @@ class Metrics:
 class _StateCollector:
     """Gauges computed at scrape time."""
 
-    NAMES = ("dpkit_info", "dpkit_devices", "dpkit_device_healthy", "dpkit_resource_registered",
-             "dpkit_probe_silent", "dpkit_device_allocated", "dpkit_pod_resources_up",
+    NAMES = ("dpkit_info", "dpkit_vendor_call_errors", "dpkit_devices", "dpkit_device_healthy",
+             "dpkit_resource_registered", "dpkit_probe_silent", "dpkit_device_allocated", "dpkit_pod_resources_up",
              "dpkit_resource_server_failures", "dpkit_health_reports")
 
     def __init__(self, metrics: Metrics) -> None:
@@ -225,6 +225,12 @@ class _StateCollector:
         if m.pod_view is not None:
             yield from self._holders(m.pod_view, devices)
         yield from m.vendor_families()
+        # after the vendor's families: a metric_samples failure of this scrape is counted in it
+        calls = CounterMetricFamily("dpkit_vendor_call_errors", "Vendor hook calls that raised ('error') or did not "
+                                    "answer within vendor_call_timeout ('timeout'), by hook.", labels=["hook", "kind"])
+        for (hook, kind), n in sorted(dict(manager.calls.errors).items()):  # a copy: thread-safe
+            calls.add_metric([hook, kind], n)
+        yield calls
 
     @staticmethod
     def _holders(view: PodResourcesView, devices: dict[str, tuple[Device, ...]]) -> Iterator[Metric]:

@@ -17,7 +17,7 @@ from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import grpc
 
@@ -29,6 +29,8 @@ from dpkit.core.files import remove_own_socket, staging_dir
 from dpkit.core.logs import get_logger, kv
 from dpkit.core.validation import socket_name_for
 from dpkit.core.vendor import Vendor
+from dpkit.core.vendor_calls import VendorCalls
+from dpkit.core.vendor_calls import VendorTimeout as VendorTimeout  # where callers have always found it
 
 log = get_logger("server")
 
@@ -36,13 +38,6 @@ WORKERS = 16
 MAX_STREAMS = 8  # the kubelet holds one; the rest are debugging clients and restarts in flight
 MAX_LISTED_IDS = 10  # IDs named in one error message
 SERVICE = "v1beta1.DevicePlugin"  # the kubelet's service name (proto package v1beta1)
-
-
-_T = TypeVar("_T")
-
-
-class VendorTimeout(Exception):
-    """A vendor hook did not answer within the server's deadline."""
 
 
 class RpcObserver(Protocol):
@@ -129,18 +124,20 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         cdi_spec: Callable[[str, Sequence[Device]], ContainerSpec] | None = None,
         cdi_allocate: bool = False,
         vendor_timeout: float = 10.0,
+        calls: VendorCalls | None = None,
     ) -> None:
         self.resource = resource
-        self.vendor = vendor
+        # Vendor hooks run through the adapter, under a deadline: the kubelet calls Allocate without
+        # one, so a hung driver call would otherwise stall pod admission forever. The manager passes
+        # its own adapter so that a reload's new vendor and the error counts are shared.
+        self.calls = calls if calls is not None else VendorCalls(vendor, vendor_timeout)
+        self.calls.vendor = vendor
         self.plugin_dir = Path(plugin_dir)
         self.socket_path = self.plugin_dir / socket_name_for(resource)
         self.observer = observer
         self.cdi_spec = cdi_spec
         self.cdi_allocate = cdi_allocate
-        self.vendor_timeout = vendor_timeout
-        # Vendor hooks run here, under a deadline: the kubelet calls Allocate without one, so a
-        # hung driver call would otherwise stall pod admission forever.
-        self._calls = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"vendor-{resource}")
+        self.vendor_timeout = self.calls.timeout
         self.stats = ServerStats()
         self._devices: dict[str, Device] = {}
         self._entries: dict[str, bytes | None] = {}  # device ID -> encoded_entry; None: to encode
@@ -150,6 +147,14 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         self._server: grpc.Server | None = None
         self._stopping = False
         self._generation = 0  # bumped on every (re)start so old streams end
+
+    @property
+    def vendor(self) -> Vendor:
+        return self.calls.vendor
+
+    @vendor.setter
+    def vendor(self, vendor: Vendor) -> None:
+        self.calls.vendor = vendor
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -220,7 +225,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
     @property
     def options(self) -> api_pb2.DevicePluginOptions:
         return api_pb2.DevicePluginOptions(
-            pre_start_required=self.vendor.overrides("pre_start"),
+            pre_start_required=self.calls.overrides("pre_start"),
             get_preferred_allocation_available=True,
         )
 
@@ -271,21 +276,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         server.add_registered_method_handlers(SERVICE, handlers)
 
-    def _vendor_call(self, what: str, func: Callable[..., _T], *args: Any) -> _T:
-        """Run a vendor hook with the deadline; VendorTimeout when it does not answer in time."""
-        future = self._calls.submit(func, *args)
-        try:
-            return future.result(timeout=self.vendor_timeout)
-        except futures.TimeoutError:
-            future.cancel()
-            log.error("vendor call did not answer in time", extra=kv(resource=self.resource, call=what,
-                                                                      timeout=self.vendor_timeout))
-            raise VendorTimeout(
-                f"{self.resource}: vendor {what} did not answer within {self.vendor_timeout:g}s"
-            ) from None
-
     def stop(self) -> None:
-        self._calls.shutdown(wait=False, cancel_futures=True)
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
@@ -402,7 +393,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                     try:
                         spec = self._container_spec(devices)
                     except VendorTimeout as exc:
-                        self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+                        self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.resource}: {exc}")
                     except AllocationError as exc:
                         self._fail(context, grpc.StatusCode.UNKNOWN, str(exc))
                     except ValidationError as exc:
@@ -424,15 +415,16 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
     def _container_spec(self, devices: list[Device]) -> ContainerSpec:
         """The vendor's spec (plus CDI names), under the deadline when vendor or file code runs.
 
-        The default hook only merges the devices' own specs in memory, so it runs right here:
-        no thread hop on the kubelet's hottest call.
+        The default hook only merges the devices' own specs in memory, so without CDI it runs right
+        here (the adapter hops only for a vendor's own hook): no thread hop on the kubelet's hottest call.
+        The CDI callback may rewrite a file and ask the vendor again, so it runs under the deadline too.
         """
-        if not self.vendor.overrides("container_spec") and self.cdi_spec is None:
-            return self.vendor.container_spec(self.resource, devices)
-        return self._vendor_call("container_spec", self._guarded_container_spec, devices)
+        if self.cdi_spec is None:
+            return self.calls.container_spec(self.resource, devices)
+        return self.calls.guarded("container_spec", self._guarded_container_spec, devices)
 
     def _guarded_container_spec(self, devices: list[Device]) -> ContainerSpec:
-        spec = self.vendor.container_spec(self.resource, devices)
+        spec = self.calls.container_spec(self.resource, devices)
         if self.cdi_spec is not None:
             spec = spec.merge(self.cdi_spec(self.resource, devices))
         return spec
@@ -459,11 +451,10 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
     def _vendor_choice(self, available: list[Device], must: list[Device], size: int) -> list[str]:
         avail_ids = [d.id for d in available]
         must_ids = [d.id for d in must]
-        if self.vendor.overrides("preferred_allocation"):
+        if self.calls.overrides("preferred_allocation"):
             try:
-                answer = self._vendor_call("preferred_allocation", self.vendor.preferred_allocation,
-                                           self.resource, available, must, size)
-            except VendorTimeout:  # logged by _vendor_call; a late answer is still an answer
+                answer = self.calls.preferred_allocation(self.resource, available, must, size)
+            except VendorTimeout:  # logged by the adapter
                 answer = None
             except Exception:
                 log.exception("vendor preferred_allocation failed; using NUMA packing",
@@ -486,9 +477,9 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         with self._observed("PreStartContainer"):
             devices = self._lookup(list(request.devices_ids), context, need_healthy=False)
             try:
-                self._vendor_call("pre_start", self.vendor.pre_start, self.resource, devices)
+                self.calls.pre_start(self.resource, devices)
             except VendorTimeout as exc:
-                self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+                self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.resource}: {exc}")
             except Exception as exc:
                 log.exception("vendor pre_start failed", extra=kv(resource=self.resource))
                 self._fail(context, grpc.StatusCode.INTERNAL, f"{self.resource}: pre-start failed: {exc}")
