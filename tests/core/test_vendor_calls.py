@@ -89,7 +89,7 @@ def managed(make_config: Callable[..., Config]) -> Iterator[Callable[..., Manage
     made: list[tuple[Manager, Vendor]] = []
 
     def make(vendor: Vendor, **overrides: Any) -> Manager:
-        manager = Manager(vendor, make_config(vendor_call_timeout=TIMEOUT, **overrides))
+        manager = Manager(vendor, make_config(vendor_call_timeout=TIMEOUT, vendor_scan_timeout=TIMEOUT, **overrides))
         attach_observers(manager)
         made.append((manager, vendor))
         return manager
@@ -222,3 +222,32 @@ def test_the_scan_finds_a_direct_call() -> None:
     sample = "def f(manager, vendor):\n    manager.vendor.container_spec('r', [])\n    vendor.discover()\n"
     assert _direct_hook_calls(ast.parse(sample)) == [(2, "....vendor.container_spec"), (3, "vendor.discover")]
 
+
+
+class _SlowScan(ScriptedVendor):
+    """Discovery that takes longer than an Allocate deadline, as a big node's scan may."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def discover(self) -> Snapshot:
+        self.release.wait(TIMEOUT * 2)  # returns after 1 s unless released
+        return super().discover()
+
+    def container_spec(self, resource: str, devices: Any) -> ContainerSpec:
+        self.release.wait(10)
+        return super().container_spec(resource, devices)
+
+
+def test_scans_get_their_own_longer_deadline() -> None:
+    vendor = _SlowScan()
+    calls = VendorCalls(vendor, TIMEOUT, scan_timeout=10)
+    try:
+        assert RES in calls.discover()  # 1 s: past vendor_call_timeout, within vendor_scan_timeout
+        with pytest.raises(VendorTimeout, match=r"container_spec did not answer within 0\.5s"):
+            calls.container_spec(RES, [])
+        with pytest.raises(VendorTimeout, match=r"discover did not answer within 0\.5s"):
+            VendorCalls(vendor, TIMEOUT, scan_timeout=TIMEOUT).discover()
+    finally:
+        vendor.release.set()

@@ -206,7 +206,8 @@ def cmd_discover(args: argparse.Namespace) -> int:
     setup_logging(config.log_format, "warning")
     from dpkit.core.vendor_calls import VendorCalls
 
-    calls = VendorCalls(vendor_factory(args.vendor, config, args.devices)(config.vendor), config.vendor_call_timeout)
+    calls = VendorCalls(vendor_factory(args.vendor, config, args.devices)(config.vendor), config.vendor_call_timeout,
+                        config.vendor_scan_timeout)
     try:
         report = explain(calls)
     finally:

@@ -62,7 +62,8 @@ class Config:
     log_level: str = "info"
     probe_heartbeat_timeout: float = 10.0
     register_backoff_max: float = 5.0
-    vendor_call_timeout: float = 10.0  # Allocate/PreStart/preferred-allocation vendor hooks
+    vendor_call_timeout: float = 10.0  # every vendor hook but the hardware scans and watch
+    vendor_scan_timeout: float = 60.0  # discover, probes, explain, doctor: scans of the whole node
     metrics_address: str = ""  # host:port; empty disables the endpoint
     cdi_dir: str = "/var/run/cdi"  # empty disables CDI spec files
     cdi_allocate: bool = False  # answer Allocate with cdi_devices instead of raw specs
@@ -128,6 +129,7 @@ _TYPES: dict[str, type] = {
     "probe_heartbeat_timeout": float,
     "register_backoff_max": float,
     "vendor_call_timeout": float,
+    "vendor_scan_timeout": float,
     "metrics_address": str,
     "cdi_dir": str,
     "cdi_allocate": bool,

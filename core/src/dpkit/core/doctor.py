@@ -248,7 +248,7 @@ def run_checks(vendor_name: str, config: Config, config_error: str = "",
                                 "install the vendor package (`dpkit vendors` lists what is installed)"))
         return checks
     checks.append(Check(f"vendor {vendor_name} loads", True, type(vendor).__module__))
-    calls = VendorCalls(vendor, config.vendor_call_timeout)
+    calls = VendorCalls(vendor, config.vendor_call_timeout, config.vendor_scan_timeout)
     try:
         checks.extend(vendor_checks(calls))
     finally:

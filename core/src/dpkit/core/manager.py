@@ -83,7 +83,7 @@ class Manager:
         self, vendor: Vendor, config: Config, *, vendor_factory: Callable[[Mapping[str, Any]], Vendor] | None = None
     ) -> None:
         # every vendor hook goes through this adapter, under vendor_call_timeout (see vendor_calls.py)
-        self.calls = VendorCalls(vendor, config.vendor_call_timeout)
+        self.calls = VendorCalls(vendor, config.vendor_call_timeout, config.vendor_scan_timeout)
         self.config = config
         self.vendor_factory = vendor_factory
         self.state_dir = Path(config.state_dir)

@@ -323,6 +323,9 @@ class KubeletLink:
             return False
         with self._lock:
             if not self._wanted(resource, server):  # removed or stopped meanwhile: whoever did it stops the server
+                # The kubelet did accept it: say so, so the log shows the registration its removal ends.
+                log.info("registered with the kubelet", extra=kv(resource=resource, endpoint=server.socket_path.name,
+                                                                 superseded=True))
                 return True
             state = self.state[resource]
             state.registered_with = kubelet

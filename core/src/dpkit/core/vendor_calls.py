@@ -90,9 +90,10 @@ class VendorCalls:
     count, kind being ``timeout`` or ``error``.
     """
 
-    def __init__(self, vendor: Vendor, timeout: float) -> None:
+    def __init__(self, vendor: Vendor, timeout: float, scan_timeout: float = 60.0) -> None:
         self.vendor = vendor
         self.timeout = timeout
+        self._scan_timeout = scan_timeout
         self.errors: dict[tuple[str, str], int] = {}
         self._timed_out: set[str] = set()  # hooks whose timeout was logged already
         self._lock = threading.Lock()
@@ -107,11 +108,11 @@ class VendorCalls:
     # -- the hooks -------------------------------------------------------------------------------
     def discover(self) -> Snapshot:
         vendor = self.vendor
-        return self._hook("discover", lambda: vendor.discover())
+        return self._hook("discover", lambda: vendor.discover(), self.scan_timeout)
 
     def probes(self) -> list[Probe]:
         vendor = self.vendor
-        return self._hook("probes", lambda: list(vendor.probes()))
+        return self._hook("probes", lambda: list(vendor.probes()), self.scan_timeout)
 
     def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
         vendor = self.vendor
@@ -141,11 +142,11 @@ class VendorCalls:
 
     def explain(self) -> list[Finding]:
         vendor = self.vendor
-        return self._hook("explain", lambda: list(vendor.explain()))
+        return self._hook("explain", lambda: list(vendor.explain()), self.scan_timeout)
 
     def doctor(self) -> list[Check]:
         vendor = self.vendor
-        return self._hook("doctor", lambda: list(vendor.doctor()))
+        return self._hook("doctor", lambda: list(vendor.doctor()), self.scan_timeout)
 
     def close(self, vendor: Vendor | None = None) -> None:
         """Close ``vendor`` (default: the current one; a reload closes the one it replaced)."""
@@ -158,17 +159,28 @@ class VendorCalls:
         """Run core code that calls into vendor code or files (a CDI rewrite) under the deadline."""
         return self._run(hook, func, *args)
 
-    def _hook(self, hook: str, func: Callable[[], _T]) -> _T:
+    @property
+    def scan_timeout(self) -> float:
+        """Deadline of the hooks that scan the hardware (discover, probes, explain, doctor).
+
+        A node with many devices or a slow bus may take seconds to scan, and nothing on the
+        kubelet's path waits for it, so it gets ``scan_timeout`` (config ``vendor_scan_timeout``)
+        rather than the deadline meant for Allocate.
+        """
+        return max(self.timeout, self._scan_timeout)
+
+    def _hook(self, hook: str, func: Callable[[], _T], timeout: float | None = None) -> _T:
         if not self.vendor.overrides(hook):
             return func()  # the base class's own code: no thread hop
-        return self._run(hook, func)
+        return self._run(hook, func, timeout=timeout)
 
-    def _run(self, hook: str, func: Callable[..., _T], *args: Any) -> _T:
+    def _run(self, hook: str, func: Callable[..., _T], *args: Any, timeout: float | None = None) -> _T:
         # A nested call (a CDI rewrite asking the vendor) hops again rather than running inline:
         # its own deadline then bounds how long the outer call holds any lock it took.
+        deadline = self.timeout if timeout is None else timeout
         future = _shared_pool().submit(func, *args)
         try:
-            return future.result(timeout=self.timeout)
+            return future.result(timeout=deadline)
         except FutureTimeout:
             if future.done():  # the vendor's own TimeoutError (the same class since Python 3.11)
                 self._count(hook, "error")
@@ -180,8 +192,8 @@ class VendorCalls:
                 self._timed_out.add(hook)
             if first:  # once per hook: a hook that always hangs must not flood the log
                 log.error("vendor call did not answer in time", extra=kv(vendor=self.vendor.name, call=hook,
-                                                                          timeout=self.timeout))
-            raise VendorTimeout(f"vendor {self.vendor.name} {hook} did not answer within {self.timeout:g}s") from None
+                                                                          timeout=deadline))
+            raise VendorTimeout(f"vendor {self.vendor.name} {hook} did not answer within {deadline:g}s") from None
         except Exception:
             self._count(hook, "error")
             raise
