@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 import threading
 import time
 import urllib.request
@@ -251,3 +252,27 @@ def test_scans_get_their_own_longer_deadline() -> None:
             VendorCalls(vendor, TIMEOUT, scan_timeout=TIMEOUT).discover()
     finally:
         vendor.release.set()
+
+
+def test_a_forked_child_gets_a_pool_of_its_own() -> None:
+    """The pool's threads do not survive fork: a child's first vendor call must not wait on them."""
+    warm = VendorCalls(_SlowScan(), TIMEOUT)
+    warm.vendor.release.set()  # type: ignore[attr-defined]
+    warm.container_spec(RES, [])  # the parent's pool now has a thread, idle
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child = _SlowScan()
+            child.release.set()
+            spec = VendorCalls(child, 5.0).container_spec(RES, [])
+            os.write(write, b"ok" if isinstance(spec, ContainerSpec) else b"bad")
+        finally:
+            os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + 20
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        assert time.monotonic() < deadline, "the forked child's vendor call never ran"
+        time.sleep(0.05)
+    with os.fdopen(read) as pipe:
+        assert pipe.read() == "ok"

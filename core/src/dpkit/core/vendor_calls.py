@@ -11,6 +11,7 @@ so callers keep their handling. Both are counted per hook for ``dpkit_vendor_cal
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -81,6 +82,17 @@ def _shared_pool() -> _DaemonPool:
         if _pool is None:
             _pool = _DaemonPool(POOL_SIZE)
         return _pool
+
+
+def _forget_pool_in_child() -> None:
+    """A forked child has none of the pool's threads (and maybe a lock a parent thread held):
+    it starts a pool of its own on first use, or its first vendor call would wait forever."""
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 class VendorCalls:
