@@ -375,7 +375,6 @@ class Manager:
             observer=next((o for o in self.observers if hasattr(o, "rpc")), None),
             cdi_spec=cdi.cdi_spec if cdi is not None and self.config.cdi_allocate else None,
             cdi_allocate=bool(self.config.cdi_allocate and cdi is not None),
-            vendor_timeout=self.config.vendor_call_timeout,
             calls=self.calls,
         )
         try:
@@ -529,9 +528,7 @@ class Manager:
         for (resource, device_id, report_source), (health, reason) in stale.reports.items():
             self._record(report_source, resource, device_id, health, reason)
         old = self.vendor
-        self.vendor, self.config = vendor, config
-        for server in self.servers.values():
-            server.vendor = vendor
+        self.vendor, self.config = vendor, config  # the servers share self.calls: they see it too
         if old is not vendor:
             try:
                 self.calls.close(old)

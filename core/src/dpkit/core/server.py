@@ -131,13 +131,11 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         # one, so a hung driver call would otherwise stall pod admission forever. The manager passes
         # its own adapter so that a reload's new vendor and the error counts are shared.
         self.calls = calls if calls is not None else VendorCalls(vendor, vendor_timeout)
-        self.calls.vendor = vendor
         self.plugin_dir = Path(plugin_dir)
         self.socket_path = self.plugin_dir / socket_name_for(resource)
         self.observer = observer
         self.cdi_spec = cdi_spec
         self.cdi_allocate = cdi_allocate
-        self.vendor_timeout = self.calls.timeout
         self.stats = ServerStats()
         self._devices: dict[str, Device] = {}
         self._entries: dict[str, bytes | None] = {}  # device ID -> encoded_entry; None: to encode
@@ -150,11 +148,8 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
 
     @property
     def vendor(self) -> Vendor:
+        """The vendor of the shared adapter (a reload swaps it there, for every server at once)."""
         return self.calls.vendor
-
-    @vendor.setter
-    def vendor(self, vendor: Vendor) -> None:
-        self.calls.vendor = vendor
 
     # -- state ---------------------------------------------------------------------------
     @property
