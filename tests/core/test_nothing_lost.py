@@ -88,10 +88,15 @@ def test_flapping_burst_ends_in_every_devices_last_report(kubelet, serve_widgets
     sink = vendor.sink
     assert sink is not None
 
+    answered = threading.Event()  # the burst lasts until the control socket has answered during it
+    deadline = time.monotonic() + 30
+
     def flap(devices: range) -> None:
-        for r in range(20):
+        r = 0
+        while r < 20 or (not answered.is_set() and time.monotonic() < deadline):
             for i in devices:
                 sink.health(RES, f"w{i}", Health.UNHEALTHY if (r + i) % 2 else Health.HEALTHY, f"round {r}")
+            r += 1
         for i in devices:
             sink.health(RES, f"w{i}", Health(final[f"w{i}"]), "final")
 
@@ -101,6 +106,8 @@ def test_flapping_burst_ends_in_every_devices_last_report(kubelet, serve_widgets
         t.start()
     while any(t.is_alive() for t in threads):  # the control socket answers during the burst
         answers.append(query(config.state_dir, "ping", timeout=5)["ok"])
+        if len(answers) >= 3:
+            answered.set()
     for t in threads:
         t.join(30)
     assert answers and all(answers)
