@@ -1,7 +1,7 @@
 """Health bursts (issue 12): does the kubelet's view catch up with the last report of every device, and when?
 
 A real ``dpkit run simbench`` process (see benchvendor.py) serves N devices to an emulated
-kubelet (``dpkit.core.kubelet.Kubelet``, in this process). Its watch thread turns side-channel
+kubelet (``dpkit.core.tools.kubelet.Kubelet``, in this process). Its watch thread turns side-channel
 commands into ``EventSink.health`` reports, the path a vendor's watcher takes. Two cases:
 
 - ``all-unhealthy-then-healthy``: every device of 5k reported Unhealthy as fast as the sink takes
@@ -36,9 +36,9 @@ from typing import Any
 from harness import RESOURCE, DpkitProcess, bench_env, pct
 from sidechannel import Client
 
-from dpkit.core.control import query
-from dpkit.core.errors import DpkitError
-from dpkit.core.kubelet import Kubelet
+from dpkit.core.engine.control import query
+from dpkit.core.tools.kubelet import Kubelet
+from dpkit.core.vendorapi.errors import DpkitError
 
 Expected = dict[str, bool]  # device -> last report was Healthy
 
@@ -244,7 +244,7 @@ def start_node(count: int, poll: float) -> Node:
 
 def final_status_check(node: Node, expected: Expected) -> str:
     """One real ``dpkit status --json``, as an operator would run it."""
-    proc = subprocess.run([sys.executable, "-m", "dpkit.core.cli", "status", "--json", "--state-dir",
+    proc = subprocess.run([sys.executable, "-m", "dpkit.core.tools.cli", "status", "--json", "--state-dir",
                            str(node.dpkit.state_dir)], capture_output=True, text=True, timeout=30, check=False)
     if proc.returncode != 0:
         return f"`dpkit status` failed (exit {proc.returncode}): {proc.stderr.strip()[-200:]}"

@@ -23,11 +23,11 @@ import yaml
 from harness import proc_cpu_seconds, rss_mb
 
 from dpkit.core.api.v1beta1 import api_pb2, api_pb2_grpc
-from dpkit.core.config import Config
-from dpkit.core.device import ContainerSpec, Device, DeviceNode, Health, Snapshot
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
-from dpkit.core.vendor import EventSink, Vendor
+from dpkit.core.engine.manager import Manager
+from dpkit.core.support.config import Config
+from dpkit.core.tools.kubelet import Kubelet
+from dpkit.core.vendorapi.device import ContainerSpec, Device, DeviceNode, Health, Snapshot
+from dpkit.core.vendorapi.vendor import EventSink, Vendor
 
 RES = "example.com/bench"
 ROWS: list[tuple[str, str, str]] = []
@@ -181,7 +181,7 @@ def bench_process(idle_seconds: float, runs: int) -> None:
                                           "vendor": {"devices_file": str(devices), "script": False}}))
         kubelet = Kubelet(tmp / "dp").start()
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "dpkit.core.cli", "run", "sim", "-c", str(config)],
+        proc = subprocess.Popen([sys.executable, "-m", "dpkit.core.tools.cli", "run", "sim", "-c", str(config)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             assert kubelet.wait_for(lambda k: k.capacity(RES) == 8, 30), "never registered"

@@ -278,7 +278,7 @@ def measure_size(count: int, p: Params, idle: bool, generate: bool | None) -> Fi
 def bench_help(runs: int) -> Figures:
     """Wall time of ``dpkit --help`` (the console script) against ``python -c pass``, interleaved."""
     script = Path(sys.executable).parent / "dpkit"
-    dpkit_cmd = [str(script), "--help"] if script.exists() else [sys.executable, "-m", "dpkit.core.cli", "--help"]
+    dpkit_cmd = [str(script), "--help"] if script.exists() else [sys.executable, "-m", "dpkit.core.tools.cli", "--help"]
     commands = {"dpkit": dpkit_cmd, "floor": [sys.executable, "-c", "pass"]}
     samples: dict[str, list[float]] = {"dpkit": [], "floor": []}  # one floor: the interpreter's start
     for run in range(runs + 1):

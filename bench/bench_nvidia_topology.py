@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-from dpkit.core.device import Device
+from dpkit.core.vendorapi.device import Device
 from dpkit.nvidia import topology
 from dpkit.nvidia.gpus import GpuInfo
 from dpkit.nvidia.vendor import preferred_gpus

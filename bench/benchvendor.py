@@ -32,9 +32,9 @@ from typing import Any
 import sidechannel
 from sidechannel import device_ids
 
-from dpkit.core.device import Health
-from dpkit.core.sim import SimulatedVendor
-from dpkit.core.vendor import EventSink
+from dpkit.core.tools.sim import SimulatedVendor
+from dpkit.core.vendorapi.device import Health
+from dpkit.core.vendorapi.vendor import EventSink
 
 
 def _health(healthy: bool) -> Health:

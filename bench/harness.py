@@ -164,7 +164,7 @@ class DpkitProcess:
         with self.log_path.open("wb") as log:
             self.started = time.monotonic()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dpkit.core.cli", "run", "simbench", "-c", str(self.config)],
+                [sys.executable, "-m", "dpkit.core.tools.cli", "run", "simbench", "-c", str(self.config)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         return self
 

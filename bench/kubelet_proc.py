@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from dpkit.core.kubelet import Kubelet
+from dpkit.core.tools.kubelet import Kubelet
 
 
 def wait_registered(kubelet: Kubelet, resource: str, count: int, timeout: float) -> float | None:

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from dpkit.core.config import Config
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
-from dpkit.core.vendor import Vendor
+from dpkit.core.engine.manager import Manager
+from dpkit.core.support.config import Config
+from dpkit.core.tools.kubelet import Kubelet
+from dpkit.core.vendorapi.vendor import Vendor
 
 
 @pytest.fixture(autouse=True)

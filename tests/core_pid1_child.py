@@ -10,10 +10,10 @@ from pathlib import Path
 
 from scripted_vendor import RES, ProbedVendor
 
-from dpkit.core.config import Config
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
-from dpkit.core.vendor import Probe
+from dpkit.core.engine.manager import Manager
+from dpkit.core.support.config import Config
+from dpkit.core.tools.kubelet import Kubelet
+from dpkit.core.vendorapi.vendor import Probe
 
 
 def main(work: Path) -> None:

@@ -6,8 +6,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dpkit.core.device import ContainerSpec, Device, DeviceNode, Health, Snapshot
-from dpkit.core.vendor import EventSink, Probe, Vendor
+from dpkit.core.vendorapi.device import ContainerSpec, Device, DeviceNode, Health, Snapshot
+from dpkit.core.vendorapi.vendor import EventSink, Probe, Vendor
 
 RES = "example.com/widget"
 

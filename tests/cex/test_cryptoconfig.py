@@ -15,7 +15,7 @@ from dpkit.cex.cryptoconfig import (
     read_crypto_config,
     read_machine_id,
 )
-from dpkit.core.errors import ConfigError
+from dpkit.core.vendorapi.errors import ConfigError
 
 # As IBM documents it (appendix: sample CEX resource configuration map), fields and spacing kept.
 IBM_SAMPLE = """

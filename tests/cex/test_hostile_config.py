@@ -21,10 +21,10 @@ from cex.aptree import STANDARD_SETS, ApTree, write_sets
 from dpkit.cex import cryptoconfig
 from dpkit.cex.cryptoconfig import ApqnDef, ConfigSet, parse_crypto_config
 from dpkit.cex.vendor import CexVendor
-from dpkit.core.cli import main
-from dpkit.core.errors import ConfigError
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
+from dpkit.core.engine.manager import Manager
+from dpkit.core.tools.cli import main
+from dpkit.core.tools.kubelet import Kubelet
+from dpkit.core.vendorapi.errors import ConfigError
 
 CCA, EP11 = "cex.s390.ibm.com/cca-blue", "cex.s390.ibm.com/ep11-red"
 NESTED = "[" * 200_000 + "]" * 200_000            # RecursionError in Python's json parser

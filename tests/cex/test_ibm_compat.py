@@ -20,9 +20,9 @@ import pytest
 from cex.aptree import ApTree
 from dpkit.cex.cryptoconfig import parse_crypto_config
 from dpkit.cex.vendor import CexVendor
-from dpkit.core.cli import main
-from dpkit.core.device import Device
-from dpkit.core.errors import ConfigError
+from dpkit.core.tools.cli import main
+from dpkit.core.vendorapi.device import Device
+from dpkit.core.vendorapi.errors import ConfigError
 
 
 def doc(*sets: dict[str, Any]) -> str:

@@ -12,8 +12,8 @@ import pytest
 from cex.aptree import STANDARD_SETS, ApTree, FakeZcryptKernel, mask, write_sets
 from dpkit.cex.vendor import CexVendor
 from dpkit.core.api.v1beta1 import api_pb2
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
+from dpkit.core.engine.manager import Manager
+from dpkit.core.tools.kubelet import Kubelet
 
 CCA, EP11, GREEN = "cex.s390.ibm.com/cca-blue", "cex.s390.ibm.com/ep11-red", "cex.s390.ibm.com/any-green"
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from dpkit.cex.settings import ENV_VARS, CexSettings, go_atoi, load_settings
-from dpkit.core.errors import ConfigError
+from dpkit.core.vendorapi.errors import ConfigError
 
 
 def test_defaults_follow_the_issue_and_ibm() -> None:

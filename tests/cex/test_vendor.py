@@ -13,11 +13,11 @@ import pytest
 from cex.aptree import STANDARD_SETS, ApTree, FakeZcryptKernel, mask, write_sets
 from dpkit.cex.shadow import ShadowError
 from dpkit.cex.vendor import CexError, CexVendor
-from dpkit.core.device import Device, Health
-from dpkit.core.discovery import explain
-from dpkit.core.doctor import vendor_checks
-from dpkit.core.errors import ConfigError
-from dpkit.core.vendor import load_vendor_class
+from dpkit.core.tools.discovery import explain
+from dpkit.core.tools.doctor import vendor_checks
+from dpkit.core.tools.registry import load_vendor_class
+from dpkit.core.vendorapi.device import Device, Health
+from dpkit.core.vendorapi.errors import ConfigError
 
 CCA, EP11, GREEN = "cex.s390.ibm.com/cca-blue", "cex.s390.ibm.com/ep11-red", "cex.s390.ibm.com/any-green"
 

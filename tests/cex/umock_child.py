@@ -14,7 +14,7 @@ import umock
 
 from cex.aptree import STANDARD_SETS, FakeZcryptKernel, mask, write_sets
 from dpkit.cex.vendor import CexVendor
-from dpkit.core.device import Health, Snapshot
+from dpkit.core.vendorapi.device import Health, Snapshot
 
 CCA, EP11 = "cex.s390.ibm.com/cca-blue", "cex.s390.ibm.com/ep11-red"
 CARDS = {1: "CEX7C", 2: "CEX7C", 3: "CEX8P", 4: "CEX6A", 5: "CEX5C", 6: "CEX7C"}

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpkit.core.config import MAX_DEPTH, MAX_FILE_BYTES, Config, load_config, parse_yaml
-from dpkit.core.errors import ConfigError
-from dpkit.core.manager import Manager
-from dpkit.core.sim import SimulatedVendor
+from dpkit.core.engine.manager import Manager
+from dpkit.core.support.config import MAX_DEPTH, MAX_FILE_BYTES, Config, load_config, parse_yaml
+from dpkit.core.tools.sim import SimulatedVendor
+from dpkit.core.vendorapi.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,7 +72,7 @@ def test_sim_devices_file_has_the_same_bounds(tmp_path: Path) -> None:
 def test_dpkit_run_prints_one_error_line_and_exits_2(tmp_path: Path, name: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(HOSTILE[name][0])
-    proc = subprocess.run([sys.executable, "-m", "dpkit.core.cli", "run", "sim", "-c", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "dpkit.core.tools.cli", "run", "sim", "-c", str(path)],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith(f"dpkit: error: {path}: ")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dpkit.core import cli, vendor
+from dpkit.core.tools import cli
 
 HEAVY = ("grpc", "google.protobuf", "zmq", "yaml")
 
@@ -22,7 +22,7 @@ HEAVY = ("grpc", "google.protobuf", "zmq", "yaml")
 RUNNER = """
 import atexit, json, sys
 atexit.register(lambda: print(json.dumps(sorted(sys.modules)), file=sys.stderr))
-from dpkit.core.cli import main
+from dpkit.core.tools.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -44,7 +44,7 @@ def test_help_and_vendors_load_no_grpc_protobuf_zmq_or_yaml(args: tuple[str, ...
     result, modules = modules_after(*args)
     assert result.returncode == 0, result.stderr
     assert heavy(modules) == []
-    assert "dpkit.core.kubelet" not in modules and "dpkit.core.manager" not in modules
+    assert "dpkit.core.tools.kubelet" not in modules and "dpkit.core.engine.manager" not in modules
 
 
 def test_help_still_lists_vendors_and_the_kubelet_command() -> None:
@@ -56,7 +56,7 @@ def test_help_still_lists_vendors_and_the_kubelet_command() -> None:
 
 def test_vendors_does_not_load_vendor_packages() -> None:
     result, modules = modules_after("vendors")
-    assert "sim\tdpkit.core.sim:SimulatedVendor" in result.stdout
+    assert "sim\tdpkit.core.tools.sim:SimulatedVendor" in result.stdout
     assert not any(m.startswith(("dpkit.nvidia", "dpkit.sfc", "dpkit.cex", "dpkit.kvm_vfio")) for m in modules)
 
 
@@ -72,10 +72,6 @@ def test_kubelet_help_is_the_emulators_full_parser() -> None:
     assert result.returncode == 0
     assert "allocate" in result.stdout and "restart" in result.stdout
     assert "grpc" in modules  # the one command that needs it
-
-
-def test_the_cli_names_the_vendor_entry_point_group_of_the_vendor_module() -> None:
-    assert cli.VENDORS_GROUP == vendor.ENTRY_POINT_GROUP
 
 
 def test_the_kubelet_stub_help_matches_the_emulators_own() -> None:

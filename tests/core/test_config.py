@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dpkit.core.config import Config, load_config
-from dpkit.core.errors import ConfigError
-from dpkit.core.sim import SimulatedVendor
+from dpkit.core.support.config import Config, load_config
+from dpkit.core.tools.sim import SimulatedVendor
+from dpkit.core.vendorapi.errors import ConfigError
 
 
 def write(tmp_path, text: str):  # type: ignore[no-untyped-def]

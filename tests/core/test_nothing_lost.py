@@ -13,14 +13,14 @@ import pytest
 import zmq
 from scripted_vendor import RES, ProbedVendor, ScriptedVendor, widget
 
-from dpkit.core.config import Config
-from dpkit.core.control import query
-from dpkit.core.device import Health
-from dpkit.core.health import HealthBoard
-from dpkit.core.logs import RateLimiter
-from dpkit.core.manager import Manager
-from dpkit.core.probes import ProbeSupervisor, backoff
-from dpkit.core.vendor import Probe
+from dpkit.core.engine.control import query
+from dpkit.core.engine.health import HealthBoard
+from dpkit.core.engine.manager import Manager
+from dpkit.core.engine.probes import ProbeSupervisor, backoff
+from dpkit.core.support.config import Config
+from dpkit.core.support.logs import RateLimiter
+from dpkit.core.vendorapi.device import Health
+from dpkit.core.vendorapi.vendor import Probe
 
 TESTS = Path(__file__).resolve().parent.parent
 
@@ -132,7 +132,7 @@ def test_probe_burst_over_the_event_socket_ends_in_the_last_report(kubelet, run_
 
 
 def test_metrics_follow_a_burst(kubelet, run_manager, make_config):
-    from dpkit.core.observers import attach_observers
+    from dpkit.core.integrations.observers import attach_observers
 
     count = 2000
     vendor = _vendor(count)
@@ -214,7 +214,7 @@ def test_control_socket_answers_hostile_requests_and_keeps_serving(run_manager, 
 
 def test_a_resource_server_that_cannot_start_is_retried(kubelet, run_manager, make_config, plugin_dir):
     """A directory squatting on the socket name fails the bind; once it is gone, the server starts."""
-    from dpkit.core.validation import socket_name_for
+    from dpkit.core.vendorapi.validation import socket_name_for
 
     plugin_dir.mkdir(parents=True, exist_ok=True)
     squatter = plugin_dir / socket_name_for(RES)
@@ -236,7 +236,7 @@ def test_probe_backoff_starts_over_after_a_healthy_period(monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
     supervisor = ProbeSupervisor("ipc:///nonexistent", 5.0, healthy_reset=0.2)
     probe = Probe("p", "scripted_vendor:reporting_probe")
-    from dpkit.core.probes import ProbeState
+    from dpkit.core.engine.probes import ProbeState
 
     state = ProbeState(probe, 5.0)
     supervisor.probes = {"p": state}

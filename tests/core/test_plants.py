@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from scripted_vendor import RES, ScriptedVendor
 
-from dpkit.core import cli
-from dpkit.core.control import query
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
+from dpkit.core.engine.control import query
+from dpkit.core.engine.manager import Manager
+from dpkit.core.tools import cli
+from dpkit.core.tools.kubelet import Kubelet
 
 pytestmark = pytest.mark.timeout(60)
 NOBODY = 65534

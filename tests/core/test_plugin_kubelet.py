@@ -13,8 +13,8 @@ import pytest
 from scripted_vendor import RES, BadPreferenceVendor, PreStartVendor, ScriptedVendor, widget
 
 from dpkit.core.api.v1beta1 import api_pb2, api_pb2_grpc
-from dpkit.core.device import Device, Health
-from dpkit.core.kubelet import Kubelet
+from dpkit.core.tools.kubelet import Kubelet
+from dpkit.core.vendorapi.device import Device, Health
 
 
 def registered(kubelet: Kubelet, resource: str = RES, allocatable: int | None = None):  # type: ignore[no-untyped-def]
@@ -85,7 +85,7 @@ def test_rapid_changes_coalesce_to_the_final_list(kubelet, run_manager):
 
 def test_a_stream_sends_only_the_newest_list_not_a_backlog(short_tmp):
     """Coalescing, deterministically: 100 changes while the stream cannot look give one message."""
-    from dpkit.core.server import ResourceServer
+    from dpkit.core.engine.server import ResourceServer
 
     server = ResourceServer(RES, ScriptedVendor(), short_tmp / "dp")
     server.update([widget(i) for i in range(4)])
@@ -107,7 +107,7 @@ def test_a_stream_sends_only_the_newest_list_not_a_backlog(short_tmp):
 
 
 def test_extra_streams_are_refused_before_they_starve_allocate(kubelet, run_manager, plugin_dir):
-    from dpkit.core.server import MAX_STREAMS
+    from dpkit.core.engine.server import MAX_STREAMS
 
     run_manager(ScriptedVendor())
     assert kubelet.wait_for(registered(kubelet, allocatable=4), 10)

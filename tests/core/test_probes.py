@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from scripted_vendor import RES, ProbedVendor
 
-from dpkit.core.events import decode_probe_message
-from dpkit.core.vendor import Probe
+from dpkit.core.engine.events import decode_probe_message
+from dpkit.core.vendorapi.vendor import Probe
 
 TESTS = Path(__file__).resolve().parent.parent
 
@@ -103,7 +103,7 @@ def test_probes_keep_running_when_the_manager_is_pid_1(short_tmp):
 
 
 def test_reload_during_a_probe_silence_does_not_leave_devices_unhealthy(kubelet, make_config, short_tmp):
-    from dpkit.core.manager import Manager
+    from dpkit.core.engine.manager import Manager
 
     flag = short_tmp / "hang"
     flag.touch()
@@ -122,7 +122,8 @@ def test_reload_during_a_probe_silence_does_not_leave_devices_unhealthy(kubelet,
         manager.stop()
 
 
-HEAVY = ("grpc", "google.protobuf", "yaml", "dpkit.core.vendor", "dpkit.core.manager", "dpkit.core.device")
+HEAVY = ("grpc", "google.protobuf", "yaml", "dpkit.core.vendorapi.vendor", "dpkit.core.engine.manager",
+         "dpkit.core.vendorapi.device")
 
 
 def test_probe_process_loads_only_the_runner_zmq_and_its_target(run_manager, short_tmp, monkeypatch):

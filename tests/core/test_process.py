@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpkit.core import cli
-from dpkit.core.control import query
-from dpkit.core.demo import run_demo
-from dpkit.core.errors import DpkitError
+from dpkit.core.engine.control import query
+from dpkit.core.tools import cli
+from dpkit.core.tools.demo import run_demo
+from dpkit.core.vendorapi.errors import DpkitError
 
 WIDGET = "example.com/widget"
 
@@ -36,7 +36,7 @@ def plugin_process(short_tmp, plugin_dir, kubelet):  # type: ignore[no-untyped-d
         "cdi_dir": str(short_tmp / "cdi"), "nfd_features_dir": str(short_tmp / "nfd"),
         "vendor": {"devices_file": str(devices), "script": False},
     }))
-    proc = subprocess.Popen([sys.executable, "-m", "dpkit.core.cli", "run", "sim", "-c", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "dpkit.core.tools.cli", "run", "sim", "-c", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         yield proc, config, devices
@@ -113,7 +113,7 @@ def test_status_without_a_running_plugin_explains(short_tmp, capsys):
 def test_run_with_bad_config_exits_with_a_clear_error(short_tmp):
     config = short_tmp / "c.yaml"
     config.write_text("plugin_dir: 3\n")
-    proc = subprocess.run([sys.executable, "-m", "dpkit.core.cli", "run", "sim", "-c", str(config)],
+    proc = subprocess.run([sys.executable, "-m", "dpkit.core.tools.cli", "run", "sim", "-c", str(config)],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert f"{config}: key 'plugin_dir': expected a string" in proc.stderr
@@ -136,10 +136,10 @@ def test_discover_sim_lists_devices_and_findings(capsys):
 def test_vendors_lists_sim_and_the_entry_points(capsys):
     assert cli.main(["vendors", "--json"]) == 0
     vendors = json.loads(capsys.readouterr().out)
-    assert vendors["sim"] == "dpkit.core.sim:SimulatedVendor", "the built-in vendor is listed too"
+    assert vendors["sim"] == "dpkit.core.tools.sim:SimulatedVendor", "the built-in vendor is listed too"
     assert all(":" in target for target in vendors.values())
     assert cli.main(["vendors"]) == 0
-    assert "sim\tdpkit.core.sim:SimulatedVendor  (built in" in capsys.readouterr().out
+    assert "sim\tdpkit.core.tools.sim:SimulatedVendor  (built in" in capsys.readouterr().out
 
 
 def test_demo_runs_the_whole_story():
@@ -200,7 +200,7 @@ def _fake_command_package(site: Path, body: str) -> dict[str, str]:
 def test_dpkit_commands_entry_points_dispatch_and_show_in_help(tmp_path):
     env = _fake_command_package(tmp_path / "site", "import sys\ndef main(argv):\n"
                                 "    print('hello ' + ' '.join(argv))\n    return 3\n")
-    cmd = [sys.executable, "-m", "dpkit.core.cli"]
+    cmd = [sys.executable, "-m", "dpkit.core.tools.cli"]
     hello = subprocess.run([*cmd, "hello", "a", "--b"], capture_output=True, text=True, env=env, timeout=30)
     assert (hello.returncode, hello.stdout) == (3, "hello a --b\n"), hello.stderr
     helped = subprocess.run([*cmd, "--help"], capture_output=True, text=True, env=env, timeout=30)
@@ -212,7 +212,7 @@ def test_dpkit_commands_entry_points_dispatch_and_show_in_help(tmp_path):
 
 def test_a_command_that_fails_to_import_is_an_error_not_a_traceback(tmp_path):
     env = _fake_command_package(tmp_path / "site", "raise ImportError('libfoo missing')\n")
-    result = subprocess.run([sys.executable, "-m", "dpkit.core.cli", "hello"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "dpkit.core.tools.cli", "hello"], capture_output=True, text=True,
                             env=env, timeout=30)
     assert result.returncode == 2
     assert "command 'hello' failed to load from dpkit_hello_cmd:main: libfoo missing" in result.stderr
@@ -220,7 +220,7 @@ def test_a_command_that_fails_to_import_is_an_error_not_a_traceback(tmp_path):
 
 
 def test_run_sim_plays_no_script_unless_asked(short_tmp):
-    from dpkit.core.config import Config
+    from dpkit.core.support.config import Config
 
     devices = short_tmp / "d.yaml"
     _devices(devices, ["x"])
@@ -258,7 +258,7 @@ def test_run_exits_1_when_nothing_can_be_registered(short_tmp, plugin_dir, kubel
     config.write_text(yaml.safe_dump({"plugin_dir": str(plugin_dir), "state_dir": str(short_tmp / "st"),
                                       "log_format": "json", "cdi_dir": "", "nfd_features_dir": "",
                                       "pod_resources_socket": ""}))
-    proc = subprocess.Popen([sys.executable, "-m", "dpkit.core.cli", "run", "sim", "-c", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "dpkit.core.tools.cli", "run", "sim", "-c", str(config),
                              "--devices", str(devices), "--empty-grace", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

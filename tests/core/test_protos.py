@@ -54,9 +54,9 @@ def test_services_match_the_kubelet():
 
 
 def test_constants_match():
-    from dpkit.core.config import DEFAULT_PLUGIN_DIR
-    from dpkit.core.device import Health
-    from dpkit.core.registration import VERSION
+    from dpkit.core.engine.registration import VERSION
+    from dpkit.core.support.config import DEFAULT_PLUGIN_DIR
+    from dpkit.core.vendorapi.device import Health
 
     constants = TABLE["constants"]
     assert VERSION == constants["Version"]

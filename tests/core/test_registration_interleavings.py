@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from scripted_vendor import ScriptedVendor, widget
 
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.registration import KubeletLink
-from dpkit.core.server import ResourceServer
+from dpkit.core.engine.registration import KubeletLink
+from dpkit.core.engine.server import ResourceServer
+from dpkit.core.tools.kubelet import Kubelet
 
 A = "example.com/alpha"
 B = "example.com/beta"

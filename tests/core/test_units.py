@@ -6,10 +6,10 @@ import pickle
 
 import pytest
 
-from dpkit.core.allocation import is_valid_choice, pack_numa
-from dpkit.core.device import ContainerSpec, Device, DeviceNode, Health, Mount
-from dpkit.core.errors import ValidationError
-from dpkit.core.validation import check_device_id, check_resource_name, socket_name_for
+from dpkit.core.vendorapi.allocation import is_valid_choice, pack_numa
+from dpkit.core.vendorapi.device import ContainerSpec, Device, DeviceNode, Health, Mount
+from dpkit.core.vendorapi.errors import ValidationError
+from dpkit.core.vendorapi.validation import check_device_id, check_resource_name, socket_name_for
 
 
 @pytest.mark.parametrize("name", ["nvidia.com/gpu", "devices.kubevirt.io/kvm", "cex.s390.ibm.com/set-1",
@@ -118,7 +118,7 @@ def test_socket_names_are_safe_path_components():
 
 
 def test_status_and_discover_fold_alike_devices():
-    from dpkit.core.control import collapse
+    from dpkit.core.engine.control import collapse
 
     devices = [{"id": f"kvm{i}", "health": "Healthy", "numa": [], "reason": "", "attributes": {}} for i in range(1000)]
     devices[500] = {**devices[500], "health": "Unhealthy", "reason": "gone"}
@@ -133,8 +133,8 @@ def test_status_and_discover_fold_alike_devices():
 def test_doctor_defers_nodes_a_pre_start_hook_makes(short_tmp):
     from scripted_vendor import RES, ScriptedVendor
 
-    from dpkit.core.device import ContainerSpec, Device, DeviceNode
-    from dpkit.core.doctor import vendor_checks
+    from dpkit.core.tools.doctor import vendor_checks
+    from dpkit.core.vendorapi.device import ContainerSpec, Device, DeviceNode
 
     later = Device("z0", spec=ContainerSpec(devices=(DeviceNode(str(short_tmp / "zcrypt-0"), "/dev/z90crypt"),)))
 

@@ -1,4 +1,4 @@
-"""Every call into vendor code goes through dpkit.core.vendor_calls: hangs get a deadline, failures a count."""
+"""Every call into vendor code goes through dpkit.core.engine.vendor_calls: hangs get a deadline, failures a count."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from scripted_vendor import RES, ScriptedVendor
 
-from dpkit.core.config import Config
-from dpkit.core.device import ContainerSpec, Snapshot
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
-from dpkit.core.metrics import Metrics
-from dpkit.core.observers import attach_observers
-from dpkit.core.vendor import MetricSample, Vendor
-from dpkit.core.vendor_calls import VendorCalls, VendorTimeout
+from dpkit.core.engine.manager import Manager
+from dpkit.core.engine.vendor_calls import VendorCalls, VendorTimeout
+from dpkit.core.integrations.metrics import Metrics
+from dpkit.core.integrations.observers import attach_observers
+from dpkit.core.support.config import Config
+from dpkit.core.tools.kubelet import Kubelet
+from dpkit.core.vendorapi.device import ContainerSpec, Snapshot
+from dpkit.core.vendorapi.vendor import MetricSample, Vendor
 
 TIMEOUT = 0.5
 CORE = Path(__file__).resolve().parents[2] / "core" / "src" / "dpkit" / "core"

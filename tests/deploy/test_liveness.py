@@ -13,10 +13,10 @@ import yaml
 import zmq
 
 from deploy.manifests import CONFIG, liveness_probe, overlay_config
-from dpkit.core.config import Config
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
-from dpkit.core.sim import SimulatedVendor
+from dpkit.core.engine.manager import Manager
+from dpkit.core.support.config import Config
+from dpkit.core.tools.kubelet import Kubelet
+from dpkit.core.tools.sim import SimulatedVendor
 
 pytestmark = pytest.mark.timeout(60)
 Probe = Callable[[str], subprocess.CompletedProcess[str]]

@@ -34,9 +34,9 @@ from deploy.manifests import (
     pod,
     render,
 )
-from dpkit.core.config import load_config
-from dpkit.core.errors import VendorError
-from dpkit.core.vendor import load_vendor_class
+from dpkit.core.support.config import load_config
+from dpkit.core.tools.registry import load_vendor_class
+from dpkit.core.vendorapi.errors import VendorError
 
 
 @pytest.fixture(scope="module")

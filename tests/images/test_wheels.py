@@ -88,7 +88,7 @@ def test_the_vendor_class_loads_with_only_those_dependencies(vendor: str,
     if not module.exists():
         pytest.skip(f"{module.relative_to(ROOT)} is not written yet: nothing to import")
     result = in_venv(clean_venv(vendor), "python", "-c",
-                     "import sys; from dpkit.core.vendor import load_vendor_class; "
+                     "import sys; from dpkit.core.tools.registry import load_vendor_class; "
                      f"cls = load_vendor_class({vendor!r}); print(cls.__module__)")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"dpkit.{vendor}.vendor"

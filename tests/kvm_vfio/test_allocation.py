@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dpkit.core.allocation import is_valid_choice
-from dpkit.core.device import Device
+from dpkit.core.vendorapi.allocation import is_valid_choice
+from dpkit.core.vendorapi.device import Device
 from dpkit.kvm_vfio.allocation import prefer_groups
 
 

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 from kvm_vfio.fakehost import FakeHost
 
-from dpkit.core.discovery import explain
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
+from dpkit.core.engine.manager import Manager
+from dpkit.core.tools.discovery import explain
+from dpkit.core.tools.kubelet import Kubelet
 from dpkit.kvm_vfio.vendor import KvmVfioVendor
 
 KVM = "devices.kubevirt.io/kvm"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from dpkit.core.errors import ConfigError
-from dpkit.core.vendor import load_vendor_class
+from dpkit.core.tools.registry import load_vendor_class
+from dpkit.core.vendorapi.errors import ConfigError
 from dpkit.kvm_vfio.config import DEFAULT_SLOTS, Selector, parse_config
 from dpkit.kvm_vfio.vendor import KvmVfioVendor
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from kvm_vfio.fakehost import FakeHost
 
-from dpkit.core.device import Device
-from dpkit.core.errors import ValidationError
+from dpkit.core.vendorapi.device import Device
+from dpkit.core.vendorapi.errors import ValidationError
 from dpkit.kvm_vfio import vfio
 from dpkit.kvm_vfio.names import default_resource_name, pci_resource_env
 from dpkit.kvm_vfio.vendor import KvmVfioVendor

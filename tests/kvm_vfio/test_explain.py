@@ -12,7 +12,7 @@ import pytest
 import yaml
 from kvm_vfio.fakehost import FakeHost
 
-from dpkit.core.discovery import explain
+from dpkit.core.tools.discovery import explain
 from dpkit.kvm_vfio.vendor import KvmVfioVendor
 
 T4 = {"pci_vendor_selector": "10de:1eb8", "resource_name": "nvidia.com/TU104GL_Tesla_T4"}
@@ -78,7 +78,8 @@ def test_dpkit_discover_command_runs_the_vendor(host: FakeHost, tmp_path: Path) 
     host.vfio_nodes("7")
     config = tmp_path / "dpkit.yaml"
     config.write_text(yaml.safe_dump({"vendor": host.config(kvm_slots=2, pci_host_devices=[T4])}))
-    done = subprocess.run([sys.executable, "-m", "dpkit.core.cli", "discover", "kvm_vfio", "--json", "-c", str(config)],
+    command = [sys.executable, "-m", "dpkit.core.tools.cli", "discover", "kvm_vfio", "--json", "-c", str(config)]
+    done = subprocess.run(command,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -94,7 +95,7 @@ def test_dpkit_discover_command_runs_the_vendor(host: FakeHost, tmp_path: Path) 
 def test_bad_config_is_a_clear_cli_error(tmp_path: Path, vendor: dict[str, object], where: str) -> None:
     config = tmp_path / "dpkit.yaml"
     config.write_text(yaml.safe_dump({"vendor": vendor}))
-    done = subprocess.run([sys.executable, "-m", "dpkit.core.cli", "discover", "kvm_vfio", "-c", str(config)],
+    done = subprocess.run([sys.executable, "-m", "dpkit.core.tools.cli", "discover", "kvm_vfio", "-c", str(config)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"{config}: {where}" in done.stderr  # the core names the file, the vendor the key path

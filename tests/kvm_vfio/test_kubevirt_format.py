@@ -23,7 +23,7 @@ import pytest
 import yaml
 from kvm_vfio.fakehost import FakeHost
 
-from dpkit.core.errors import ConfigError
+from dpkit.core.vendorapi.errors import ConfigError
 from dpkit.kvm_vfio.config import parse_config
 from dpkit.kvm_vfio.kubevirt import KUBEVIRT_SERVES
 from dpkit.kvm_vfio.vendor import KvmVfioVendor

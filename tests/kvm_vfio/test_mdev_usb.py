@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from kvm_vfio.fakehost import FakeHost
 
-from dpkit.core.errors import VendorError
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
+from dpkit.core.engine.manager import Manager
+from dpkit.core.tools.kubelet import Kubelet
+from dpkit.core.vendorapi.errors import VendorError
 from dpkit.kvm_vfio.usb import unit_id
 from dpkit.kvm_vfio.vendor import KvmVfioVendor
 

@@ -11,8 +11,8 @@ import pytest
 from kvm_vfio.fakehost import FakeHost
 
 from dpkit.core.api.v1beta1 import api_pb2
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
+from dpkit.core.engine.manager import Manager
+from dpkit.core.tools.kubelet import Kubelet
 from dpkit.kvm_vfio import watch
 from dpkit.kvm_vfio.shared import node_problem
 from dpkit.kvm_vfio.vendor import KvmVfioVendor

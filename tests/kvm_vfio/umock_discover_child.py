@@ -10,7 +10,7 @@ import sys
 import umock
 from kvm_vfio.fakehost import FakeHost
 
-from dpkit.core.discovery import explain
+from dpkit.core.tools.discovery import explain
 from dpkit.kvm_vfio.vendor import KvmVfioVendor
 
 

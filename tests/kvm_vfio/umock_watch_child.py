@@ -17,7 +17,7 @@ import umock
 from kvm_vfio.fakehost import FakeHost
 from kvm_vfio.served import served
 
-from dpkit.core.kubelet import Kubelet
+from dpkit.core.tools.kubelet import Kubelet
 from dpkit.kvm_vfio.vendor import KvmVfioVendor
 
 GPU = "nvidia.com/TU104GL_Tesla_T4"

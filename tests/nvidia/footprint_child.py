@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # fakenvml
 
 from fakenvml import FakeHost, FakeNode, gpu_uuid
 
-from dpkit.core.config import Config
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
+from dpkit.core.engine.manager import Manager
+from dpkit.core.support.config import Config
+from dpkit.core.tools.kubelet import Kubelet
 from dpkit.nvidia.vendor import NvidiaVendor
 
 GPU = "nvidia.com/gpu"

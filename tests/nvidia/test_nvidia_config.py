@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpkit.core.errors import ConfigError
+from dpkit.core.vendorapi.errors import ConfigError
 from dpkit.nvidia.config import SharedResource, load_settings, mig_resource
 from dpkit.nvidia.xids import APPLICATION_XIDS, policy_from_env
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from fakenvml import FakeGpu, FakeMig, FakeNode, bus_id, gpu_uuid, mig_uuid
 
-from dpkit.core.cli import main as dpkit_main
-from dpkit.core.device import Health
-from dpkit.core.errors import VendorError
+from dpkit.core.tools.cli import main as dpkit_main
+from dpkit.core.vendorapi.device import Health
+from dpkit.core.vendorapi.errors import VendorError
 from dpkit.nvidia.vendor import NvidiaVendor
 
 GPU = "nvidia.com/gpu"

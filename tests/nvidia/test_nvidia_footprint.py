@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fakenvml import FakeNode, gpu_uuid
 
-from dpkit.core.errors import ConfigError, VendorError
+from dpkit.core.vendorapi.errors import ConfigError, VendorError
 from dpkit.nvidia.vendor import NvidiaVendor
 
 GPU = "nvidia.com/gpu"

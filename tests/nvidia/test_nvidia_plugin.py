@@ -10,8 +10,8 @@ import grpc
 import pytest
 from fakenvml import DBE_EVENT, FakeMig, FakeNode, gpu_uuid, mig_uuid
 
-from dpkit.core.manager import Manager
-from dpkit.core.observers import attach_observers
+from dpkit.core.engine.manager import Manager
+from dpkit.core.integrations.observers import attach_observers
 from dpkit.nvidia.vendor import NvidiaVendor
 
 GPU = "nvidia.com/gpu"

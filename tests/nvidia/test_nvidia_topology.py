@@ -8,7 +8,7 @@ import random
 import pytest
 from fakenvml import FakeNode, gpu_uuid
 
-from dpkit.core.device import Device
+from dpkit.core.vendorapi.device import Device
 from dpkit.nvidia import sharing, topology
 from dpkit.nvidia.gpus import GpuInfo
 from dpkit.nvidia.vendor import NvidiaVendor, preferred_gpus

@@ -15,8 +15,8 @@ import logging
 import pytest
 from fakenvml import FakeMig, FakeNode, gpu_uuid, mig_uuid
 
-from dpkit.core.device import Health
-from dpkit.core.errors import AllocationError, ConfigError
+from dpkit.core.vendorapi.device import Health
+from dpkit.core.vendorapi.errors import AllocationError, ConfigError
 from dpkit.nvidia.config import load_settings
 
 GPU_REF = "GPU-4cf8db2d-06c0-7d70-1a51-e59b25b2c16c"

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dpkit.core.config import Config
-from dpkit.core.manager import Manager
-from dpkit.core.observers import attach_observers
-from dpkit.core.vendor import Vendor
+from dpkit.core.engine.manager import Manager
+from dpkit.core.integrations.observers import attach_observers
+from dpkit.core.support.config import Config
+from dpkit.core.vendorapi.vendor import Vendor
 
 
 def eventually(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:

@@ -18,10 +18,10 @@ from referencing.jsonschema import DRAFT7
 from scripted_vendor import RES, ScriptedVendor, widget
 
 from dpkit.core.api.v1beta1 import api_pb2
-from dpkit.core.cdi import CdiWriter, build_spec, check_kind, minimum_version, spec_file_name
-from dpkit.core.device import ContainerSpec, Device, DeviceNode, Mount
-from dpkit.core.errors import ConfigError, ValidationError
-from dpkit.core.observers import attach_observers
+from dpkit.core.integrations.cdi import CdiWriter, build_spec, check_kind, minimum_version, spec_file_name
+from dpkit.core.integrations.observers import attach_observers
+from dpkit.core.vendorapi.device import ContainerSpec, Device, DeviceNode, Mount
+from dpkit.core.vendorapi.errors import ConfigError, ValidationError
 
 SCHEMA_DIR = Path(__file__).parent / "cdi_schema"
 SPEC_FILE = spec_file_name("scripted", RES)

@@ -10,9 +10,8 @@ import pytest
 import yaml
 from scripted_vendor import ScriptedVendor
 
-from dpkit.core import cli
-from dpkit.core.device import DeviceNode
-from dpkit.core.doctor import (
+from dpkit.core.tools import cli
+from dpkit.core.tools.doctor import (
     check_device_nodes,
     check_driver_bound,
     check_iommu,
@@ -20,7 +19,8 @@ from dpkit.core.doctor import (
     check_library_loadable,
     vendor_checks,
 )
-from dpkit.core.vendor import Check
+from dpkit.core.vendorapi.device import DeviceNode
+from dpkit.core.vendorapi.vendor import Check
 
 
 def write_config(path: Path, **settings: Any) -> Path:

@@ -60,7 +60,7 @@ def test_the_first_hour_on_a_fresh_clone(fresh_clone: tuple[Path, dict[str, str]
 
     # README "Using it", after the README's set-up: the ./dpkit wrapper makes the env on first use
     vendors = sh(clone, env, "./dpkit", "vendors").stdout
-    assert vendors.splitlines()[-1].startswith("sim\tdpkit.core.sim:SimulatedVendor")
+    assert vendors.splitlines()[-1].startswith("sim\tdpkit.core.tools.sim:SimulatedVendor")
     assert {"nvidia", "sfc", "kvm_vfio", "cex"} <= {line.split("\t")[0] for line in vendors.splitlines()}
 
     # docs/getting-started.md "Try it": the kubelet emulator, the plugin against it, an allocation

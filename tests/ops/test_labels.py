@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from scripted_vendor import RES, ScriptedVendor, widget
 
-from dpkit.core.device import Device, Health, Snapshot
-from dpkit.core.errors import ValidationError
-from dpkit.core.labels import MAX_FILE_BYTES, check_label, label_value, render, valid_labels
+from dpkit.core.integrations.labels import MAX_FILE_BYTES, check_label, label_value, render, valid_labels
+from dpkit.core.vendorapi.device import Device, Health, Snapshot
+from dpkit.core.vendorapi.errors import ValidationError
 
 FILE = "dpkit-scripted"
 

@@ -11,12 +11,12 @@ import grpc
 import pytest
 from scripted_vendor import RES, ProbedVendor, ScriptedVendor
 
-from dpkit.core import server as server_module
 from dpkit.core.api.v1beta1 import api_pb2
-from dpkit.core.device import Health
-from dpkit.core.errors import ConfigError
-from dpkit.core.metrics import Metrics, parse_address
-from dpkit.core.vendor import MetricSample, Probe
+from dpkit.core.engine import server as server_module
+from dpkit.core.integrations.metrics import Metrics, parse_address
+from dpkit.core.vendorapi.device import Health
+from dpkit.core.vendorapi.errors import ConfigError
+from dpkit.core.vendorapi.vendor import MetricSample, Probe
 
 LOCAL = "127.0.0.1:0"
 

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from dpkit.core.cdi import CdiWriter
-from dpkit.core.labels import NodeLabelWriter
-from dpkit.core.metrics import Metrics
-from dpkit.core.observers import attach_observers, remove_quietly, write_atomic
-from dpkit.core.podresources import PodResourcesView
+from dpkit.core.integrations.cdi import CdiWriter
+from dpkit.core.integrations.labels import NodeLabelWriter
+from dpkit.core.integrations.metrics import Metrics
+from dpkit.core.integrations.observers import attach_observers, remove_quietly, write_atomic
+from dpkit.core.integrations.podresources import PodResourcesView
 
 
 def test_each_key_attaches_its_integration(make_config, short_tmp):

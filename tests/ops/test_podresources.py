@@ -11,11 +11,11 @@ import grpc
 import pytest
 from scripted_vendor import RES, ScriptedVendor
 
-from dpkit.core import cli
 from dpkit.core.api.podresources_v1 import api_pb2 as pr_pb2
 from dpkit.core.api.podresources_v1 import api_pb2_grpc as pr_grpc
-from dpkit.core.control import format_status, query
-from dpkit.core.podresources import Holder, PodResourcesClient, PodResourcesError
+from dpkit.core.engine.control import format_status, query
+from dpkit.core.integrations.podresources import Holder, PodResourcesClient, PodResourcesError
+from dpkit.core.tools import cli
 
 
 def test_client_lists_holders_and_allocatable(kubelet, run_ops, short_tmp):

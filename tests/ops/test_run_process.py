@@ -19,8 +19,8 @@ import yaml
 from child_process import processes_mentioning, read_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from dpkit.core.cdi import spec_file_name
-from dpkit.core.control import query
+from dpkit.core.engine.control import query
+from dpkit.core.integrations.cdi import spec_file_name
 
 WIDGET = "example.com/widget"
 
@@ -36,7 +36,7 @@ def test_run_with_cdi_metrics_and_pod_view_then_sigterm(kubelet, plugin_dir, sho
         "nfd_features_dir": str(short_tmp / "nfd"),
         "metrics_address": "127.0.0.1:0", "vendor": {"devices_file": str(devices), "script": False},
     }))
-    proc = subprocess.Popen([sys.executable, "-m", "dpkit.core.cli", "run", "sim", "-c", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "dpkit.core.tools.cli", "run", "sim", "-c", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert kubelet.wait_for(lambda k: k.allocatable(WIDGET) == 2, 20)
@@ -60,7 +60,7 @@ def test_run_with_cdi_metrics_and_pod_view_then_sigterm(kubelet, plugin_dir, sho
 
 
 ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "dpkit.core.cli"]
+CLI = [sys.executable, "-m", "dpkit.core.tools.cli"]
 
 
 def kubectl(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -14,8 +14,8 @@ from types import ModuleType
 
 import pytest
 
-from dpkit.core.errors import DpkitError
-from dpkit.core.scaffold import scaffold
+from dpkit.core.tools.scaffold import scaffold
+from dpkit.core.vendorapi.errors import DpkitError
 
 ROOT = Path(__file__).resolve().parents[2]
 

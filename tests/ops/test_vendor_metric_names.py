@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from dpkit.core.vendor import MetricSample, Vendor, installed_vendors, load_vendor_class
+from dpkit.core.tools.registry import installed_vendors, load_vendor_class
+from dpkit.core.vendorapi.vendor import MetricSample, Vendor
 
 NAME = re.compile(r"dpkit_[a-z][a-z0-9_]*")
 #: name parts that mean a scaled or non-base unit, with the base unit to use instead
@@ -211,8 +212,8 @@ def test_the_vendors_that_have_metrics_emit_them_here(tmp_path: Path) -> None:
 # -- the checker itself ------------------------------------------------------------------------
 def test_the_scan_flags_old_names_scaled_units_and_run_time_names(tmp_path: Path) -> None:
     (tmp_path / "bad.py").write_text(textwrap.dedent("""
-        from dpkit.core.vendor import MetricSample
-        import dpkit.core.vendor as v
+        from dpkit.core.vendorapi.vendor import MetricSample
+        import dpkit.core.vendorapi.vendor as v
         OLD = "cex_apqn_usable"
         GOOD: str = "dpkit_x_link_speed_bits_per_second"
         def samples(kind):

@@ -17,9 +17,9 @@ from typing import Any
 
 import umock
 
-from dpkit.core.config import Config
-from dpkit.core.kubelet import Kubelet
-from dpkit.core.manager import Manager
+from dpkit.core.engine.manager import Manager
+from dpkit.core.support.config import Config
+from dpkit.core.tools.kubelet import Kubelet
 from dpkit.sfc.vendor import SfcVendor
 
 RESOURCE = "solarflare.com/sfc"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dpkit.core.allocation import is_valid_choice
-from dpkit.core.device import Device
+from dpkit.core.vendorapi.allocation import is_valid_choice
+from dpkit.core.vendorapi.device import Device
 from dpkit.sfc.allocation import prefer
 
 

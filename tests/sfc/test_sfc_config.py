@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from dpkit.core.errors import ConfigError
+from dpkit.core.vendorapi.errors import ConfigError
 from dpkit.sfc.config import DEFAULT_LIBRARY_PATH, Pool, parse_config
 from dpkit.sfc.vendor import SfcVendor
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpkit.core.device import Device, Health, Mount
-from dpkit.core.discovery import explain
+from dpkit.core.tools.discovery import explain
+from dpkit.core.vendorapi.device import Device, Health, Mount
 from dpkit.sfc.vendor import SfcVendor
 
 RESOURCE = "solarflare.com/sfc"
@@ -178,7 +178,7 @@ def test_garbage_nic_is_served_with_findings(host: Any, make_vendor: Any) -> Non
 
 def test_invalid_library_path_becomes_a_finding(host: Any, make_vendor: Any, monkeypatch: Any) -> None:
     """A spec the core's validation refuses turns into 'Onload not usable', never a crash."""
-    from dpkit.core.errors import ValidationError
+    from dpkit.core.vendorapi.errors import ValidationError
     from dpkit.sfc import onload
 
     def refuse(*args: Any) -> Any:
@@ -237,7 +237,7 @@ def test_vendor_ids_are_configurable(host: Any, make_vendor: Any) -> None:
 
 
 def test_registered_as_entry_point() -> None:
-    from dpkit.core.vendor import load_vendor_class
+    from dpkit.core.tools.registry import load_vendor_class
 
     assert load_vendor_class("sfc") is SfcVendor
 

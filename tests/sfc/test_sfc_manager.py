@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from dpkit.core.cli import main as dpkit_main
-from dpkit.core.kubelet import Kubelet
+from dpkit.core.tools.cli import main as dpkit_main
+from dpkit.core.tools.kubelet import Kubelet
 from dpkit.sfc.vendor import SfcVendor
 
 RESOURCE = "solarflare.com/sfc"

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from dpkit.core.errors import ConfigError
-from dpkit.core.kubelet import Kubelet
+from dpkit.core.tools.kubelet import Kubelet
+from dpkit.core.vendorapi.errors import ConfigError
 from dpkit.sfc import compat
 from dpkit.sfc.compat import OnloadPluginConfig
 from dpkit.sfc.config import parse_config

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from dpkit.core.device import Device
+from dpkit.core.vendorapi.device import Device
 from dpkit.sfc import watch
 from dpkit.sfc.watch import follow_uevents
 

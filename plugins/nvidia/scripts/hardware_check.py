@@ -32,11 +32,11 @@ except ImportError:  # a plain checkout: use the sources, and hand them to the p
     sys.path[:0] = sources
     os.environ["PYTHONPATH"] = os.pathsep.join([*sources, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
-from dpkit.core.config import Config  # noqa: E402
-from dpkit.core.discovery import explain  # noqa: E402
-from dpkit.core.kubelet import Kubelet  # noqa: E402
-from dpkit.core.logs import setup_logging  # noqa: E402
-from dpkit.core.manager import Manager  # noqa: E402
+from dpkit.core.engine.manager import Manager  # noqa: E402
+from dpkit.core.support.config import Config  # noqa: E402
+from dpkit.core.support.logs import setup_logging  # noqa: E402
+from dpkit.core.tools.discovery import explain  # noqa: E402
+from dpkit.core.tools.kubelet import Kubelet  # noqa: E402
 from dpkit.nvidia.vendor import NvidiaVendor  # noqa: E402
 
 STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")

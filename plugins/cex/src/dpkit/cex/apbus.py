@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpkit.core.logs import get_logger, kv
+from dpkit.core import get_logger, kv
 
 log = get_logger("cex.apbus")
 

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpkit.core.errors import ConfigError, ValidationError
-from dpkit.core.validation import check_resource_name
+from dpkit.core import ConfigError, ValidationError, check_resource_name
 
 RESOURCE_DOMAIN = "cex.s390.ibm.com"
 MAX_FILE_BYTES = 4 * 1024 * 1024  # a ConfigMap holds at most 1 MiB; room for a hand-made file, not for abuse

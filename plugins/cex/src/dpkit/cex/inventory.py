@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from dpkit.cex.apbus import ApBus, apqn_name
 from dpkit.cex.cryptoconfig import ConfigSet, CryptoConfig
-from dpkit.core.device import Device, Health
-from dpkit.core.vendor import Finding
+from dpkit.core import Device, Finding, Health
 
 _DEVICE_ID = re.compile(r"^apqn-([0-9]{1,3})-([0-9]{1,3})-([0-9]{1,4})$")
 

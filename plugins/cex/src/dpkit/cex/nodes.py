@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dpkit.cex import shadow
 from dpkit.cex.zcrypt import NODE_PREFIX, ZcryptNodes
-from dpkit.core.logs import get_logger, kv
+from dpkit.core import get_logger, kv
 
 log = get_logger("cex.nodes")
 

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpkit.core.config import DEFAULT_POD_RESOURCES_SOCKET
-from dpkit.core.errors import ConfigError
-from dpkit.core.logs import get_logger, kv
+from dpkit.core import DEFAULT_POD_RESOURCES_SOCKET, ConfigError, get_logger, kv
 
 log = get_logger("cex.settings")
 

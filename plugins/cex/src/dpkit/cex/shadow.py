@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpkit.cex.apbus import ApBus, apqn_name, format_mask, read_attr
-from dpkit.core.errors import DpkitError
+from dpkit.core import DpkitError
 
 PREFIX = "sysfs-"
 MARKER = ".apqns"  # in the tree's root: the APQNs it was built for, "01.0005,02.0005"

@@ -37,11 +37,25 @@ from dpkit.cex.inventory import Inventory, build, device_id, parse_device_id
 from dpkit.cex.nodes import NodeKeeper
 from dpkit.cex.settings import CexSettings, load_settings
 from dpkit.cex.zcrypt import NODE_PREFIX, ZcryptNodes
-from dpkit.core.device import ContainerSpec, Device, DeviceNode, Mount, Snapshot
-from dpkit.core.errors import ConfigError, DpkitError
-from dpkit.core.logs import get_logger, kv
-from dpkit.core.podresources import Holder, PodResourcesClient, PodResourcesError
-from dpkit.core.vendor import Check, EventSink, Finding, MetricSample, Vendor
+from dpkit.core import (
+    Check,
+    ConfigError,
+    ContainerSpec,
+    Device,
+    DeviceNode,
+    DpkitError,
+    EventSink,
+    Finding,
+    Holder,
+    MetricSample,
+    Mount,
+    PodResourcesClient,
+    PodResourcesError,
+    Snapshot,
+    Vendor,
+    get_logger,
+    kv,
+)
 
 log = get_logger("cex")
 

@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from dpkit.cex.apbus import format_mask
-from dpkit.core.errors import DpkitError
-from dpkit.core.logs import get_logger, kv
+from dpkit.core import DpkitError, get_logger, kv
 
 log = get_logger("cex.zcrypt")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dpkit.core.device import Device
+from dpkit.core import Device
 
 _NO_NUMA = -1
 

@@ -13,8 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dpkit.core.errors import ConfigError, ValidationError
-from dpkit.core.validation import check_host_path
+from dpkit.core import ConfigError, ValidationError, check_host_path
 from dpkit.kvm_vfio.kubevirt import Permitted, parse_permitted
 from dpkit.kvm_vfio.selectors import (
     SHARED_RESOURCES,

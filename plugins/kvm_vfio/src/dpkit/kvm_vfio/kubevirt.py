@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dpkit.core.errors import ConfigError
+from dpkit.core import ConfigError
 from dpkit.kvm_vfio.selectors import ConfigNote, MdevSelector, Selector, UsbSelector, check_served_name
 
 _KEYS = {"pciHostDevices", "mediatedDevices", "usb"}

@@ -20,9 +20,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from dpkit.core.device import ContainerSpec, Device, DeviceNode, Health
-from dpkit.core.errors import ValidationError
-from dpkit.core.vendor import Finding
+from dpkit.core import ContainerSpec, Device, DeviceNode, Finding, Health, ValidationError
 from dpkit.kvm_vfio.names import MDEV_RESOURCE_PREFIX, resource_env
 from dpkit.kvm_vfio.selectors import MdevSelector
 from dpkit.kvm_vfio.sysfs import is_group, link_name, listdir, numa_node, read_attr

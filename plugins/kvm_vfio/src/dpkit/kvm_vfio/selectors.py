@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpkit.core.errors import ConfigError, ValidationError
-from dpkit.core.validation import check_resource_name
+from dpkit.core import ConfigError, ValidationError, check_resource_name
 
 #: the shared-node resources; a selector may not reuse them
 SHARED_RESOURCES = ("devices.kubevirt.io/kvm", "devices.kubevirt.io/vhost-net", "devices.kubevirt.io/tun")

@@ -12,7 +12,7 @@ import functools
 import os
 from dataclasses import dataclass
 
-from dpkit.core.device import ContainerSpec, Device, DeviceNode, Health
+from dpkit.core import ContainerSpec, Device, DeviceNode, Health
 
 DOMAIN = "devices.kubevirt.io"
 

@@ -21,10 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpkit.core.device import ContainerSpec, Device, DeviceNode, Health
-from dpkit.core.errors import ValidationError
-from dpkit.core.validation import MAX_DEVICE_ID
-from dpkit.core.vendor import Finding
+from dpkit.core import MAX_DEVICE_ID, ContainerSpec, Device, DeviceNode, Finding, Health, ValidationError
 from dpkit.kvm_vfio.names import USB_RESOURCE_PREFIX, resource_env
 from dpkit.kvm_vfio.selectors import UsbSelector
 from dpkit.kvm_vfio.sysfs import listdir

@@ -16,10 +16,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from dpkit.core.device import Device, Snapshot
-from dpkit.core.errors import VendorError
-from dpkit.core.logs import get_logger, kv
-from dpkit.core.vendor import Check, EventSink, Finding, Vendor
+from dpkit.core import Check, Device, EventSink, Finding, Snapshot, Vendor, VendorError, get_logger, kv
 from dpkit.kvm_vfio import mdev, usb
 from dpkit.kvm_vfio import watch as uevents
 from dpkit.kvm_vfio.allocation import prefer_groups

@@ -16,10 +16,16 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from dpkit.core.device import ContainerSpec, Device, DeviceNode, Health, merge_specs
-from dpkit.core.errors import ValidationError
-from dpkit.core.validation import check_resource_name
-from dpkit.core.vendor import Finding
+from dpkit.core import (
+    ContainerSpec,
+    Device,
+    DeviceNode,
+    Finding,
+    Health,
+    ValidationError,
+    check_resource_name,
+    merge_specs,
+)
 from dpkit.kvm_vfio.config import Selector
 from dpkit.kvm_vfio.names import DeviceNames, default_resource_name, pci_resource_env
 from dpkit.kvm_vfio.sysfs import PciFunction, driver_of, group_members

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dpkit.core.logs import get_logger, kv
+from dpkit.core import get_logger, kv
 
 log = get_logger("kvm_vfio.watch")
 

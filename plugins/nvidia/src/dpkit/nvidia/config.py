@@ -24,8 +24,7 @@ from typing import Any
 
 import yaml
 
-from dpkit.core.errors import ConfigError, ValidationError
-from dpkit.core.validation import check_annotation_key, check_resource_name
+from dpkit.core import ConfigError, ValidationError, check_annotation_key, check_resource_name
 from dpkit.nvidia.xids import XidPolicy, policy_from_env
 
 RESOURCE_PREFIX = "nvidia.com"

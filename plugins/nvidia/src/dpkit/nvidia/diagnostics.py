@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dpkit.core.vendor import Check, Finding
+from dpkit.core import Check, Finding
 from dpkit.nvidia import hostfiles, nodeinfo
 from dpkit.nvidia.config import Settings
 from dpkit.nvidia.nodeinfo import GpuInfo

@@ -16,7 +16,7 @@ import signal
 import sys
 from typing import Any
 
-from dpkit.core.logs import setup_logging
+from dpkit.core import setup_logging
 from dpkit.nvidia import nvml
 from dpkit.nvidia.gpus import NodeReader
 from dpkit.nvidia.guard import Guard, Hung

@@ -16,9 +16,7 @@ from typing import Any
 
 import pynvml
 
-from dpkit.core.errors import ValidationError
-from dpkit.core.logs import get_logger, kv
-from dpkit.core.validation import check_device_id
+from dpkit.core import ValidationError, check_device_id, get_logger, kv
 from dpkit.nvidia import hostfiles, nvml
 from dpkit.nvidia.guard import Guard, Hung
 from dpkit.nvidia.nodeinfo import (

@@ -22,10 +22,7 @@ from typing import Any
 
 import pynvml
 
-from dpkit.core.device import Health
-from dpkit.core.errors import DpkitError
-from dpkit.core.logs import get_logger, kv, setup_logging
-from dpkit.core.vendor import ProbeContext
+from dpkit.core import DpkitError, Health, ProbeContext, get_logger, kv, setup_logging
 from dpkit.nvidia import inventory, nvml
 from dpkit.nvidia.config import Settings, load_settings
 from dpkit.nvidia.gpus import NodeReader

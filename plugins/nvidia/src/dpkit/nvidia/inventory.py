@@ -12,9 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from dpkit.core.device import ContainerSpec, Device, Health
-from dpkit.core.errors import ValidationError
-from dpkit.core.vendor import Finding
+from dpkit.core import ContainerSpec, Device, Finding, Health, ValidationError
 from dpkit.nvidia import hostfiles, sharing, spec
 from dpkit.nvidia.config import DEFAULT_GPU_RESOURCE, Settings, gpu_rules, mig_resource
 from dpkit.nvidia.nodeinfo import GpuInfo, MigInfo, NodeInfo

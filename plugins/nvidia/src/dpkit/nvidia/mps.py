@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpkit.core.device import Device, Health
+from dpkit.core import Device, Health
 from dpkit.nvidia.config import MPS_CONTAINER_ROOT, Settings
 
 PIPE = "pipe"

@@ -27,9 +27,7 @@ from typing import Any
 
 import pynvml
 
-from dpkit.core.config import load_config
-from dpkit.core.errors import DpkitError
-from dpkit.core.logs import get_logger, kv, setup_logging
+from dpkit.core import DpkitError, get_logger, kv, load_config, setup_logging
 from dpkit.nvidia import inventory, mps, nvml
 from dpkit.nvidia.config import MPS_CONTAINER_ROOT, Settings, load_settings
 from dpkit.nvidia.gpus import NodeReader

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpkit.core.errors import DpkitError
+from dpkit.core import DpkitError
 
 SONAME = "libnvidia-ml.so.1"
 # where driver installs put the library, relative to the driver root

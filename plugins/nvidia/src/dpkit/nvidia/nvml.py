@@ -15,7 +15,7 @@ from typing import Any
 
 import pynvml
 
-from dpkit.core.logs import get_logger, kv
+from dpkit.core import get_logger, kv
 from dpkit.nvidia.nodeinfo import LIBRARY_DIRS, SONAME, NvmlUnavailable, library_path
 
 __all__ = ["LIBRARY_DIRS", "SONAME", "NVMLError", "NvmlUnavailable", "error_name", "init", "is_error",

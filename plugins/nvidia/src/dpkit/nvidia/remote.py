@@ -17,8 +17,7 @@ import sys
 import threading
 from typing import Any
 
-from dpkit.core.errors import VendorError
-from dpkit.core.logs import get_logger, kv
+from dpkit.core import VendorError, get_logger, kv
 from dpkit.nvidia.guard import Hung
 from dpkit.nvidia.nodeinfo import NodeInfo, NvmlQueryFailed, NvmlUnavailable, node_from_json
 

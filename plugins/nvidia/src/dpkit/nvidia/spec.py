@@ -24,7 +24,7 @@ import os
 import uuid
 from collections.abc import Sequence
 
-from dpkit.core.device import ContainerSpec, Device, DeviceNode, Mount, merge_specs
+from dpkit.core import ContainerSpec, Device, DeviceNode, Mount, merge_specs
 from dpkit.nvidia import hostfiles, mps
 from dpkit.nvidia.config import Settings
 

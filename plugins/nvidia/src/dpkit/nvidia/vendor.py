@@ -13,10 +13,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from dpkit.core.device import ContainerSpec, Device, Snapshot
-from dpkit.core.errors import AllocationError, VendorError
-from dpkit.core.logs import get_logger, kv
-from dpkit.core.vendor import Check, Finding, MetricSample, Probe, Vendor
+from dpkit.core import (
+    AllocationError,
+    Check,
+    ContainerSpec,
+    Device,
+    Finding,
+    MetricSample,
+    Probe,
+    Snapshot,
+    Vendor,
+    VendorError,
+    get_logger,
+    kv,
+)
 from dpkit.nvidia import diagnostics, inventory, mps, nodeinfo, sharing, spec, topology
 from dpkit.nvidia.config import Settings, load_settings
 from dpkit.nvidia.guard import Hung

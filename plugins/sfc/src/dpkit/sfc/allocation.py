@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from itertools import chain, zip_longest
 
-from dpkit.core.device import Device
+from dpkit.core import Device
 
 Group = list[Device]
 

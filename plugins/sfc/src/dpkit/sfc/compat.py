@@ -17,8 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from dpkit.core.errors import ConfigError
-from dpkit.core.logs import get_logger, kv
+from dpkit.core import ConfigError, get_logger, kv
 
 log = get_logger("sfc.compat")
 

@@ -11,8 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpkit.core.errors import ConfigError, ValidationError
-from dpkit.core.validation import check_resource_name
+from dpkit.core import ConfigError, ValidationError, check_resource_name
 from dpkit.sfc import compat
 
 DEFAULT_RESOURCE = "solarflare.com/sfc"

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpkit.core.device import ContainerSpec, DeviceNode, Mount
+from dpkit.core import ContainerSpec, DeviceNode, Mount
 from dpkit.sfc.config import OnloadConfig
 from dpkit.sfc.sysfs import read_version
 
@@ -58,7 +58,7 @@ def detect(config: OnloadConfig, dev_root: str, sys_root: str) -> OnloadState:
 def container_spec(state: OnloadState, config: OnloadConfig) -> ContainerSpec:
     """The Onload part of every container spec; empty when Onload is not usable.
 
-    Raises :class:`~dpkit.core.errors.ValidationError` if a host path is unusable.
+    Raises :class:`~dpkit.core.vendorapi.errors.ValidationError` if a host path is unusable.
     """
     if not state.available:
         return ContainerSpec()

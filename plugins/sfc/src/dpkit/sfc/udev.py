@@ -17,7 +17,7 @@ from typing import Any
 
 import pyudev
 
-from dpkit.core.logs import get_logger
+from dpkit.core import get_logger
 from dpkit.sfc.rtnl import LinkMonitor
 
 log = get_logger("sfc.udev")

@@ -17,10 +17,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dpkit.core.device import ContainerSpec, Device, DeviceNode, Health, Mount, Snapshot, merge_specs
-from dpkit.core.errors import ValidationError
-from dpkit.core.logs import get_logger, kv
-from dpkit.core.vendor import Check, EventSink, Finding, MetricSample, Vendor
+from dpkit.core import (
+    Check,
+    ContainerSpec,
+    Device,
+    DeviceNode,
+    EventSink,
+    Finding,
+    Health,
+    MetricSample,
+    Mount,
+    Snapshot,
+    ValidationError,
+    Vendor,
+    get_logger,
+    kv,
+    merge_specs,
+)
 from dpkit.sfc import compat, onload
 from dpkit.sfc.allocation import prefer
 from dpkit.sfc.config import SfcConfig, parse_config

@@ -13,9 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Collection
 
-from dpkit.core.device import Snapshot
-from dpkit.core.logs import get_logger, kv
-from dpkit.core.vendor import EventSink
+from dpkit.core import EventSink, Snapshot, get_logger, kv
 from dpkit.sfc.udev import UeventMonitor
 
 log = get_logger("sfc.watch")

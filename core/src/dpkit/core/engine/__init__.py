@@ -1,0 +1,1 @@
+"""The engine: serves devices to the kubelet and keeps them live."""

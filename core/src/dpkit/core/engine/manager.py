@@ -1,0 +1,660 @@
+"""The manager: runs every resource of one vendor in one process and owns their lifecycle.
+
+Data flow: vendor discovery / watch thread (health board) / probe processes (event socket) ->
+this manager's loop -> effective device lists (vendor health overlaid with health reports) ->
+each resource's server -> ListAndWatch streams -> kubelet. Resources appear and disappear with
+the vendor's snapshots. Library code never exits the process: failures are logged, kept in
+``errors`` for ``dpkit status``, and retried.
+
+Health is level-triggered: every report replaces that source's previous word about the device,
+and one loop pass turns everything that arrived into one update per changed device. Only the
+changed devices are recomputed and sent to their resource's server; observers (CDI, labels,
+metrics) follow at most every ``OBSERVER_INTERVAL`` seconds, so a burst never queues work.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gc
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from dpkit.core.engine.events import EventBus, bind_private, connect_error, validate_snapshot
+from dpkit.core.engine.probes import ProbeSupervisor
+from dpkit.core.engine.registration import KubeletLink
+from dpkit.core.engine.server import ResourceServer
+from dpkit.core.engine.vendor_calls import VendorCalls
+from dpkit.core.support.config import Config
+from dpkit.core.support.files import own_sockets, remove_own_socket, remove_staging_dirs
+from dpkit.core.support.logs import RateLimiter, get_logger, kv
+from dpkit.core.vendorapi.device import Device, Health, Snapshot
+from dpkit.core.vendorapi.errors import ConfigError, DpkitError
+from dpkit.core.vendorapi.validation import check_resource_name
+from dpkit.core.vendorapi.vendor import Vendor
+
+log = get_logger("manager")
+
+Override = tuple[Health, str]
+Marks = dict[str, Override]  # source -> its latest non-Healthy report
+ALL = "*"
+MAX_ORPHANS = 4096  # reports about devices not (yet) in a snapshot, kept until the next snapshot
+OBSERVER_INTERVAL = 0.25  # seconds between observer refreshes during a burst
+MIN_PASS_INTERVAL = 0.001  # seconds between two publishing passes: bounds the kubelet update rate
+LOGGED_CHANGES_PER_PASS = 20  # device transitions logged one by one per pass; the rest summarised
+FREEZE_AFTER_DEVICES = 1000  # a snapshot this large is frozen out of the garbage collector's walks
+SERVER_RETRY_MAX = 60.0  # seconds: the longest wait between attempts to start a resource server
+
+
+MAX_KEPT_TEXT = 500  # characters of one kept error message or field
+MAX_CONTROL_REQUEST = 4096  # bytes; a control request is a few dozen
+
+
+def _clip(text: str, limit: int = MAX_KEPT_TEXT) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
+class _ErrorKeeper(logging.Handler):
+    """Keeps the last warnings and errors for ``dpkit status``."""
+
+    def __init__(self, size: int = 30) -> None:
+        super().__init__(logging.WARNING)
+        self.entries: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", {}) or {}
+        # Bounded: a message can carry what a peer or a file sent (a huge config value), and every
+        # status reply repeats the kept entries.
+        self.entries.append({"ts": round(record.created, 3), "level": record.levelname.lower(),
+                             "msg": _clip(record.getMessage()), **{k: _clip(str(v)) for k, v in fields.items()}})
+
+
+class Manager:
+    """Lifecycle owner for one vendor: discovery, servers, registration, probes, control socket."""
+
+    def __init__(
+        self, vendor: Vendor, config: Config, *, vendor_factory: Callable[[Mapping[str, Any]], Vendor] | None = None
+    ) -> None:
+        # every vendor hook goes through this adapter, under vendor_call_timeout (see vendor_calls.py)
+        self.calls = VendorCalls(vendor, config.vendor_call_timeout, config.vendor_scan_timeout)
+        self.config = config
+        self.vendor_factory = vendor_factory
+        self.state_dir = Path(config.state_dir)
+        self.bus = EventBus(self.state_dir)
+        self.link = KubeletLink(config.plugin_dir, config.kubelet_socket,
+                                backoff_max=config.register_backoff_max, on_event=self._link_event)
+        self.servers: dict[str, ResourceServer] = {}
+        self.snapshot: dict[str, tuple[Device, ...]] = {}
+        self._index: dict[str, dict[str, Device]] = {}  # the snapshot by resource and device ID
+        self.overrides: dict[tuple[str, str], Marks] = {}
+        self._orphans: dict[tuple[str, str], Marks] = {}  # reports about devices not in the snapshot
+        self._orphan_log = RateLimiter(burst=5, interval=60.0)
+        self._observers_dirty = False
+        self._observers_due = 0.0
+        self._last_pass = 0.0
+        self._logged = 0  # device transitions logged in this pass
+        self.health_changes = 0  # effective health or reason changes published to servers
+        self.server_failures: dict[str, dict[str, Any]] = {}  # resource -> attempts, error, next try
+        self.silenced: dict[str, tuple[str, ...]] = {}  # probe -> resources it covers (ALL = every one)
+        self.effective: dict[str, dict[str, Device]] = {}
+        self.probes: ProbeSupervisor | None = None
+        self.errors = _ErrorKeeper()
+        self.started_at = time.time()
+        self.observers: list[Any] = []  # metrics, CDI writer, labels: get on_devices(manager) calls
+        self._stop = threading.Event()
+        self._loop: threading.Thread | None = None
+        self._watch_thread: threading.Thread | None = None
+        self._watch_stop = threading.Event()
+        self._sinks: list[Any] = []
+        self._control: zmq.Socket[Any] | None = None
+        self._control_path = self.state_dir / "control.sock"  # until bound in the private state dir
+        self._reload_requested = threading.Event()
+        self._ready = threading.Event()
+        self.reloads = 0
+
+    @property
+    def vendor(self) -> Vendor:
+        return self.calls.vendor
+
+    @vendor.setter
+    def vendor(self, vendor: Vendor) -> None:
+        self.calls.vendor = vendor
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Bring everything up; returns once the first snapshot is served (registration continues)."""
+        logging.getLogger("dpkit").addHandler(self.errors)
+        self.bus.start()
+        self._control = self.bus.context.socket(zmq.REP)
+        self._control.setsockopt(zmq.LINGER, 0)
+        self._control.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # larger: the peer is dropped unread
+        self._control_path = Path(bind_private(self._control, self.state_dir / "control.sock").removeprefix("ipc://"))
+        self.bus.poller.register(self._control, zmq.POLLIN)
+        self.probes = ProbeSupervisor(self.bus.ipc_address, self.config.probe_heartbeat_timeout,
+                                      on_event=self._probe_event)
+        self._remove_stale_sockets()
+        self.link.start()
+        self._apply_snapshot("discover", self._discover())
+        self._notify_observers()
+        self._start_vendor_threads()
+        self._loop = threading.Thread(target=self._run, name="manager-loop", daemon=True)
+        self._loop.start()
+        self._ready.set()
+
+    def stop(self) -> None:
+        """Stop cleanly: probes ended, servers stopped, our sockets removed. Idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._loop is not None:  # the loop first, or it would restart the probes we stop
+            self.bus.wake()
+            self._loop.join(5)
+        self._stop_vendor_threads()
+        self.link.stop()
+        for resource in list(self.servers):
+            self._remove_resource(resource)
+        for observer in self.observers:
+            _call(observer, "close")
+        if self._control is not None:
+            self._control.close(0)
+            remove_own_socket(self._control_path)
+        self.bus.close()
+        try:
+            self.calls.close()
+        except Exception:
+            log.exception("vendor close failed")
+        logging.getLogger("dpkit").removeHandler(self.errors)
+        log.info("stopped")
+
+    def request_reload(self) -> None:
+        """Called from a SIGHUP handler: the loop thread re-reads config and rediscovers."""
+        self._reload_requested.set()
+        self.bus.wake()
+
+    def _start_vendor_threads(self) -> None:
+        self._watch_stop = threading.Event()
+        sink = self.bus.sink("watch")
+        self._sinks.append(sink)
+        if self.vendor.overrides("watch") or self.vendor.poll_interval > 0:
+            self._watch_thread = threading.Thread(target=self._watch, args=(sink, self._watch_stop),
+                                                  name="vendor-watch", daemon=True)
+            self._watch_thread.start()
+        assert self.probes is not None
+        try:
+            probes = self.calls.probes()
+        except Exception as exc:
+            log.error("vendor probes() failed; running without probes", extra=kv(error=str(exc)))
+            probes = []
+        self.silenced = {}
+        self.probes.set_probes(probes)
+
+    def _stop_vendor_threads(self) -> None:
+        self._watch_stop.set()
+        if self._watch_thread is not None:
+            self._watch_thread.join(5)
+            if self._watch_thread.is_alive():
+                log.warning("vendor watch thread did not stop within 5 s")
+            self._watch_thread = None
+        if self.probes is not None:
+            self.probes.stop_all()
+        for sink in self._sinks:
+            sink.close()
+        self._sinks.clear()
+
+    def _watch(self, sink: Any, stop: threading.Event) -> None:
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                self.vendor.watch(sink, stop)
+                return
+            except Exception as exc:
+                log.error("vendor watch failed; restarting it", extra=kv(error=str(exc), retry_in=backoff))
+                if stop.wait(backoff):
+                    return
+                backoff = min(backoff * 2, 30.0)
+                try:
+                    sink.snapshot(self.calls.discover())
+                except Exception as exc2:
+                    log.error("vendor discovery failed", extra=kv(error=str(exc2)))
+
+    def _discover(self) -> Snapshot:
+        try:
+            return self.calls.discover()
+        except Exception as exc:
+            log.error("vendor discovery failed; keeping the last device list", extra=kv(error=str(exc)))
+            return self.snapshot
+
+    def _remove_stale_sockets(self) -> None:
+        """A previous run killed with SIGKILL leaves sockets and bind dirs behind."""
+        # plugin_dir is shared by every device plugin of the node: only our own sockets nobody
+        # listens on are removed, never following a link and never recursing (see files.py).
+        plugin_dir = Path(self.config.plugin_dir)
+        if not plugin_dir.is_dir():
+            return
+
+        def stale(path: Path) -> bool:
+            return bool(connect_error(path, timeout=0.2))
+
+        remove_staging_dirs(plugin_dir, stale)
+        for path in own_sockets(plugin_dir, "dpkit-", ".sock"):
+            if stale(path) and remove_own_socket(path):  # nobody listening: a killed run's leftover
+                log.info("removing stale plugin socket", extra=kv(socket=str(path)))
+
+    # -- the loop ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            assert self.probes is not None
+            timeout = 30.0  # every event wakes the poll; the timeout only serves the timers below
+            for due in (self.probes.next_deadline(), self._next_timer()):
+                if due is not None:
+                    timeout = max(0.0, min(timeout, due - time.monotonic()))
+            try:
+                ready = dict(self.bus.poller.poll(int(timeout * 1000) + 1))
+            except zmq.ZMQError:
+                if self._stop.is_set():
+                    return
+                raise
+            try:
+                if self._control is not None and self._control in ready:
+                    self._answer_control()
+                self._pass(ready)
+                for state in self.probes.check():
+                    covered = state.probe.resources or (ALL,)
+                    self.silenced[state.probe.name] = covered
+                    self._publish(f"probe {state.probe.name} silent")
+                if self._reload_requested.is_set():
+                    self._reload_requested.clear()
+                    self._reload()
+                self._retry_servers()
+                if self._observers_dirty and time.monotonic() >= self._observers_due:
+                    self._notify_observers()
+            except Exception:
+                log.exception("manager loop step failed; continuing")
+
+    def _next_timer(self) -> float | None:
+        """The earliest of: observers due, a resource server to retry."""
+        dues = [f["next_try"] for f in self.server_failures.values()]
+        if self._observers_dirty:
+            dues.append(self._observers_due)
+        return min(dues) if dues else None
+
+    def _pass(self, ready: Mapping[Any, int]) -> None:
+        """Take everything that arrived (board and probe socket) and publish it once."""
+        assert self.probes is not None
+        # A burst is taken in passes at most MIN_PASS_INTERVAL apart, so the kubelet sees at most
+        # one update per resource per interval; everything reported meanwhile coalesces on the board.
+        wait = self._last_pass + MIN_PASS_INTERVAL - time.monotonic()
+        if wait > 0:
+            self._stop.wait(wait)
+        events = self.bus.drain(ready, self.probes.probes)
+        pending = self.bus.board.take()
+        if not pending and not events:
+            return
+        self._last_pass = time.monotonic()
+        self._logged = 0
+        if pending.snapshot is not None:
+            self._apply_snapshot(*pending.snapshot)
+        changed: set[tuple[str, str]] = set()
+        for (resource, device_id, source), (health, reason) in pending.reports.items():
+            if self._record(source, resource, device_id, health, reason):
+                changed.add((resource, device_id))
+        for event in events:
+            if event[0] == "health":
+                _, source, resource, device_id, health, reason = event
+                if self._record(source, resource, device_id, health, reason):
+                    changed.add((resource, device_id))
+            elif event[0] == "heartbeat" and self.probes.heartbeat(event[1]):
+                self.silenced.pop(event[1], None)
+                self._publish(f"probe {event[1]} beating again")
+        if changed:
+            self._refresh(changed)
+        self._log_summary()
+
+    def _record(self, source: str, resource: str, device_id: str, health: Health, reason: str) -> bool:
+        """Keep ``source``'s latest word about one device; True when a served device's marks changed."""
+        key = (resource, device_id)
+        live = device_id in self._index.get(resource, {})
+        store = self.overrides if live else self._orphans
+        marks = store.get(key)
+        if health is Health.HEALTHY:
+            if not marks or source not in marks:
+                return False
+            del marks[source]
+            if not marks:
+                del store[key]
+            return live
+        if marks is None:
+            if not live and len(store) >= MAX_ORPHANS:
+                if self._orphan_log.allow():
+                    log.warning("health report for a device no snapshot has; ignored",
+                                extra=kv(resource=resource, device=device_id, source=source,
+                                         suppressed=self._orphan_log.suppressed()))
+                return False
+            marks = store[key] = {}
+        if marks.get(source) == (health, reason):
+            return False
+        marks[source] = (health, reason)
+        return live
+
+    # -- state -----------------------------------------------------------------------------
+    def _apply_snapshot(self, source: str, snapshot: Snapshot) -> None:
+        clean, problems = validate_snapshot(snapshot, check_resource_name)
+        for problem in problems:
+            log.error("invalid vendor data ignored", extra=kv(problem=problem, source=source))
+        for resource in [r for r in self.servers if r not in clean]:
+            log.info("resource no longer offered by the vendor; stopping it", extra=kv(resource=resource))
+            self._remove_resource(resource)
+        for resource in [r for r in self.server_failures if r not in clean]:
+            del self.server_failures[resource]
+        self.snapshot = clean
+        self._index = {r: {d.id: d for d in devs} for r, devs in clean.items()}
+        for resource in clean:
+            if resource not in self.servers and resource not in self.server_failures:
+                self._add_resource(resource)
+        # Reports that arrived before their device was in a snapshot count from now on; marks of
+        # devices that are gone go with them.
+        for key, marks in self._orphans.items():
+            self.overrides.setdefault(key, {}).update(marks)
+        self._orphans = {}
+        self.overrides = {k: v for k, v in self.overrides.items() if v and k[1] in self._index.get(k[0], {})}
+        self._publish(source)
+        if sum(len(d) for d in clean.values()) >= FREEZE_AFTER_DEVICES:
+            _freeze_heap()
+
+    def _add_resource(self, resource: str) -> None:
+        cdi = next((o for o in self.observers if hasattr(o, "cdi_spec")), None)
+        server = ResourceServer(
+            resource, self.vendor, self.config.plugin_dir,
+            observer=next((o for o in self.observers if hasattr(o, "rpc")), None),
+            cdi_spec=cdi.cdi_spec if cdi is not None and self.config.cdi_allocate else None,
+            cdi_allocate=bool(self.config.cdi_allocate and cdi is not None),
+            calls=self.calls,
+        )
+        try:
+            server.start()
+        except Exception as exc:
+            failure = self.server_failures.get(resource, {"attempts": 0})
+            attempts = failure["attempts"] + 1
+            retry_in = min(SERVER_RETRY_MAX, 2.0 ** (attempts - 1))
+            self.server_failures[resource] = {"attempts": attempts, "error": str(exc)[:500],
+                                              "next_try": time.monotonic() + retry_in}
+            log.error("cannot start resource server; will retry",
+                      extra=kv(resource=resource, error=str(exc), attempt=attempts, retry_in=retry_in))
+            server.stop()
+            return
+        if self.server_failures.pop(resource, None) is not None:
+            log.info("resource server started after retrying", extra=kv(resource=resource))
+        self.servers[resource] = server
+        self.link.add(server)
+
+    def _retry_servers(self) -> None:
+        now = time.monotonic()
+        due = [r for r, f in self.server_failures.items() if f["next_try"] <= now and r in self.snapshot]
+        for resource in due:
+            self._add_resource(resource)
+            if resource in self.servers:
+                self._publish("server started", only=resource)
+
+    def _remove_resource(self, resource: str) -> None:
+        self.link.remove(resource)
+        server = self.servers.pop(resource, None)
+        if server is not None:
+            server.stop()
+        self.effective.pop(resource, None)
+
+    def effective_devices(self, resource: str) -> tuple[Device, ...]:
+        """Vendor devices with health reports and probe silences laid over them."""
+        silent = self._silent_for(resource)
+        return tuple(self._effective(resource, d, silent) for d in self.snapshot.get(resource, ()))
+
+    def _silent_for(self, resource: str) -> list[str]:
+        return [p for p, covered in self.silenced.items() if ALL in covered or resource in covered]
+
+    def _effective(self, resource: str, device: Device, silent: list[str]) -> Device:
+        reasons = [] if device.healthy else [device.reason or "reported unhealthy by the vendor"]
+        for source, (health, reason) in self.overrides.get((resource, device.id), {}).items():
+            if health is Health.UNHEALTHY:
+                reasons.append(reason or f"unhealthy per {source}")
+        reasons += [f"health probe {p} stopped responding" for p in silent]
+        if reasons:
+            return device.with_health(Health.UNHEALTHY, "; ".join(reasons))
+        return device if device.healthy else device.with_health(Health.HEALTHY)
+
+    def _publish(self, source: str, only: str | None = None) -> None:
+        """Recompute whole effective lists (of resource ``only`` when given) and serve them."""
+        for resource, server in list(self.servers.items()):
+            if only is not None and resource != only:
+                continue
+            devices = self.effective_devices(resource)
+            before = self.effective.get(resource, {})
+            for device in devices:
+                self._log_transition(resource, before.get(device.id), device, source,
+                                     at_start=not before and source == "discover")
+            for gone in set(before) - {d.id for d in devices}:
+                log.info("device removed", extra=kv(resource=resource, device=gone))
+            self.effective[resource] = {d.id: d for d in devices}
+            server.update(devices)
+        self._observers_dirty = True
+
+    def _refresh(self, changed: set[tuple[str, str]]) -> None:
+        """Recompute only the devices whose marks changed and send only those to their servers."""
+        by_resource: dict[str, list[str]] = {}
+        for resource, device_id in changed:
+            by_resource.setdefault(resource, []).append(device_id)
+        for resource, ids in by_resource.items():
+            index = self._index.get(resource, {})
+            effective = self.effective.setdefault(resource, {})
+            silent = self._silent_for(resource)
+            updated = []
+            for device_id in ids:
+                device = index.get(device_id)
+                if device is None:
+                    continue
+                new = self._effective(resource, device, silent)
+                old = effective.get(device_id)
+                if old is not None and old.health == new.health and old.reason == new.reason:
+                    continue
+                self._log_transition(resource, old, new, "health report")
+                effective[device_id] = new
+                updated.append(new)
+            server = self.servers.get(resource)
+            if updated and server is not None:
+                self.health_changes += len(updated)
+                server.patch(updated)
+                self._observers_dirty = True
+
+    def _log_transition(self, resource: str, old: Device | None, new: Device, source: str,
+                        at_start: bool = False) -> None:
+        """One line per device change, at most LOGGED_CHANGES_PER_PASS per pass (then a summary)."""
+        if old is None:
+            if new.healthy and at_start:
+                return
+            message, level = ("device added", logging.INFO) if new.healthy else ("device unhealthy", logging.WARNING)
+        elif old.health != new.health:
+            message, level = ("device healthy again", logging.INFO) if new.healthy else ("device unhealthy",
+                                                                                         logging.WARNING)
+        else:
+            return
+        self._logged += 1
+        if self._logged <= LOGGED_CHANGES_PER_PASS:
+            reason = {} if new.healthy else {"reason": new.reason}
+            log.log(level, message, extra=kv(resource=resource, device=new.id, source=source, **reason))
+
+    def _log_summary(self) -> None:
+        if self._logged > LOGGED_CHANGES_PER_PASS:
+            log.warning("more device health changes in one pass than logged one by one",
+                        extra=kv(changes=self._logged, logged=LOGGED_CHANGES_PER_PASS))
+        self._logged = 0
+
+    def _notify_observers(self) -> None:
+        self._observers_dirty = False
+        self._observers_due = time.monotonic() + OBSERVER_INTERVAL
+        for observer in self.observers:
+            _call(observer, "on_devices", self)
+
+    def _reload(self) -> None:
+        from dpkit.core.support.config import load_config
+
+        self.reloads += 1
+        source = self.config.source
+        try:
+            config = load_config(None if source == "<defaults>" else source)
+            vendor = self.vendor_factory(config.vendor) if self.vendor_factory else self.vendor
+        except (ConfigError, DpkitError) as exc:
+            log.error("reload rejected; keeping the running configuration", extra=kv(error=str(exc)))
+            return
+        except Exception as exc:
+            log.error("reload failed; keeping the running configuration", extra=kv(error=str(exc)))
+            return
+        # Only the vendor section is reloaded; sockets, integrations and timers are wired at start.
+        changed = [f.name for f in dataclasses.fields(Config)
+                   if f.name not in ("vendor", "source") and getattr(config, f.name) != getattr(self.config, f.name)]
+        if changed:
+            log.warning("these keys change only with a restart; keeping their running values",
+                        extra=kv(keys=", ".join(changed)))
+            config = config.replace(**{k: getattr(self.config, k) for k in changed})
+        log.info("reloading configuration", extra=kv(source=source))
+        self._stop_vendor_threads()
+        # What the old watcher said last is still on the board: its health reports count, but its
+        # snapshot describes the old configuration and must not replace the rediscovery below.
+        stale = self.bus.board.take()
+        for (resource, device_id, report_source), (health, reason) in stale.reports.items():
+            self._record(report_source, resource, device_id, health, reason)
+        old = self.vendor
+        self.vendor, self.config = vendor, config  # the servers share self.calls: they see it too
+        if old is not vendor:
+            try:
+                self.calls.close(old)
+            except Exception:
+                log.exception("vendor close failed")
+        # The old probes are gone: their silences and health reports go with them (the new
+        # probes report afresh), or a mark nobody can clear would keep devices Unhealthy.
+        self.silenced = {}
+        self.overrides = {key: {src: v for src, v in marks.items() if not src.startswith("probe:")}
+                          for key, marks in self.overrides.items()}
+        self._apply_snapshot("reload", self._discover())
+        self._start_vendor_threads()
+
+    # -- status ----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """What ``dpkit status`` shows: resources, devices, health, registrations, last errors."""
+        now = time.monotonic()
+        resources = []
+        for resource, server in sorted(self.servers.items()):
+            reg = self.link.state.get(resource)
+            devices = list(self.effective.get(resource, {}).values())
+            resources.append({
+                "name": resource,
+                "socket": str(server.socket_path),
+                "registered": self.link.registered(resource),
+                "registrations": reg.registrations if reg else 0,
+                "last_error": (reg.last_error if reg else "") or server.stats.last_error,
+                "streams": server.stats.open_streams,
+                "allocations": server.stats.allocations,
+                "allocate_errors": server.stats.allocate_errors,
+                "capacity": len(devices),
+                "allocatable": sum(1 for d in devices if d.healthy),
+                "devices": [
+                    {"id": d.id, "health": str(d.health), "reason": d.reason, "numa": list(d.numa_nodes),
+                     "attributes": dict(d.attributes)}
+                    for d in devices
+                ],
+            })
+        extra = {k: v for o in self.observers for k, v in (_call(o, "status_fields", self) or {}).items()}
+        holders = extra.get("pod_resources", {}).get("holders", {})  # which pod holds which device
+        for entry in resources:
+            entry["holders"] = holders.get(entry["name"], {})
+        return {
+            "vendor": self.vendor.name,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "kubelet": {
+                "socket": str(self.link.kubelet_socket),
+                "present": self.link.kubelet_socket.exists(),
+                "restarts_seen": self.link.kubelet_restarts,
+            },
+            "resources": resources,
+            "probes": [p.as_status(now) for p in (self.probes.probes.values() if self.probes else [])],
+            "reloads": self.reloads,
+            "health": {"reports": self.bus.board.reports_received, "coalesced": self.bus.board.reports_coalesced,
+                       "changes_published": self.health_changes},
+            "server_failures": {r: {"attempts": f["attempts"], "error": f["error"],
+                                    "retry_in_s": round(max(0.0, f["next_try"] - now), 1)}
+                                for r, f in sorted(self.server_failures.items())},
+            "errors": list(self.errors.entries),
+            **extra,
+        }
+
+    def _answer_control(self) -> None:
+        """Answer one request. The REP socket must send exactly one reply per request received,
+        whatever the request holds, or it would never answer again (the liveness probe uses it)."""
+        import json
+
+        assert self._control is not None
+        try:
+            raw = self._control.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        reply: dict[str, Any]
+        try:
+            reply = self._control_reply(raw)
+        except Exception as exc:  # including RecursionError from a hostile document
+            reply = {"ok": False, "error": f"bad request: {_clip(type(exc).__name__ + ': ' + str(exc), 200)}"}
+        try:
+            data = json.dumps(reply, default=str).encode()
+        except Exception as exc:
+            data = json.dumps({"ok": False, "error": f"cannot encode reply: {_clip(str(exc), 200)}"}).encode()
+        self._control.send(data)
+
+    def _control_reply(self, raw: bytes) -> dict[str, Any]:
+        import json
+
+        if len(raw) > MAX_CONTROL_REQUEST:
+            return {"ok": False, "error": f"request of {len(raw)} bytes; the limit is {MAX_CONTROL_REQUEST}"}
+        request = json.loads(raw)
+        command = request.get("cmd") if isinstance(request, dict) else None
+        if command == "status":
+            return {"ok": True, "status": self.status()}
+        if command == "ping":
+            return {"ok": True}
+        return {"ok": False, "error": "read-only control socket: commands are 'status' and 'ping'"}
+
+    # -- events for observers ----------------------------------------------------------------
+    def _link_event(self, kind: str, resource: str) -> None:
+        for observer in self.observers:
+            _call(observer, "on_link_event", kind, resource)
+
+    def _probe_event(self, kind: str, probe: str) -> None:
+        for observer in self.observers:
+            _call(observer, "on_probe_event", kind, probe)
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+
+def _freeze_heap() -> None:
+    """Move what is alive now (device records, specs, modules) out of the collector's sight.
+
+    They live for the whole run; without this every collection walks them again, which at
+    100k devices costs hundreds of milliseconds on the kubelet path.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def _call(observer: Any, method: str, *args: Any) -> Any:
+    func = getattr(observer, method, None)
+    if func is None:
+        return None
+    try:
+        return func(*args)
+    except Exception:
+        log.exception("observer failed", extra=kv(observer=type(observer).__name__, method=method))
+        return None

@@ -1,0 +1,216 @@
+"""The one guarded path from the core into vendor code.
+
+Every core caller asks :class:`VendorCalls` instead of the :class:`~dpkit.core.vendorapi.vendor.Vendor`: a hook
+the vendor overrides runs on a small shared pool of daemon threads under ``timeout``, so a hung
+driver call costs its caller one deadline, never start-up, the manager loop, a scrape or shutdown.
+A hook the vendor leaves to the base class is core code and runs right here (no thread hop).
+A timeout becomes :class:`VendorTimeout`; any other exception is re-raised as the vendor raised it,
+so callers keep their handling. Both are counted per hook for ``dpkit_vendor_call_errors_total``.
+``watch`` is not here: it is a long-running thread body of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+from dpkit.core.support.logs import get_logger, kv
+from dpkit.core.vendorapi.device import ContainerSpec, Device, Snapshot
+from dpkit.core.vendorapi.vendor import Check, Finding, MetricSample, Probe, Vendor
+
+log = get_logger("vendor")
+
+POOL_SIZE = 32  # worker threads shared by every VendorCalls; a hung hook holds one until it returns
+
+_T = TypeVar("_T")
+
+
+class VendorTimeout(Exception):
+    """A vendor hook did not answer within the deadline."""
+
+
+class _DaemonPool:
+    """A growing pool of daemon threads.
+
+    ``concurrent.futures.ThreadPoolExecutor`` joins its workers at interpreter exit, so one hung
+    vendor call would keep a stopped plugin from exiting; these threads are simply abandoned.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._threads = 0
+
+    def submit(self, func: Callable[..., _T], *args: Any) -> Future[_T]:
+        future: Future[_T] = Future()
+        self._jobs.put((future, func, args))
+        if not self._idle.acquire(blocking=False):
+            with self._lock:
+                if self._threads < self._size:
+                    self._threads += 1
+                    threading.Thread(target=self._work, name=f"vendor-call-{self._threads}", daemon=True).start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, func, args = self._jobs.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = func(*args)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, func, args
+            self._idle.release()
+
+
+_pool: _DaemonPool | None = None
+_pool_lock = threading.Lock()
+
+
+def _shared_pool() -> _DaemonPool:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = _DaemonPool(POOL_SIZE)
+        return _pool
+
+
+def _forget_pool_in_child() -> None:
+    """A forked child has none of the pool's threads (and maybe a lock a parent thread held):
+    it starts a pool of its own on first use, or its first vendor call would wait forever."""
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+class VendorCalls:
+    """One vendor's hooks, each under ``timeout`` seconds when the vendor implements it.
+
+    ``vendor`` may be replaced (a reload builds a new one); ``errors`` maps (hook, kind) to a
+    count, kind being ``timeout`` or ``error``.
+    """
+
+    def __init__(self, vendor: Vendor, timeout: float, scan_timeout: float = 60.0) -> None:
+        self.vendor = vendor
+        self.timeout = timeout
+        self._scan_timeout = scan_timeout
+        self.errors: dict[tuple[str, str], int] = {}
+        self._timed_out: set[str] = set()  # hooks whose timeout was logged already
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.vendor.name
+
+    def overrides(self, hook: str) -> bool:
+        return self.vendor.overrides(hook)
+
+    # -- the hooks -------------------------------------------------------------------------------
+    def discover(self) -> Snapshot:
+        vendor = self.vendor
+        return self._hook("discover", lambda: vendor.discover(), self.scan_timeout)
+
+    def probes(self) -> list[Probe]:
+        vendor = self.vendor
+        return self._hook("probes", lambda: list(vendor.probes()), self.scan_timeout)
+
+    def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
+        vendor = self.vendor
+        return self._hook("container_spec", lambda: vendor.container_spec(resource, devices))
+
+    def preferred_allocation(self, resource: str, available: Sequence[Device], must_include: Sequence[Device],
+                             size: int) -> Sequence[str] | None:
+        vendor = self.vendor
+        return self._hook("preferred_allocation",
+                          lambda: vendor.preferred_allocation(resource, available, must_include, size))
+
+    def pre_start(self, resource: str, devices: Sequence[Device]) -> None:
+        vendor = self.vendor
+        self._hook("pre_start", lambda: vendor.pre_start(resource, devices))
+
+    def node_labels(self, snapshot: Snapshot) -> Mapping[str, str]:
+        vendor = self.vendor
+        return self._hook("node_labels", lambda: vendor.node_labels(snapshot))
+
+    def metric_samples(self) -> list[MetricSample]:
+        vendor = self.vendor  # a generator runs here, in the pool, under the deadline too
+        return self._hook("metric_samples", lambda: list(vendor.metric_samples()))
+
+    def cdi_kind(self, resource: str) -> str:
+        vendor = self.vendor
+        return self._hook("cdi_kind", lambda: vendor.cdi_kind(resource))
+
+    def explain(self) -> list[Finding]:
+        vendor = self.vendor
+        return self._hook("explain", lambda: list(vendor.explain()), self.scan_timeout)
+
+    def doctor(self) -> list[Check]:
+        vendor = self.vendor
+        return self._hook("doctor", lambda: list(vendor.doctor()), self.scan_timeout)
+
+    def close(self, vendor: Vendor | None = None) -> None:
+        """Close ``vendor`` (default: the current one; a reload closes the one it replaced)."""
+        closing = vendor if vendor is not None else self.vendor
+        if closing.overrides("close"):
+            self._run("close", lambda: closing.close())
+
+    # -- the guard --------------------------------------------------------------------------------
+    def guarded(self, hook: str, func: Callable[..., _T], *args: Any) -> _T:
+        """Run core code that calls into vendor code or files (a CDI rewrite) under the deadline."""
+        return self._run(hook, func, *args)
+
+    @property
+    def scan_timeout(self) -> float:
+        """Deadline of the hooks that scan the hardware (discover, probes, explain, doctor).
+
+        A node with many devices or a slow bus may take seconds to scan, and nothing on the
+        kubelet's path waits for it, so it gets ``scan_timeout`` (config ``vendor_scan_timeout``)
+        rather than the deadline meant for Allocate.
+        """
+        return max(self.timeout, self._scan_timeout)
+
+    def _hook(self, hook: str, func: Callable[[], _T], timeout: float | None = None) -> _T:
+        if not self.vendor.overrides(hook):
+            return func()  # the base class's own code: no thread hop
+        return self._run(hook, func, timeout=timeout)
+
+    def _run(self, hook: str, func: Callable[..., _T], *args: Any, timeout: float | None = None) -> _T:
+        # A nested call (a CDI rewrite asking the vendor) hops again rather than running inline:
+        # its own deadline then bounds how long the outer call holds any lock it took.
+        deadline = self.timeout if timeout is None else timeout
+        future = _shared_pool().submit(func, *args)
+        try:
+            return future.result(timeout=deadline)
+        except FutureTimeout:
+            if future.done():  # the vendor's own TimeoutError (the same class since Python 3.11)
+                self._count(hook, "error")
+                raise
+            future.cancel()
+            self._count(hook, "timeout")
+            with self._lock:
+                first = hook not in self._timed_out
+                self._timed_out.add(hook)
+            if first:  # once per hook: a hook that always hangs must not flood the log
+                log.error("vendor call did not answer in time", extra=kv(vendor=self.vendor.name, call=hook,
+                                                                          timeout=deadline))
+            raise VendorTimeout(f"vendor {self.vendor.name} {hook} did not answer within {deadline:g}s") from None
+        except Exception:
+            self._count(hook, "error")
+            raise
+
+    def _count(self, hook: str, kind: str) -> None:
+        with self._lock:
+            self.errors[(hook, kind)] = self.errors.get((hook, kind), 0) + 1
+

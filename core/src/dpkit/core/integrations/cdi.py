@@ -1,0 +1,353 @@
+"""Container Device Interface specs: each resource's devices as a file container runtimes read.
+
+One JSON spec per resource, ``<cdi_dir>/dpkit-<vendor>-<resource>.json``, with kind
+``vendor.cdi_kind(resource)`` (the resource name by default) and one CDI device per advertised
+device ID, whose ``containerEdits`` come from ``vendor.container_spec(resource, [device])``. The
+file is replaced atomically whenever that content changes and removed when the resource goes
+away or the plugin stops.
+
+CDI applies each device's edits separately, and a later device's env value replaces an
+earlier one, so device-list variables such as ``NVIDIA_VISIBLE_DEVICES`` cannot be merged by
+the runtime. An env name whose value differs between the resource's devices is therefore left
+out of the spec; with ``cdi_allocate`` the Allocate answer carries it (merged over the
+allocated devices), together with the fully qualified CDI names in place of device nodes and
+mounts. A device whose edits would be empty is left out too: CDI rejects empty devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dpkit.core.engine.vendor_calls import VendorTimeout
+from dpkit.core.support.files import RetryTimer, remove_quietly, write_atomic
+from dpkit.core.support.logs import get_logger, kv
+from dpkit.core.vendorapi.device import ContainerSpec, Device
+from dpkit.core.vendorapi.errors import ValidationError
+
+if TYPE_CHECKING:
+    from dpkit.core.engine.manager import Manager
+
+log = get_logger("cdi")
+
+DEFAULT_CDI_DIR = "/var/run/cdi"
+_KIND_PART = re.compile(r"^[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
+_DEVICE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.:-]*[A-Za-z0-9])?$")
+
+
+def check_kind(kind: str) -> str:
+    """A CDI kind ``vendor/class``: each part starts with a letter and ends alphanumeric."""
+    vendor, slash, cls = kind.partition("/") if isinstance(kind, str) else ("", "", "")
+    if not slash or not _KIND_PART.match(vendor) or not _KIND_PART.match(cls):
+        raise ValidationError(f"CDI kind {kind!r} must look like 'vendor.com/class' (letters, digits, "
+                              "'.', '-', '_'; each part starting with a letter and ending alphanumeric)")
+    return kind
+
+
+def check_device_name(name: str) -> str:
+    """CDI device names are stricter than device IDs: they must also end alphanumeric."""
+    if not _DEVICE_NAME.match(name):
+        raise ValidationError(f"device ID {name!r} is not a valid CDI device name "
+                              "(letters, digits, '_', '.', ':', '-'; first and last alphanumeric)")
+    return name
+
+
+def qualified_name(kind: str, device_id: str) -> str:
+    return f"{kind}={device_id}"
+
+
+def container_edits(spec: ContainerSpec, skip_env: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The CDI ``containerEdits`` for a spec; empty keys are left out."""
+    edits: dict[str, Any] = {}
+    env = []
+    for name, value in sorted(spec.env.items()):
+        if name in skip_env:
+            continue
+        if "\x00" in value:
+            raise ValidationError(f"env {name}: value contains a NUL byte")
+        env.append(f"{name}={value}")
+    if env:
+        edits["env"] = env
+    nodes = []
+    for node in spec.devices:
+        entry = {"path": node.container_path, "permissions": node.permissions}
+        if node.host_path != node.container_path:
+            entry["hostPath"] = node.host_path
+        nodes.append(entry)
+    if nodes:
+        edits["deviceNodes"] = nodes
+    mounts = [
+        {"hostPath": m.host_path, "containerPath": m.container_path,
+         "options": ["rbind", "ro" if m.read_only else "rw"]}
+        for m in spec.mounts
+    ]
+    if mounts:
+        edits["mounts"] = mounts
+    return edits
+
+
+def allocation_env(specs: Mapping[str, ContainerSpec]) -> frozenset[str]:
+    """Env names set to different values by different devices (device lists, ranks...)."""
+    values: dict[str, set[str]] = {}
+    for spec in specs.values():
+        for name, value in spec.env.items():
+            values.setdefault(name, set()).add(value)
+    return frozenset(name for name, seen in values.items() if len(seen) > 1)
+
+
+def minimum_version(document: Mapping[str, Any]) -> str:
+    """The oldest CDI spec version that can express ``document`` (older runtimes accept it).
+
+    0.5.0 added ``hostPath`` on device nodes and names starting with a digit; 0.6.0 allowed
+    dots in the class part of the kind.
+    """
+    cls = str(document["kind"]).partition("/")[2]
+    if "." in cls:
+        return "0.6.0"
+    for device in document["devices"]:
+        if device["name"][:1].isdigit():
+            return "0.5.0"
+        if any("hostPath" in n for n in device["containerEdits"].get("deviceNodes", ())):
+            return "0.5.0"
+    return "0.3.0"
+
+
+def build_spec(kind: str, specs: Mapping[str, ContainerSpec]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The CDI document for one resource, and the devices left out with the reason for each.
+
+    ``specs`` maps device ID to the single-device container spec. Raises ValidationError when
+    the kind itself is invalid.
+    """
+    check_kind(kind)
+    skip_env = allocation_env(specs)
+    devices: list[dict[str, Any]] = []
+    left_out: dict[str, str] = {}
+    for device_id, spec in specs.items():
+        try:
+            check_device_name(device_id)
+            edits = container_edits(spec, skip_env)
+        except ValidationError as exc:
+            left_out[device_id] = str(exc)
+            continue
+        if not edits:
+            left_out[device_id] = "nothing for CDI to inject (only per-allocation env)"
+            continue
+        devices.append({"name": device_id, "containerEdits": edits})
+    document: dict[str, Any] = {"cdiVersion": "", "kind": kind, "devices": devices}
+    document["cdiVersion"] = minimum_version(document)
+    return document, left_out
+
+
+def spec_file_name(vendor: str, resource: str) -> str:
+    return f"dpkit-{vendor or 'vendor'}-{re.sub(r'[^A-Za-z0-9.-]', '_', resource)}.json"
+
+
+def _own_file(path: Path) -> bool:
+    """A regular file of ours (not a link, a directory or another user's file): safe to remove as stale."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
+@dataclass
+class _Written:
+    """What the file of one resource holds now."""
+
+    path: Path
+    kind: str
+    text: str
+    names: frozenset[str]  # device IDs in the file
+    left_out: dict[str, str]  # device ID -> why it is not in the file
+    raw_only: frozenset[str]  # left-out devices with device nodes or mounts: CDI cannot give them
+    source: tuple[Any, tuple[Device, ...]] = (None, ())  # (vendor, devices) it was built from
+
+
+class CdiWriter:
+    """Observer keeping one CDI spec file per served resource in ``spec_dir``.
+
+    ``on_devices`` runs on the manager's loop thread and ``cdi_spec`` on gRPC threads (Allocate,
+    when ``cdi_allocate`` is on); one lock serialises them.
+    """
+
+    def __init__(self, manager: Manager, spec_dir: str | Path) -> None:
+        self.manager = manager
+        self.spec_dir = Path(spec_dir)
+        self.written: dict[str, _Written] = {}
+        self.errors: dict[str, str] = {}  # resource -> why its file could not be written
+        # resource -> (vendor, devices) whose spec timed out: asked again only when that changes
+        self._timed_out: dict[str, tuple[Any, tuple[Device, ...]]] = {}
+        self._lock = threading.Lock()
+        self._stale_checked = False
+        # Files that could not be written (full or read-only disk) are retried until they are,
+        # not only at the next device change.
+        self._pending: dict[str, _Written] = {}
+        self._retry = RetryTimer(self._retry_writes, name="cdi-retry")
+
+    # -- observer hooks ------------------------------------------------------------------------
+    def on_devices(self, manager: Manager) -> None:
+        with self._lock:
+            if not self._stale_checked:
+                self._remove_stale(manager.vendor.name, set(manager.servers))
+            for resource in [r for r in {*self.written, *self.errors} if r not in manager.servers]:
+                self._drop(resource)
+            for resource in list(manager.servers):
+                self._sync(resource, manager.snapshot.get(resource, ()))
+
+    def cdi_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
+        """Allocate's CDI answer: the qualified names of ``devices``, with the file up to date.
+
+        A device the file does not know yet (hotplugged a moment ago) makes it rewrite now, so
+        the runtime never gets a name it cannot resolve.
+        """
+        with self._lock:
+            current = self.written.get(resource)
+            if current is None or any(d.id not in current.names and d.id not in current.left_out for d in devices):
+                server = self.manager.servers.get(resource)
+                self._sync(resource, server.devices if server is not None else tuple(devices))
+                current = self.written.get(resource)
+            if current is None:
+                raise ValidationError(f"no CDI spec for {resource}: {self.errors.get(resource, 'not written yet')}")
+            raw = [d.id for d in devices if d.id in current.raw_only or d.id not in {*current.names, *current.left_out}]
+            if raw:
+                why = "; ".join(f"{i}: {current.left_out.get(i, 'unknown to the CDI spec')}" for i in raw)
+                raise ValidationError(f"cannot be given through CDI ({why}); turn cdi_allocate off for this vendor")
+            return ContainerSpec(cdi_devices=tuple(qualified_name(current.kind, d.id)
+                                                   for d in devices if d.id in current.names))
+
+    def status_fields(self, manager: Manager) -> dict[str, Any]:
+        with self._lock:
+            return {"cdi": {
+                "dir": str(self.spec_dir),
+                "allocate": bool(manager.config.cdi_allocate),
+                "specs": {r: {"file": str(w.path), "kind": w.kind, "devices": len(w.names),
+                              "left_out": dict(w.left_out)}
+                          for r, w in sorted(self.written.items())},
+                "errors": dict(self.errors),
+                "retry_in_s": self._retry.next_in() if self._pending else None,
+                "retry_attempts": self._retry.attempts,
+            }}
+
+    def close(self) -> None:
+        self._retry.close()  # outside the lock: a running retry takes it
+        with self._lock:
+            for resource in list(self.written):
+                self._drop(resource)
+
+    # -- internals -------------------------------------------------------------------------
+    def _remove_stale(self, vendor: str, resources: set[str]) -> None:
+        """Files of this vendor left behind by a run that was killed (SIGKILL, node crash)."""
+        self._stale_checked = True
+        keep = {spec_file_name(vendor, r) for r in resources}
+        for path in self.spec_dir.glob(f"dpkit-{vendor or 'vendor'}-*.json"):
+            if path.name not in keep and _own_file(path):
+                log.info("removing stale CDI spec", extra=kv(file=str(path)))
+                remove_quietly(path, log)
+
+    def _drop(self, resource: str) -> None:
+        written = self.written.pop(resource, None)
+        if written is not None:
+            remove_quietly(written.path, log)
+        self.errors.pop(resource, None)
+        self._pending.pop(resource, None)
+        self._timed_out.pop(resource, None)
+
+    def _sync(self, resource: str, devices: Sequence[Device]) -> None:
+        calls = self.manager.calls
+        vendor = calls.vendor
+        path = self.spec_dir / spec_file_name(vendor.name, resource)
+        previous = self.written.get(resource)
+        source = (vendor, tuple(devices))
+        if previous is not None and previous.source[0] is vendor and previous.source[1] == source[1]:
+            return  # health events do not change specs: skip rebuilding (and re-asking the vendor)
+        hung = self._timed_out.get(resource)
+        if hung is not None and hung[0] is vendor and hung[1] == source[1]:
+            return  # the vendor hung on exactly this: one deadline per change, not one per pass
+        self._timed_out.pop(resource, None)
+        try:
+            kind = calls.cdi_kind(resource)
+            specs, broken = self._device_specs(resource, devices)
+            document, left_out = build_spec(kind, specs)
+        except Exception as exc:  # an invalid kind or a vendor bug must not stop the plugin
+            if isinstance(exc, VendorTimeout):
+                self._timed_out[resource] = source
+            self._pending.pop(resource, None)  # waits for a vendor fix, not for the disk
+            self._fail(resource, path, str(exc))
+            return
+        left_out.update(broken)
+        raw_only = frozenset(i for i in left_out if i not in specs or specs[i].devices or specs[i].mounts)
+        if raw_only and (previous is None or previous.raw_only != raw_only):
+            log.warning("devices left out of the CDI spec", extra=kv(
+                resource=resource, devices=", ".join(sorted(raw_only)),
+                reason=next(left_out[i] for i in sorted(raw_only))))
+        names = frozenset(d["name"] for d in document["devices"])
+        text = json.dumps(document, indent=2, sort_keys=True) + "\n" if names else ""
+        if previous is not None and previous.text == text and (not text or path.exists()):
+            previous.left_out, previous.raw_only, previous.source = left_out, raw_only, source
+            return
+        result = _Written(path, kind, text, names, left_out, raw_only, source)
+        try:
+            if text:
+                self._write(result)
+            else:  # CDI rejects a spec without devices
+                remove_quietly(path, log)
+        except OSError as exc:
+            self._fail(resource, path, f"cannot write {path}: {exc.strerror or exc}")
+            self._pending[resource] = result
+            self._retry.arm()
+            return
+        self.written[resource] = result
+        self.errors.pop(resource, None)
+        self._pending.pop(resource, None)
+        log.info("CDI spec written" if text else "CDI spec removed: no device to describe",
+                 extra=kv(resource=resource, kind=kind, devices=len(names), left_out=len(left_out), file=str(path)))
+
+    def _write(self, result: _Written) -> None:
+        self.spec_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(result.path, result.text)
+
+    def _retry_writes(self) -> bool:
+        """The retry thread's attempt at every file still unwritten; True when none is left."""
+        with self._lock:
+            for resource, result in list(self._pending.items()):
+                try:
+                    self._write(result)
+                except OSError as exc:
+                    self.errors[resource] = f"cannot write {result.path}: {exc.strerror or exc}"
+                    continue
+                del self._pending[resource]
+                self.written[resource] = result
+                self.errors.pop(resource, None)
+                log.info("CDI spec written on retry", extra=kv(resource=resource, file=str(result.path),
+                                                                 attempts=self._retry.attempts))
+            return not self._pending
+
+    def _device_specs(
+        self, resource: str, devices: Sequence[Device]
+    ) -> tuple[dict[str, ContainerSpec], dict[str, str]]:
+        specs: dict[str, ContainerSpec] = {}
+        broken: dict[str, str] = {}
+        for device in devices:
+            try:
+                specs[device.id] = self.manager.calls.container_spec(resource, [device])
+            except VendorTimeout:
+                raise  # the vendor hangs: give up this resource's spec for this pass, not N deadlines
+            except Exception as exc:
+                broken[device.id] = f"container_spec failed: {type(exc).__name__}: {exc}"
+        return specs, broken
+
+    def _fail(self, resource: str, path: Path, message: str) -> None:
+        """Log once per new error; a stale file is worse than none, so it goes."""
+        if self.errors.get(resource) != message:
+            log.error("CDI spec not written", extra=kv(resource=resource, file=str(path), error=message))
+        self.errors[resource] = message
+        written = self.written.pop(resource, None)
+        remove_quietly(written.path if written is not None else path, log)

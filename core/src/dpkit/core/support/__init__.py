@@ -1,0 +1,1 @@
+"""Support: configuration, logging and file handling shared by every part."""

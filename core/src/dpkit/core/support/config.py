@@ -1,0 +1,253 @@
+"""Core configuration: one YAML file plus ``DPKIT_*`` environment overrides, validated on load.
+
+Every error names the file (or variable), the key and what was expected, so an operator can
+fix a ConfigMap without reading code. The ``vendor:`` section is passed to the vendor as is;
+the vendor validates it.
+
+Files are read with bounds (size, nesting depth, alias expansion, message length), because a
+config or devices file may come from anywhere a ConfigMap can, and SIGHUP re-reads it while the
+plugin serves: a hostile file must be refused cheaply, never expanded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import reprlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpkit.core.support.logs import get_logger
+from dpkit.core.vendorapi.errors import ConfigError
+
+DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
+DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+DEFAULT_NFD_FEATURES_DIR = "/etc/kubernetes/node-feature-discovery/features.d"
+ENV_PREFIX = "DPKIT_"
+
+MAX_FILE_BYTES = 1024 * 1024  # a config or devices file; larger ones are refused unread
+MAX_DEPTH = 64  # nested mappings and lists
+MAX_NODES = 250_000  # values after every alias is expanded (about what 1 MiB holds without aliases)
+MAX_MESSAGE = 500  # characters of file content quoted in an error
+
+log = get_logger("config")
+# The C parser when PyYAML has it (much faster on big devices files); the bounds below hold for both.
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 80, 80, 2, 5, 5
+
+
+def show(value: Any) -> str:
+    """A bounded repr for error messages: a value from a file may be huge or deeply shared."""
+    return _REPR.repr(value)
+
+
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings the core acts on; see docs/configuration.md for each key."""
+
+    plugin_dir: str = DEFAULT_PLUGIN_DIR
+    kubelet_socket: str = "kubelet.sock"  # relative to plugin_dir unless absolute
+    state_dir: str = "/run/dpkit"  # control and event sockets (0600, in dpkit's own private dir; see files.py)
+    log_format: str = "human"  # human | json
+    log_level: str = "info"
+    probe_heartbeat_timeout: float = 10.0
+    register_backoff_max: float = 5.0
+    vendor_call_timeout: float = 10.0  # every vendor hook but the hardware scans and watch
+    vendor_scan_timeout: float = 60.0  # discover, probes, explain, doctor: scans of the whole node
+    metrics_address: str = ""  # host:port; empty disables the endpoint
+    cdi_dir: str = "/var/run/cdi"  # empty disables CDI spec files
+    cdi_allocate: bool = False  # answer Allocate with cdi_devices instead of raw specs
+    nfd_features_dir: str = DEFAULT_NFD_FEATURES_DIR  # empty disables node-feature-discovery labels
+    pod_resources_socket: str = DEFAULT_POD_RESOURCES_SOCKET
+    vendor: Mapping[str, Any] = field(default_factory=dict)
+    source: str = "<defaults>"
+
+    @property
+    def kubelet_socket_path(self) -> Path:
+        return Path(self.plugin_dir) / self.kubelet_socket
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+_CHOICES = {"log_format": ("human", "json"), "log_level": ("debug", "info", "warning", "error")}
+_FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("source",)}
+
+
+def _coerce(source: str, key: str, value: Any, expected: type, from_env: bool) -> Any:
+    where = f"{source}: key {key!r}"
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return value.lower() in ("1", "true", "yes")
+        raise ConfigError(f"{where}: expected true or false, got {show(value)}"
+                          + (" (quoted, so a string)" if isinstance(value, str) and not from_env else ""))
+    if expected is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number of seconds, got {show(value)}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{where}: expected a number of seconds, got {show(value)}") from None
+        if not math.isfinite(number) or number <= 0:
+            raise ConfigError(f"{where}: expected a positive number, got {show(value)}")
+        return number
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {show(value)}")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"{where}: expected one of {', '.join(_CHOICES[key])}, got {show(value)}")
+        return value
+    if value is None:  # "vendor:" with every setting commented out
+        return {}
+    if isinstance(value, str):
+        raise ConfigError(f"{where}: expected a mapping of the vendor's own settings, got the string {show(value)}; "
+                          f"the vendor is chosen on the command line (`dpkit run {clip(value, 40)}`), and "
+                          "'vendor:' holds that vendor's settings (see its page in the docs)")
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of vendor settings, got {type(value).__name__}")
+    return dict(value)
+
+
+_TYPES: dict[str, type] = {
+    "plugin_dir": str,
+    "kubelet_socket": str,
+    "state_dir": str,
+    "log_format": str,
+    "log_level": str,
+    "probe_heartbeat_timeout": float,
+    "register_backoff_max": float,
+    "vendor_call_timeout": float,
+    "vendor_scan_timeout": float,
+    "metrics_address": str,
+    "cdi_dir": str,
+    "cdi_allocate": bool,
+    "nfd_features_dir": str,
+    "pod_resources_socket": str,
+    "vendor": dict,
+}
+assert set(_TYPES) == set(_FIELDS), "every Config field needs a type for validation"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``:port`` (all interfaces); ConfigError naming the key."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"key 'metrics_address': expected host:port (e.g. 0.0.0.0:9400), got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if ":" in host and not address.startswith("["):
+        raise ConfigError(f"key 'metrics_address': write an IPv6 host in brackets, like [::]:9400; got {address!r}")
+    return host or "0.0.0.0", int(port_text)
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A file's UTF-8 text, at most :data:`MAX_FILE_BYTES`; ConfigError naming the file and its purpose."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: {what} is larger than {MAX_FILE_BYTES // 1024} KiB; refusing to read it")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text (byte {exc.start})") from None
+
+
+def _at(mark: Any) -> str:
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _check_shape(text: str, where: str) -> None:
+    """Refuse, from the parser's events alone, a document too deep or whose aliases expand too far.
+
+    Aliases are not copied by the loader, but every consumer that walks or prints the result
+    expands them (a 655-byte "billion laughs" file becomes gigabytes), so the expanded size is
+    what is bounded. This pass builds no objects and stops at the first excess.
+    """
+    sizes: dict[str, int] = {}  # anchor -> nodes it expands to
+    stack: list[list[Any]] = []  # [anchor, nodes so far] of each open mapping or list
+    total = 0
+    for event in yaml.parse(text, Loader=_LOADER):
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(stack) >= MAX_DEPTH:
+                raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels{_at(event.start_mark)}")
+            stack.append([event.anchor, 1])
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, size = stack.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, size = event.anchor, 1
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, size = None, sizes.get(event.anchor or "", 1)
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = size
+        if stack:
+            stack[-1][1] += size
+            current = stack[-1][1]
+        else:
+            total += size
+            current = total
+        if current > MAX_NODES:
+            raise ConfigError(f"{where}: more than {MAX_NODES} values once aliases are expanded"
+                              f"{_at(event.start_mark)}; write the values out or use fewer aliases")
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML (safe subset), within the bounds above; ConfigError naming ``where`` and the line and column."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_FILE_BYTES // 1024} KiB; refusing to read it")
+    try:
+        _check_shape(text, where)
+        return yaml.load(text, Loader=_LOADER)  # _LOADER is a safe loader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(clip(f"{where}: not valid YAML{_at(mark)}: {getattr(exc, 'problem', None) or exc}")) from exc
+    except (ValueError, RecursionError, OverflowError, MemoryError) as exc:  # e.g. an integer over 4300 digits
+        raise ConfigError(clip(f"{where}: cannot read a value: {exc}")) from None
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (if given), then apply ``DPKIT_<KEY>`` overrides from ``environ``."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        raw = parse_yaml(read_text(path, "config file"), source)
+        if raw is None:  # an empty file (or only comments): most likely a ConfigMap key gone wrong
+            log.warning(f"{source}: the config file is empty; running with the defaults")
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of settings at the top level, got {type(raw).__name__}")
+        for key, value in raw.items():
+            if key not in _TYPES:
+                known = ", ".join(sorted(_TYPES))
+                raise ConfigError(f"{source}: unknown key {show(key)} (known keys: {known})")
+            values[key] = _coerce(source, key, value, _TYPES[key], from_env=False)
+    for key, expected in _TYPES.items():
+        name = ENV_PREFIX + key.upper()
+        if name in environ and expected is not dict:
+            values[key] = _coerce(f"environment {name}", key, environ[name], expected, from_env=True)
+    if values.get("metrics_address"):
+        where = f"environment {ENV_PREFIX}METRICS_ADDRESS" if ENV_PREFIX + "METRICS_ADDRESS" in environ else source
+        try:
+            parse_address(values["metrics_address"])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return Config(**values, source=source)

@@ -1,0 +1,1 @@
+"""Tools: the CLI, diagnostics, the demo and the kubelet emulator."""

@@ -1,0 +1,157 @@
+"""The built-in simulated vendor: devices from a YAML file, with scripted health changes and hotplug.
+
+It drives ``dpkit demo`` and the core's tests, and is the smallest complete example of a vendor.
+Config (the ``vendor:`` section): ``devices_file`` (default: the embedded demo node),
+``device_node`` (host device node given to containers, default ``/dev/null``),
+``script`` (true to play the file's script, default true).
+
+Booleans are strict (YAML ``true``/``false`` only): a quoted ``'false'`` is a string, and reading
+it as true would advertise a device the file says is broken.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+from dpkit.core.support.config import parse_yaml, read_text, show
+from dpkit.core.vendorapi.device import ContainerSpec, Device, DeviceNode, Health, Snapshot
+from dpkit.core.vendorapi.errors import ConfigError, ValidationError
+from dpkit.core.vendorapi.vendor import EventSink, Finding, Vendor
+
+DEFAULT_FILE = "demo.yaml"
+
+
+def _flag(value: Any, where: str) -> bool:
+    """A YAML boolean and nothing else."""
+    if isinstance(value, bool):
+        return value
+    hint = " (quoted, so a string: write true or false without quotes)" if isinstance(value, str) else ""
+    raise ConfigError(f"{where}: expected true or false, got {type(value).__name__} {show(value)}{hint}")
+
+
+def _load(config: Mapping[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]], str]:
+    path = config.get("devices_file")
+    if path is None:
+        text = resources.files("dpkit.core.tools").joinpath("data", DEFAULT_FILE).read_text()
+        where = f"<embedded {DEFAULT_FILE}>"
+    else:
+        where = str(path)
+        text = read_text(path, "vendor.devices_file")
+    data = parse_yaml(text, where) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("resources"), dict):
+        raise ConfigError(f"{where}: expected a 'resources' mapping of resource name -> device list")
+    script = data.get("script", [])
+    if not isinstance(script, list):
+        raise ConfigError(f"{where}: 'script' must be a list of steps")
+    return data["resources"], script, where
+
+
+class SimulatedVendor(Vendor):
+    """A vendor with no hardware: the demo and the tests' stand-in for a driver."""
+
+    name = "sim"
+    description = "simulated devices from a YAML file (demo and tests)"
+    poll_interval = 0.0
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        super().__init__(config)
+        unknown = set(self.config) - {"devices_file", "device_node", "script"}
+        if unknown:
+            raise ConfigError(f"vendor: unknown key(s) {', '.join(sorted(unknown))} for vendor sim "
+                              "(known: devices_file, device_node, script)")
+        self.device_node = str(self.config.get("device_node", "/dev/null"))
+        self.play_script = _flag(self.config.get("script", True), "vendor: key 'script'")
+        raw, self.script, self.where = _load(self.config)
+        self._lock = threading.Lock()
+        self._devices: dict[str, dict[str, Device]] = {}
+        for resource, entries in raw.items():
+            if not isinstance(entries, list):
+                raise ConfigError(f"{self.where}: resources.{resource}: expected a list of devices")
+            self._devices[resource] = {}
+            for index, entry in enumerate(entries):
+                device = self._device(entry, f"resources.{resource}[{index}]")
+                self._devices[resource][device.id] = device
+        for index, step in enumerate(self.script):
+            self._check_step(step, f"script[{index}]")
+        self.script_done = threading.Event()
+
+    def _check_step(self, step: Any, where: str) -> None:
+        """Every step checked at load, so a typo fails ``dpkit run`` instead of the watch thread later."""
+        if not isinstance(step, dict):
+            raise ConfigError(f"{self.where}: {where}: expected a mapping (health, add or remove)")
+        try:
+            float(step.get("at", 0))
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{self.where}: {where}.at: expected seconds, got {show(step.get('at'))}") from None
+        for kind, keys in (("health", ("resource", "id")), ("add", ("resource", "device")),
+                           ("remove", ("resource", "id"))):
+            if kind not in step:
+                continue
+            body = step[kind]
+            if not isinstance(body, dict) or any(k not in body for k in keys):
+                raise ConfigError(f"{self.where}: {where}.{kind}: expected a mapping with {' and '.join(keys)}")
+            if kind == "health":
+                _flag(body.get("healthy", True), f"{self.where}: {where}.health.healthy")
+            if kind == "add":
+                self._device(body["device"], f"{where}.add.device")
+            return
+        raise ConfigError(f"{self.where}: {where}: expected one of health, add, remove")
+
+    def _device(self, entry: Any, where: str) -> Device:
+        if not isinstance(entry, dict) or "id" not in entry:
+            raise ConfigError(f"{self.where}: {where}: expected a mapping with an 'id'")
+        try:
+            numa = entry.get("numa")
+            return Device(
+                id=str(entry["id"]),
+                health=Health.HEALTHY if _flag(entry.get("healthy", True), f"{self.where}: {where}.healthy")
+                else Health.UNHEALTHY,
+                numa_nodes=() if numa is None else (int(numa),),
+                spec=ContainerSpec(
+                    devices=(DeviceNode(self.device_node, f"/dev/sim/{entry['id']}", "rw"),),
+                    env={"SIM_VISIBLE_DEVICES": str(entry["id"])},
+                ),
+                attributes={"model": str(entry.get("model", "simulated"))},
+            )
+        except (ValidationError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{self.where}: {where}: {exc}") from exc
+
+    def discover(self) -> Snapshot:
+        with self._lock:
+            return {r: tuple(devs.values()) for r, devs in self._devices.items()}
+
+    def explain(self) -> Sequence[Finding]:
+        return [Finding(subject=self.where, advertised=True, reason="simulated devices, no hardware involved")]
+
+    def watch(self, sink: EventSink, stop: threading.Event) -> None:
+        if not self.play_script:
+            stop.wait()
+            return
+        started = time.monotonic()
+        for step in self.script:
+            delay = float(step.get("at", 0)) - (time.monotonic() - started)
+            if delay > 0 and stop.wait(delay):
+                return
+            self._play(step, sink)
+        self.script_done.set()
+        stop.wait()
+
+    def _play(self, step: Mapping[str, Any], sink: EventSink) -> None:
+        if "health" in step:
+            h = step["health"]
+            health = Health.HEALTHY if h.get("healthy", True) else Health.UNHEALTHY
+            sink.health(h["resource"], h["id"], health, str(h.get("reason", "")))
+            return
+        with self._lock:
+            if "add" in step:
+                a = step["add"]
+                device = self._device(a["device"], "script add")
+                self._devices.setdefault(a["resource"], {})[device.id] = device
+            elif "remove" in step:
+                r = step["remove"]
+                self._devices.get(r["resource"], {}).pop(r["id"], None)
+        sink.snapshot(self.discover())

@@ -1,0 +1,1 @@
+"""The vendor API: what a vendor package implements and hands the core."""
