@@ -186,9 +186,6 @@ class EventBus:
                     events.append(event)
         return events
 
-    def pending_probe_messages(self) -> bool:
-        return bool(int(self._ipc.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
-
     def close(self) -> None:
         self._ipc.close(0)
         self.context.term()

@@ -233,8 +233,7 @@ class RetryTimer:
 
     For writes that failed for a reason outside dpkit (full or read-only disk): they must be
     redone when the cause clears, not only at the next device change. ``arm`` starts the
-    retries (idempotent), ``disarm`` stops them after a success elsewhere; ``action`` returns
-    True when nothing is left to retry. The thread starts on the first ``arm``.
+    retries (idempotent); ``action`` returns True when nothing is left to retry. The thread starts on the first ``arm``.
     """
 
     def __init__(self, action: Callable[[], bool], name: str, first: float = 1.0, longest: float = 60.0) -> None:
@@ -246,7 +245,6 @@ class RetryTimer:
         self._due: float | None = None  # monotonic time of the next attempt; None when idle
         self._delay = first
         self._closed = False
-        self._generation = 0  # bumped by disarm: a running attempt must not re-arm
         self._thread: threading.Thread | None = None
         self.attempts = 0
 
@@ -260,13 +258,6 @@ class RetryTimer:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-            self._cond.notify_all()
-
-    def disarm(self) -> None:
-        with self._cond:
-            self._generation += 1
-            self._due = None
-            self.attempts = 0
             self._cond.notify_all()
 
     def next_in(self) -> float | None:
@@ -291,7 +282,6 @@ class RetryTimer:
                     return
                 self._due = None  # an arm() while the action runs schedules afresh
                 self.attempts += 1
-                generation = self._generation
             try:
                 done = self._action()
             except Exception:
@@ -300,6 +290,6 @@ class RetryTimer:
             with self._cond:
                 if done and self._due is None:
                     self.attempts = 0
-                elif not done and self._due is None and generation == self._generation and not self._closed:
+                elif not done and self._due is None and not self._closed:
                     self._delay = min(self._delay * 2, self._longest)
                     self._due = time.monotonic() + self._delay

@@ -71,7 +71,6 @@ class Endpoint:
     devices: dict[str, DeviceState] = field(default_factory=dict)
     connected: bool = True
     updates: int = 0
-    last_update: float = 0.0
     stream: Any = None
 
 
@@ -248,7 +247,6 @@ class Kubelet:
                         d.ID: DeviceState(d.health, tuple(n.ID for n in d.topology.nodes)) for d in response.devices
                     }
                     ep.updates += 1
-                    ep.last_update = time.monotonic()
                     self._cond.notify_all()
         except grpc.RpcError:
             pass

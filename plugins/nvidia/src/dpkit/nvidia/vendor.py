@@ -60,7 +60,6 @@ class NvidiaVendor(Vendor):
         self._inventory: inventory.Inventory | None = None
         self._topology = topology.Topology((), ())
         self._nvml_error: nodeinfo.NvmlUnavailable | None = None
-        self._discoveries = 0
         self._failures = 0
         self._quiet = False  # discovery for explain/doctor: they print the reason themselves
         for note in self.settings.notes:
@@ -71,7 +70,6 @@ class NvidiaVendor(Vendor):
     # -- discovery -------------------------------------------------------------------------
     def discover(self) -> Snapshot:
         """Every resource and device; when NVML fails after having worked, raise to keep the last list."""
-        self._discoveries += 1
         try:
             node = self.reader.read(topology=True)
         except nodeinfo.NvmlUnavailable as exc:

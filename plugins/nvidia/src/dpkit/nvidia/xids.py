@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from dpkit.core import ConfigError
 
@@ -45,15 +44,6 @@ class XidPolicy:
     def probe_wanted(self) -> bool:
         """Health checks stay on unless everything is disabled and nothing explicitly enabled."""
         return not self.checks_disabled or self.enable_all or bool(self.enabled)
-
-    def as_config(self) -> dict[str, Any]:
-        return {"checks_disabled": self.checks_disabled, "xids_disabled": self.xids_disabled,
-                "ignored": sorted(self.ignored), "enabled": sorted(self.enabled), "enable_all": self.enable_all}
-
-    @classmethod
-    def from_config(cls, raw: Mapping[str, Any]) -> XidPolicy:
-        return cls(bool(raw["checks_disabled"]), bool(raw["xids_disabled"]), frozenset(raw["ignored"]),
-                   frozenset(raw["enabled"]), bool(raw["enable_all"]))
 
 
 def _tokens(name: str, value: str) -> tuple[set[str], set[int]]:
