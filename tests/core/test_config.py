@@ -37,7 +37,7 @@ def test_file_and_env_overrides(tmp_path):
     ("probe_heartbeat_timeout: .nan\n", "key 'probe_heartbeat_timeout': expected a positive number"),
     ("register_backoff_max: .inf\n", "key 'register_backoff_max': expected a positive number"),
     ("cdi_allocate: maybe\n", "key 'cdi_allocate': expected true or false"),
-    ("plugn_dir: /x\n", "unknown key 'plugn_dir'"),
+    ("plugn_dir: /x\n", "key 'plugn_dir': unknown key (did you mean 'plugin_dir'?)"),
     ("vendor: [1, 2]\n", "key 'vendor': expected a mapping"),
     ("- a\n- b\n", "expected a mapping of settings at the top level"),
     ("plugin_dir: [unclosed\n", "not valid YAML at line"),
@@ -130,7 +130,7 @@ def test_sim_booleans_are_strict(tmp_path, text, where):
 
 
 def test_sim_script_flag_is_strict():
-    with pytest.raises(ConfigError, match=r"vendor: key 'script': expected true or false, got str 'false' \(quoted"):
+    with pytest.raises(ConfigError, match=r"vendor.script: expected true or false, got str 'false' \(quoted"):
         SimulatedVendor({"script": "false"})
 
 

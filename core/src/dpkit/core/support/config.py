@@ -1,8 +1,9 @@
 """Core configuration: one YAML file plus ``DPKIT_*`` environment overrides, validated on load.
 
-Every error names the file (or variable), the key and what was expected, so an operator can
-fix a ConfigMap without reading code. The ``vendor:`` section is passed to the vendor as is;
-the vendor validates it.
+:class:`Config` declares each key's type, range and default; :mod:`dpkit.core.support.schema`
+converts the file (and the variables) into it, so every error names the file (or variable), the
+key and what was expected, and a misspelt key gets a did-you-mean. The ``vendor:`` section is
+passed to the vendor as is; the vendor declares and validates its own.
 
 Files are read with bounds (size, nesting depth, alias expansion, message length), because a
 config or devices file may come from anywhere a ConfigMap can, and SIGHUP re-reads it while the
@@ -12,17 +13,17 @@ plugin serves: a hostile file must be refused cheaply, never expanded.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from msgspec import Meta
 
 from dpkit.core.support.logs import get_logger
+from dpkit.core.support.schema import load_section, show
 from dpkit.core.vendorapi.errors import ConfigError
 
 DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
@@ -34,19 +35,12 @@ MAX_FILE_BYTES = 1024 * 1024  # a config or devices file; larger ones are refuse
 MAX_DEPTH = 64  # nested mappings and lists
 MAX_NODES = 250_000  # values after every alias is expanded (about what 1 MiB holds without aliases)
 MAX_MESSAGE = 500  # characters of file content quoted in an error
+MAX_SECONDS = 7 * 86400  # a timeout or interval; larger ones overflow the waits they feed
+Seconds = Annotated[float, Meta(gt=0, le=MAX_SECONDS, description="a number of seconds")]
 
 log = get_logger("config")
 # The C parser when PyYAML has it (much faster on big devices files); the bounds below hold for both.
 _LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_REPR = reprlib.Repr()
-_REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 80, 80, 2, 5, 5
-
-
-def show(value: Any) -> str:
-    """A bounded repr for error messages: a value from a file may be huge or deeply shared."""
-    return _REPR.repr(value)
-
-
 def clip(text: str, limit: int = MAX_MESSAGE) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -58,12 +52,12 @@ class Config:
     plugin_dir: str = DEFAULT_PLUGIN_DIR
     kubelet_socket: str = "kubelet.sock"  # relative to plugin_dir unless absolute
     state_dir: str = "/run/dpkit"  # control and event sockets (0600, in dpkit's own private dir; see files.py)
-    log_format: str = "human"  # human | json
-    log_level: str = "info"
-    probe_heartbeat_timeout: float = 10.0
-    register_backoff_max: float = 5.0
-    vendor_call_timeout: float = 10.0  # every vendor hook but the hardware scans and watch
-    vendor_scan_timeout: float = 60.0  # discover, probes, explain, doctor: scans of the whole node
+    log_format: Literal["human", "json"] = "human"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    probe_heartbeat_timeout: Seconds = 10.0
+    register_backoff_max: Seconds = 5.0
+    vendor_call_timeout: Seconds = 10.0  # every vendor hook but the hardware scans and watch
+    vendor_scan_timeout: Seconds = 60.0  # discover, probes, explain, doctor: scans of the whole node
     metrics_address: str = ""  # host:port; empty disables the endpoint
     cdi_dir: str = "/var/run/cdi"  # empty disables CDI spec files
     cdi_allocate: bool = False  # answer Allocate with cdi_devices instead of raw specs
@@ -80,64 +74,8 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-_CHOICES = {"log_format": ("human", "json"), "log_level": ("debug", "info", "warning", "error")}
-_FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("source",)}
-
-
-def _coerce(source: str, key: str, value: Any, expected: type, from_env: bool) -> Any:
-    where = f"{source}: key {key!r}"
-    if expected is bool:
-        if isinstance(value, bool):
-            return value
-        if from_env and isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
-            return value.lower() in ("1", "true", "yes")
-        raise ConfigError(f"{where}: expected true or false, got {show(value)}"
-                          + (" (quoted, so a string)" if isinstance(value, str) and not from_env else ""))
-    if expected is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number of seconds, got {show(value)}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{where}: expected a number of seconds, got {show(value)}") from None
-        if not math.isfinite(number) or number <= 0:
-            raise ConfigError(f"{where}: expected a positive number, got {show(value)}")
-        return number
-    if expected is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {show(value)}")
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"{where}: expected one of {', '.join(_CHOICES[key])}, got {show(value)}")
-        return value
-    if value is None:  # "vendor:" with every setting commented out
-        return {}
-    if isinstance(value, str):
-        raise ConfigError(f"{where}: expected a mapping of the vendor's own settings, got the string {show(value)}; "
-                          f"the vendor is chosen on the command line (`dpkit run {clip(value, 40)}`), and "
-                          "'vendor:' holds that vendor's settings (see its page in the docs)")
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of vendor settings, got {type(value).__name__}")
-    return dict(value)
-
-
-_TYPES: dict[str, type] = {
-    "plugin_dir": str,
-    "kubelet_socket": str,
-    "state_dir": str,
-    "log_format": str,
-    "log_level": str,
-    "probe_heartbeat_timeout": float,
-    "register_backoff_max": float,
-    "vendor_call_timeout": float,
-    "vendor_scan_timeout": float,
-    "metrics_address": str,
-    "cdi_dir": str,
-    "cdi_allocate": bool,
-    "nfd_features_dir": str,
-    "pod_resources_socket": str,
-    "vendor": dict,
-}
-assert set(_TYPES) == set(_FIELDS), "every Config field needs a type for validation"
+#: every key but ``vendor`` can be set by ``DPKIT_<KEY>``
+_ENV = {ENV_PREFIX + f.name.upper(): f.name for f in dataclasses.fields(Config) if f.name not in ("vendor", "source")}
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -225,7 +163,7 @@ def parse_yaml(text: str, where: str) -> Any:
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read ``path`` (if given), then apply ``DPKIT_<KEY>`` overrides from ``environ``."""
     environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
+    raw: Any = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
@@ -235,19 +173,26 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raw = {}
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: expected a mapping of settings at the top level, got {type(raw).__name__}")
-        for key, value in raw.items():
-            if key not in _TYPES:
-                known = ", ".join(sorted(_TYPES))
-                raise ConfigError(f"{source}: unknown key {show(key)} (known keys: {known})")
-            values[key] = _coerce(source, key, value, _TYPES[key], from_env=False)
-    for key, expected in _TYPES.items():
-        name = ENV_PREFIX + key.upper()
-        if name in environ and expected is not dict:
-            values[key] = _coerce(f"environment {name}", key, environ[name], expected, from_env=True)
-    if values.get("metrics_address"):
+        raw = _vendor_section(raw, source)
+    config = load_section(raw, Config, source=source if path is not None else "", environ=environ, env=_ENV)
+    if config.metrics_address:
         where = f"environment {ENV_PREFIX}METRICS_ADDRESS" if ENV_PREFIX + "METRICS_ADDRESS" in environ else source
         try:
-            parse_address(values["metrics_address"])
+            parse_address(config.metrics_address)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-    return Config(**values, source=source)
+    return dataclasses.replace(config, source=source)
+
+
+def _vendor_section(raw: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+    """``vendor:`` left empty means no settings; a vendor's name there gets a hint; ``source`` is no key."""
+    if "source" in raw:
+        raise ConfigError(f"{source}: key 'source': unknown key (known keys: {', '.join(sorted(_ENV.values()))})")
+    value = raw.get("vendor", {})
+    if value is None:  # "vendor:" with every setting commented out
+        return {k: v for k, v in raw.items() if k != "vendor"}
+    if isinstance(value, str):
+        raise ConfigError(f"{source}: key 'vendor': expected a mapping of the vendor's own settings, got the string "
+                          f"{show(value)}; the vendor is chosen on the command line (`dpkit run {clip(value, 40)}`), "
+                          "and 'vendor:' holds that vendor's settings (see its page in the docs)")
+    return raw

@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 
-from dpkit.core.support.config import parse_yaml, read_text, show
+from dpkit.core.support.config import parse_yaml, read_text
+from dpkit.core.support.schema import Section, load_section, show
 from dpkit.core.vendorapi.device import ContainerSpec, Device, DeviceNode, Health, Snapshot
 from dpkit.core.vendorapi.errors import ConfigError, ValidationError
 from dpkit.core.vendorapi.vendor import EventSink, Finding, Vendor
@@ -33,8 +34,16 @@ def _flag(value: Any, where: str) -> bool:
     raise ConfigError(f"{where}: expected true or false, got {type(value).__name__} {show(value)}{hint}")
 
 
-def _load(config: Mapping[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]], str]:
-    path = config.get("devices_file")
+class SimSettings(Section, frozen=True):
+    """The ``vendor:`` section of the simulated vendor."""
+
+    devices_file: str | None = None  # None: the embedded demo node
+    device_node: str = "/dev/null"
+    script: bool = True
+
+
+def _load(config: SimSettings) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]], str]:
+    path = config.devices_file
     if path is None:
         text = resources.files("dpkit.core.tools").joinpath("data", DEFAULT_FILE).read_text()
         where = f"<embedded {DEFAULT_FILE}>"
@@ -59,13 +68,10 @@ class SimulatedVendor(Vendor):
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         super().__init__(config)
-        unknown = set(self.config) - {"devices_file", "device_node", "script"}
-        if unknown:
-            raise ConfigError(f"vendor: unknown key(s) {', '.join(sorted(unknown))} for vendor sim "
-                              "(known: devices_file, device_node, script)")
-        self.device_node = str(self.config.get("device_node", "/dev/null"))
-        self.play_script = _flag(self.config.get("script", True), "vendor: key 'script'")
-        raw, self.script, self.where = _load(self.config)
+        settings = load_section(self.config, SimSettings, root="vendor")
+        self.device_node = settings.device_node
+        self.play_script = settings.script
+        raw, self.script, self.where = _load(settings)
         self._lock = threading.Lock()
         self._devices: dict[str, dict[str, Device]] = {}
         for resource, entries in raw.items():
