@@ -109,7 +109,7 @@ def test_a_bad_vendor_value_names_its_key(key: str, value: Any) -> None:
 
 
 def test_unknown_keys_and_garbage_variables_are_named() -> None:
-    with pytest.raises(ConfigError, match=r"unknown key.*overcomit"):
+    with pytest.raises(ConfigError, match=r"vendor.overcomit: unknown key \(did you mean 'overcommit'\?\)"):
         load_settings({"overcomit": 2}, {})
     for variable in ("SHADOWSYSFS_BASEDIR", "CCS_JSON_FILE", "APSYSFS_BUSDIR"):
         with pytest.raises(ConfigError, match=variable):

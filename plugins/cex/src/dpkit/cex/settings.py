@@ -4,25 +4,29 @@ Operators moving from IBM's k8s-cex-dev-plugin keep their DaemonSet environment:
 IBM's plugin reads still means what it meant there, with IBM's range (a value outside it is moved
 to the nearest end) and IBM's fallback (a value that is not an integer as Go's ``strconv.Atoi``
 reads one is ignored with a warning). A key in the ``vendor:`` section wins over the variable
-(it is the more explicit of the two) and is checked strictly: a bad value is a
-:class:`ConfigError` naming ``vendor.<key>``, never a silent adjustment. docs/cex.md has the table.
+(it is the more explicit of the two) and is checked strictly against the types and ranges
+:class:`CexSettings` declares: a bad value is a :class:`ConfigError` naming ``vendor.<key>``,
+never a silent adjustment. docs/cex.md has the table.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from dpkit.core import DEFAULT_POD_RESOURCES_SOCKET, ConfigError, get_logger, kv
+from dpkit.core import DEFAULT_POD_RESOURCES_SOCKET, ConfigError, Meta, get_logger, kv, load_section
 
 log = get_logger("cex.settings")
 
 MAX_OVERCOMMIT = 100
 DEFAULT_CONFIG_FILE = "/config/cex_resources.json"
+
+AbsPath = Annotated[str, Meta(pattern="^/", description="an absolute path")]
+Seconds = Annotated[float, Meta(gt=0, description="a number of seconds")]
+Grace = Annotated[float, Meta(ge=0, description="a number of seconds")]  # 0: remove at once
 
 
 @dataclass(frozen=True)
@@ -33,24 +37,24 @@ class CexSettings:
     ``bus/ap``, ``devices/ap`` and ``class/zcrypt`` below ``sysfs_root`` (see the properties).
     """
 
-    config_file: str = DEFAULT_CONFIG_FILE
-    sysfs_root: str = "/sys"
-    ap_bus_dir: str = ""
-    ap_devices_dir: str = ""
-    zcrypt_class_dir: str = ""
-    dev_dir: str = "/dev"
-    sysinfo_path: str = "/proc/sysinfo"
-    pod_resources_socket: str = DEFAULT_POD_RESOURCES_SOCKET
+    config_file: AbsPath = DEFAULT_CONFIG_FILE
+    sysfs_root: AbsPath = "/sys"
+    ap_bus_dir: AbsPath = ""
+    ap_devices_dir: AbsPath = ""
+    zcrypt_class_dir: AbsPath = ""
+    dev_dir: AbsPath = "/dev"
+    sysinfo_path: AbsPath = "/proc/sysinfo"
+    pod_resources_socket: AbsPath = DEFAULT_POD_RESOURCES_SOCKET
     shadow_sysfs: bool = True
-    shadow_dir: str = "/var/tmp/shadowsysfs"
+    shadow_dir: AbsPath = "/var/tmp/shadowsysfs"
     live_sysfs: bool = True
-    overcommit: int = 1
-    poll_interval: float = 5.0
-    config_check_interval: float = 10.0
-    reconcile_interval: float = 30.0
-    delete_unused_after: float = 120.0
-    delete_never_used_after: float = 1800.0
-    node_timeout: float = 5.0
+    overcommit: Annotated[int, Meta(ge=1, le=MAX_OVERCOMMIT)] = 1
+    poll_interval: Seconds = 5.0
+    config_check_interval: Seconds = 10.0
+    reconcile_interval: Seconds = 30.0
+    delete_unused_after: Grace = 120.0
+    delete_never_used_after: Grace = 1800.0
+    node_timeout: Seconds = 5.0
     uevents: bool = True
 
     @property
@@ -106,10 +110,6 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CEX_PROM_EXPORTER_COLLECTOR_SERVICE_PORT", None, 12358, 0),
 )
 
-_FIELDS = {f.name: f for f in dataclasses.fields(CexSettings)}
-_PATHS = ("config_file", "sysfs_root", "ap_bus_dir", "ap_devices_dir", "zcrypt_class_dir", "dev_dir",
-          "sysinfo_path", "pod_resources_socket", "shadow_dir")
-_ZERO_OK = ("delete_unused_after", "delete_never_used_after")
 _GO_INT = re.compile(r"^[+-]?[0-9]+$")
 _INT64 = 2**63
 
@@ -133,7 +133,9 @@ def _from_env(var: EnvVar, raw: str) -> Any:
         if not raw:  # IBM would use an empty path as is and fail on it; unset is what was meant
             log.warning("empty environment variable ignored", extra=kv(variable=var.name))
             return None
-        return _path(f"environment {var.name}", raw)
+        if not raw.startswith("/"):
+            raise ConfigError(f"environment {var.name}: key 'vendor.{var.key}': expected an absolute path, got {raw!r}")
+        return raw
     number = go_atoi(raw)
     if number is None:
         log.warning("environment variable is not an integer; ignored, as IBM's plugin ignores it",
@@ -148,38 +150,8 @@ def _from_env(var: EnvVar, raw: str) -> Any:
     return number if var.key == "overcommit" else float(number)
 
 
-def _path(where: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("/"):
-        raise ConfigError(f"{where}: expected an absolute path, got {value!r}")
-    return value
-
-
-def _from_config(key: str, value: Any) -> Any:
-    where = f"vendor.{key}"
-    if key in _PATHS:
-        return _path(where, value)
-    kind = _FIELDS[key].type
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_OVERCOMMIT:
-            raise ConfigError(f"{where}: expected an integer from 1 to {MAX_OVERCOMMIT}, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where}: expected a number of seconds, got {value!r}")
-    if value < 0 or (value == 0 and key not in _ZERO_OK):
-        raise ConfigError(f"{where}: expected a positive number of seconds, got {value!r}")
-    return float(value)
-
-
 def load_settings(config: Mapping[str, Any], environ: Mapping[str, str]) -> CexSettings:
     """Defaults, then IBM's variables from ``environ``, then the ``vendor:`` section."""
-    unknown = sorted(set(config) - set(_FIELDS))
-    if unknown:
-        raise ConfigError(f"vendor: unknown key(s) {', '.join(unknown)} for vendor cex "
-                          f"(known: {', '.join(sorted(_FIELDS))})")
     values: dict[str, Any] = {}
     for var in ENV_VARS:
         if var.name not in environ:
@@ -191,6 +163,4 @@ def load_settings(config: Mapping[str, Any], environ: Mapping[str, str]) -> CexS
         value = _from_env(var, environ[var.name])
         if value is not None:
             values[var.key] = value
-    for key, value in config.items():
-        values[key] = _from_config(key, value)
-    return CexSettings(**values)
+    return load_section({**values, **config}, CexSettings, root="vendor")
