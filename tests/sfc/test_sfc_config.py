@@ -44,7 +44,7 @@ def test_full_config() -> None:
 
 
 @pytest.mark.parametrize(("raw", "key"), [
-    ({"colour": "blue"}, "vendor: unknown key(s) colour"),
+    ({"colour": "blue"}, "vendor.colour: unknown key"),
     ({"resource": "nodomain"}, "vendor.resource"),
     ({"resource": "kubernetes.io/nic"}, "vendor.resource"),
     ({"slots": 0}, "vendor.slots"),
@@ -60,7 +60,8 @@ def test_full_config() -> None:
     ({"pools": [{"interfaces": ["x"]}]}, "vendor.pools[0].resource"),
     ({"pools": [{"resource": "a.com/b"}]}, "vendor.pools[0]: a pool needs"),
     ({"pools": [{"resource": "a.com/b", "interfaces": ["x"], "slots": -1}]}, "vendor.pools[0].slots"),
-    ({"pools": [{"resource": "a.com/b", "interface": ["x"]}]}, "vendor.pools[0]: unknown key(s) interface"),
+    ({"pools": [{"resource": "a.com/b", "interface": ["x"]}]},
+     "vendor.pools[0].interface: unknown key (did you mean 'interfaces'?)"),
     ({"pools": [{"resource": "solarflare.com/sfc", "interfaces": ["x"]}]}, "vendor.pools[0].resource"),
     ({"onload": []}, "vendor.onload"),
     ({"onload": {"required": "yes"}}, "vendor.onload.required"),
@@ -71,7 +72,7 @@ def test_full_config() -> None:
     ({"onload": {"env": {"EF_POLL_USEC": [1]}}}, "vendor.onload.env.EF_POLL_USEC"),
     ({"onload": {"env": {"EF_X": "a\nb"}}}, "vendor.onload.env.EF_X"),
     ({"onload": {"env": "EF_X=1"}}, "vendor.onload.env"),
-    ({"onload": {"lib": "/x"}}, "vendor.onload: unknown key(s) lib"),
+    ({"onload": {"lib": "/x"}}, "vendor.onload.lib: unknown key"),
     ({"sys_root": ""}, "vendor.sys_root"),
     ({"dev_root": 5}, "vendor.dev_root"),
     ({"udev_source": "netlink"}, "vendor.udev_source"),

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from dpkit.core.integrations.podresources import Holder, PodResourcesClient, PodResourcesError
     from dpkit.core.support.config import DEFAULT_POD_RESOURCES_SOCKET, load_config
     from dpkit.core.support.logs import get_logger, kv, setup_logging
-    from dpkit.core.support.schema import Invalid, Meta, Section, force_setattr, load_section, setting
+    from dpkit.core.support.schema import Derived, Invalid, Meta, Section, force_setattr, load_section, setting
     from dpkit.core.vendorapi.device import ContainerSpec, Device, DeviceNode, Health, Mount, Snapshot, merge_specs
     from dpkit.core.vendorapi.errors import AllocationError, ConfigError, DpkitError, ValidationError, VendorError
     from dpkit.core.vendorapi.validation import (
@@ -37,7 +37,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("check_resource_name", "check_device_id", "check_host_path", "check_annotation_key",
                      "MAX_DEVICE_ID"), "dpkit.core.vendorapi.validation"),
     **dict.fromkeys(("get_logger", "kv", "setup_logging"), "dpkit.core.support.logs"),
-    **dict.fromkeys(("Section", "Meta", "Invalid", "load_section", "setting", "force_setattr"),
+    **dict.fromkeys(("Section", "Meta", "Derived", "Invalid", "load_section", "setting", "force_setattr"),
                     "dpkit.core.support.schema"),
     **dict.fromkeys(("load_config", "DEFAULT_POD_RESOURCES_SOCKET"), "dpkit.core.support.config"),
     **dict.fromkeys(("Holder", "PodResourcesClient", "PodResourcesError"), "dpkit.core.integrations.podresources"),
@@ -50,6 +50,7 @@ __all__ = [
     "Check",
     "ConfigError",
     "ContainerSpec",
+    "Derived",
     "Device",
     "DeviceNode",
     "DpkitError",

@@ -27,12 +27,14 @@ from msgspec.structs import force_setattr
 
 from dpkit.core.vendorapi.errors import ConfigError
 
-__all__ = ["Invalid", "Meta", "Section", "force_setattr", "load_section", "setting", "show"]
+__all__ = ["Derived", "Invalid", "Meta", "Section", "force_setattr", "load_section", "setting", "show"]
 
 T = TypeVar("T")
 setting = msgspec.field  # a default and, where the file's key is no Python name, ``name="class"``
 _MARK = "\x1f"  # separates the key an Invalid names from its message inside msgspec's error text
 _BOOL_WORDS = {"1": True, "t": True, "true": True, "yes": True, "0": False, "f": False, "false": False, "no": False}
+#: marks a field that ``__post_init__`` fills from others: ``x: Annotated[T, Derived] = None``; no key sets it
+Derived = Meta(extra={"dpkit": "derived"})
 _REPR = reprlib.Repr()
 _REPR.maxstring, _REPR.maxother, _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 80, 80, 2, 5, 5
 
@@ -139,7 +141,7 @@ def _check_keys(value: Any, kind: mi.Type, path: str, where: _Where) -> None:
                 _check_keys(value, member, path, where)
                 return
     elif isinstance(kind, (mi.StructType, mi.DataclassType)) and isinstance(value, Mapping):
-        fields = {f.encode_name: f.type for f in kind.fields}
+        fields = {f.encode_name: f.type for f in kind.fields if not _derived(f.type)}
         for key, item in value.items():
             if key not in fields:
                 close = difflib.get_close_matches(str(key), list(fields), n=1)
@@ -152,6 +154,10 @@ def _check_keys(value: Any, kind: mi.Type, path: str, where: _Where) -> None:
     elif isinstance(kind, mi.DictType) and isinstance(value, Mapping):
         for key, item in value.items():
             _check_keys(item, kind.value_type, _join(path, str(key)), where)
+
+
+def _derived(kind: mi.Type) -> bool:
+    return isinstance(kind, mi.Metadata) and kind.extra == Derived.extra
 
 
 def _fits(value: Any, kind: mi.Type) -> bool:
