@@ -32,7 +32,7 @@ def test_selector_is_normalised() -> None:
 
 
 @pytest.mark.parametrize(("raw", "key"), [
-    ({"kvm_slot": 3}, "unknown key(s) kvm_slot"),
+    ({"kvm_slot": 3}, "vendor.kvm_slot: unknown key (did you mean 'kvm_slots'?)"),
     ({"kvm_slots": -1}, "vendor.kvm_slots"),
     ({"tun_slots": "8"}, "vendor.tun_slots"),
     ({"vhost_net_slots": True}, "vendor.vhost_net_slots"),
@@ -47,7 +47,7 @@ def test_selector_is_normalised() -> None:
     ({"pci_host_devices": [{"pci_vendor_selector": "10de:zzzz"}]}, "vendor.pci_host_devices[0].pci_vendor_selector"),
     ({"pci_host_devices": [{}]}, "vendor.pci_host_devices[0].pci_vendor_selector"),
     ({"pci_host_devices": [{"pci_vendor_selector": "10de:1eb8", "resourceName": "x"}]},
-     "vendor.pci_host_devices[0]: unknown key(s) resourceName"),
+     "vendor.pci_host_devices[0].resourceName: unknown key (did you mean 'resource_name'?)"),
     ({"pci_host_devices": [{"pci_vendor_selector": "10de:1eb8", "resource_name": "gpu"}]},
      "vendor.pci_host_devices[0].resource_name"),
     ({"pci_host_devices": [{"pci_vendor_selector": "10de:1eb8", "resource_name": "devices.kubevirt.io/kvm"}]},
