@@ -4,8 +4,10 @@
 
 For each vendor: build the wheels of core, the vendor and all their dependencies from the
 workspace into ``build/images/<vendor>/wheels`` (pip runs here, with the operator's own index,
-proxy and certificate settings), then build ``images/<vendor>/Containerfile`` with that folder
-as the context, so the image build itself needs no network. The tag is
+proxy and certificate settings), then build ``images/Containerfile``, the one template of every
+image, with that folder as the context and the vendor's facts from ``images/vendors.toml`` as
+build arguments, so the image build itself needs no network. The vendors are the packages under
+``plugins/``; one without a table in vendors.toml gets the defaults. The tag is
 ``<registry>/dpkit-<vendor>:<version of the vendor package>``. Stdlib only: it runs in a bare
 hatch environment (``hatch run images:build``) or any Python 3.11.
 
@@ -37,6 +39,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
+CONTAINERFILE = IMAGES / "Containerfile"  # the one template of every vendor's image
+VENDOR_TABLE = IMAGES / "vendors.toml"  # what differs between the vendors' images
+TABLE_KEYS = ("description", "runtime_packages", "compilers", "env")  # what a vendor's table may set
 ENGINES = ("buildah", "podman", "docker")  # first one found wins
 DEFAULT_REGISTRY = "localhost"
 # Python of the default BASE image; the wheels (grpcio, pyzmq, ...) must match it.
@@ -63,14 +68,18 @@ class BuildError(Exception):
 class VendorImage:
     """What one vendor's image is made of and called."""
 
-    vendor: str  # the directory under images/ and plugins/, also the `dpkit run` name
+    vendor: str  # the directory under plugins/, also the `dpkit run` name
     dist: str  # distribution name of the vendor package, e.g. dpkit-kvm-vfio
     version: str
     source: str  # project URL for the OCI source label; "" leaves the label out
+    description: str = ""  # "" means the default, which names the vendor
+    runtime_packages: tuple[str, ...] = ()
+    compilers: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def containerfile(self) -> Path:
-        return IMAGES / self.vendor / "Containerfile"
+        return CONTAINERFILE
 
     @property
     def package_dir(self) -> Path:
@@ -79,10 +88,67 @@ class VendorImage:
     def tag(self, registry: str) -> str:
         return f"{registry.rstrip('/')}/{self.dist}:{self.version}"
 
+    def build_args(self) -> list[tuple[str, str]]:
+        """The Containerfile's build arguments that make this vendor's image; empty lists are left
+        out (the Containerfile's default is empty)."""
+        args = [("VENDOR", self.vendor), ("VERSION", self.version), ("TITLE", self.dist),
+                ("DESCRIPTION", self.description or f"Kubernetes device plugin for {self.vendor} devices (dpkit)")]
+        args += [(name, " ".join(packages)) for name, packages in
+                 (("RUNTIME_PACKAGES", self.runtime_packages), ("COMPILERS", self.compilers)) if packages]
+        return args + list(self.env)
+
 
 def vendors() -> list[str]:
-    """Every vendor that has a Containerfile."""
-    return sorted(p.parent.name for p in IMAGES.glob("*/Containerfile"))
+    """Every vendor package under plugins/ (a new vendor's included): each has an image."""
+    return sorted(p.parent.name for p in (ROOT / "plugins").glob("*/pyproject.toml"))
+
+
+def env_args(containerfile: Path = CONTAINERFILE) -> set[str]:
+    """The build arguments ``containerfile`` turns into the image's environment (``NAME="${NAME}"`` in an
+    ENV), the only ones a vendor's ``env`` may set: any other would vanish after the build or override
+    one images/build.py sets itself."""
+    text = containerfile.read_text()
+    declared = set(re.findall(r"^ARG (\w+)", text, re.M))
+    return declared & set(re.findall(r'^(?:ENV)?\s+(\w+)="\$\{\1\}"', text, re.M))
+
+
+def _strings(where: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and re.fullmatch(r"[\w.+-]+", v) for v in value):
+        raise BuildError(f"{where} must be a list of Debian package names")
+    return tuple(value)
+
+
+def vendor_table(table: Path = VENDOR_TABLE, containerfile: Path = CONTAINERFILE) -> dict[str, dict[str, object]]:
+    """images/vendors.toml, checked: known keys, the right types, env names the Containerfile declares,
+    and no vendor without a package (a stale entry would be silently unused)."""
+    try:
+        with table.open("rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise BuildError(f"{table}: cannot read the vendors' image facts: {exc}") from exc
+    allowed = env_args(containerfile)
+    for vendor, facts in data.items():
+        where = f"{table}: [{vendor}]"
+        if vendor not in vendors():
+            raise BuildError(f"{where}: no such vendor package under plugins/")
+        if not isinstance(facts, dict):
+            raise BuildError(f"{where} must be a table")
+        unknown = set(facts) - set(TABLE_KEYS)
+        if unknown:
+            raise BuildError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(TABLE_KEYS)}")
+        if not isinstance(facts.get("description", ""), str):
+            raise BuildError(f"{where} description must be a string")
+        for key in ("runtime_packages", "compilers"):
+            _strings(f"{where} {key}", facts.get(key, []))
+        env = facts.get("env", {})
+        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            raise BuildError(f"{where} env must be a table of strings")
+        missing = sorted(set(env) - allowed)
+        if missing:
+            raise BuildError(f"{where} env {', '.join(missing)}: not an environment ARG of {containerfile} "
+                             f"(add `ARG NAME=\"\"` and `NAME=\"${{NAME}}\"` to the runtime stage's ENV; "
+                             f"today: {', '.join(sorted(allowed)) or 'none'})")
+    return data
 
 
 def _project(pyproject: Path) -> dict[str, object]:
@@ -102,7 +168,15 @@ def vendor_image(vendor: str) -> VendorImage:
     if vendor not in vendors():
         raise BuildError(f"unknown vendor {vendor!r} (images exist for: {', '.join(vendors())})")
     project = _project(ROOT / "plugins" / vendor / "pyproject.toml")
-    return VendorImage(vendor, str(project["name"]), str(project["version"]), source_url())
+    facts = vendor_table().get(vendor, {})
+    where = f"{VENDOR_TABLE}: [{vendor}]"
+    env = facts.get("env", {})
+    assert isinstance(env, dict)  # vendor_table checked it
+    return VendorImage(vendor, str(project["name"]), str(project["version"]), source_url(),
+                       description=str(facts.get("description", "")),
+                       runtime_packages=_strings(f"{where} runtime_packages", facts.get("runtime_packages", [])),
+                       compilers=_strings(f"{where} compilers", facts.get("compilers", [])),
+                       env=tuple((str(k), str(v)) for k, v in env.items()))
 
 
 def _real_url(url: str) -> str:
@@ -166,7 +240,9 @@ def build_command(engine: str, image: VendorImage, tag: str, context: Path, base
                   platform_name: str | None, isolation: str | None = None) -> list[str]:
     """The engine's build command line; the three engines share these flags."""
     args = ["bud"] if engine == "buildah" else ["build"]
-    args += ["-f", str(image.containerfile), "-t", tag, "--build-arg", f"VERSION={image.version}"]
+    args += ["-f", str(image.containerfile), "-t", tag]
+    for name, value in image.build_args():
+        args += ["--build-arg", f"{name}={value}"]
     if image.source:
         args += ["--label", f"org.opencontainers.image.source={image.source}"]
     if base:
@@ -274,6 +350,11 @@ def check_base(engine: str, base: str) -> None:
                          f"{engine}); or {LOCAL_BASE_HINT}")
 
 
+def stray_containerfiles() -> list[Path]:
+    """Per-vendor Containerfiles, which nothing uses (``dpkit new-vendor`` still writes one from its template)."""
+    return sorted(IMAGES.glob("*/Containerfile"))
+
+
 def build(image: VendorImage, engine: str, registry: str, base: str | None = None,
           platform_name: str | None = None, push: bool = False, dry_run: bool = False,
           out_dir: Path = ROOT / "build" / "images", isolation: str | None = None) -> str:
@@ -337,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_python(is_native(args.platform))
         engine = find_engine(args.engine)
         isolation = choose_isolation(engine, args.isolation)
+        for stray in stray_containerfiles():
+            say(f"{stray.relative_to(IMAGES.parent)} is not used: every image is built from images/Containerfile "
+                "with build arguments from images/vendors.toml")
         for vendor in args.vendor or vendors():
             tag = build(vendor_image(vendor), engine, args.registry, args.base, args.platform,
                         args.push, args.dry_run, args.out, isolation)

@@ -107,23 +107,74 @@ def test_dry_run_tags_each_vendor_with_its_package_version(tmp_path: Path, vendo
     assert len(build_lines) == 1, result.stdout
     line = build_lines[0]
     assert f"-t {tag} " in line
-    assert f"-f {ROOT / 'images' / vendor / 'Containerfile'} " in line
-    assert f"--build-arg VERSION={package_version(vendor)} " in line
+    assert f"-f {ROOT / 'images' / 'Containerfile'} " in line, "the one template, whatever the vendor"
+    assert f"--build-arg VENDOR={vendor} --build-arg VERSION={package_version(vendor)} " in line
     assert "SOURCE" not in line and "example.invalid" not in line, "no placeholder source"
     assert line.endswith(str(tmp_path / "out" / vendor))
     assert engine_calls(tmp_path) == [], "a dry run runs nothing"
     assert not (tmp_path / "out").exists()
 
 
-def test_without_vendor_every_containerfile_is_built_in_turn(tmp_path: Path, build_script: ModuleType) -> None:
-    """`./hatchw run images:build` passes no --vendor: every images/*/Containerfile, a new vendor's included."""
+def test_without_vendor_every_vendor_package_is_built_in_turn(tmp_path: Path, build_script: ModuleType) -> None:
+    """`./hatchw run images:build` passes no --vendor: every package under plugins/, a new vendor's included,
+    each from images/Containerfile with its own VENDOR."""
     result = run_script(tmp_path, fake_bin(tmp_path, "podman"), "--dry-run")
     assert result.returncode == 0, result.stderr
-    built = [line.split(" -f ", 1)[1].split(" ", 1)[0] for line in result.stdout.splitlines()
-             if line.startswith("+ podman build")]
-    expected = sorted(p.parent.name for p in (ROOT / "images").glob("*/Containerfile"))
-    assert built == [str(ROOT / "images" / v / "Containerfile") for v in expected]
+    builds = [line for line in result.stdout.splitlines() if line.startswith("+ podman build")]
+    assert {line.split(" -f ", 1)[1].split(" ", 1)[0] for line in builds} == {str(ROOT / "images" / "Containerfile")}
+    built = [line.split("--build-arg VENDOR=", 1)[1].split(" ", 1)[0] for line in builds]
+    expected = sorted(p.parent.name for p in (ROOT / "plugins").glob("*/pyproject.toml"))
+    assert built == expected
     assert build_script.vendors() == expected and {"nvidia", "sfc", "kvm_vfio", "cex"} <= set(expected)
+
+
+def test_a_per_vendor_containerfile_is_said_to_be_unused(tmp_path: Path, build_script: ModuleType,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`dpkit new-vendor` of an older core makes images/NAME/Containerfile: the build says it is not used."""
+    images = tmp_path / "images"
+    (images / "acme").mkdir(parents=True)
+    (images / "acme" / "Containerfile").write_text("FROM scratch\n")
+    monkeypatch.setattr(build_script, "IMAGES", images)
+    assert build_script.stray_containerfiles() == [images / "acme" / "Containerfile"]
+    monkeypatch.setattr(build_script, "find_engine", lambda requested=None: "podman")
+    assert build_script.main(["--vendor", "sfc", "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    assert "images/acme/Containerfile is not used: every image is built from images/Containerfile" in \
+        capsys.readouterr().out
+
+
+def _table(tmp_path: Path, text: str) -> Path:
+    table = tmp_path / "vendors.toml"
+    table.write_text(text)
+    return table
+
+
+def test_the_vendor_table_is_checked(tmp_path: Path, build_script: ModuleType) -> None:
+    """A typo in images/vendors.toml stops the build with the file and the fault, instead of a silently
+    different image."""
+    assert set(build_script.vendor_table()) == {"nvidia", "sfc", "kvm_vfio", "cex"}
+    assert build_script.env_args() == {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}
+    cases = {
+        '[no_such_vendor]\ndescription = "x"\n': r"\[no_such_vendor\]: no such vendor package under plugins/",
+        '[sfc]\nruntime_package = ["libudev1"]\n': r"unknown key\(s\) runtime_package",
+        '[sfc]\nruntime_packages = "libudev1"\n': r"runtime_packages must be a list of Debian package names",
+        '[sfc]\ncompilers = ["g++; curl x | sh"]\n': r"compilers must be a list of Debian package names",
+        '[nvidia]\nenv = { CUDA_VISIBLE_DEVICES = "all" }\n': r"env CUDA_VISIBLE_DEVICES: not an environment ARG of",
+        '[nvidia]\nenv = { VENDOR = "sfc" }\n': r"env VENDOR: not an environment ARG of",
+        '[nvidia]\nenv = { PIP_NO_INDEX = "0" }\n': r"env PIP_NO_INDEX: not an environment ARG of",
+        '[nvidia]\nenv = { NVIDIA_VISIBLE_DEVICES = 1 }\n': r"env must be a table of strings",
+        "[sfc\n": r"cannot read the vendors' image facts",
+    }
+    for text, error in cases.items():
+        with pytest.raises(build_script.BuildError, match=error):
+            build_script.vendor_table(_table(tmp_path, text))
+
+
+def test_a_vendor_without_a_table_gets_the_defaults(build_script: ModuleType) -> None:
+    """What a vendor made by `dpkit new-vendor` builds with: its name, no extra packages, no extra env."""
+    image = build_script.VendorImage("acme", "dpkit-acme", "0.1.0", "")
+    assert image.build_args() == [("VENDOR", "acme"), ("VERSION", "0.1.0"), ("TITLE", "dpkit-acme"),
+                                  ("DESCRIPTION", "Kubernetes device plugin for acme devices (dpkit)")]
 
 
 def test_core_has_no_placeholder_source_url() -> None:
@@ -145,11 +196,11 @@ def test_another_cpu_lets_pip_fetch_that_cpus_wheels(tmp_path: Path, build_scrip
 
 
 def test_unknown_vendor_is_refused(tmp_path: Path, build_script: ModuleType) -> None:
-    result = run_script(tmp_path, fake_bin(tmp_path, "podman"), "--vendor", "acme")
+    result = run_script(tmp_path, fake_bin(tmp_path, "podman"), "--vendor", "no_such_vendor")
     assert result.returncode == 2
-    assert "invalid choice: 'acme'" in result.stderr
-    with pytest.raises(build_script.BuildError, match="unknown vendor 'acme'"):
-        build_script.vendor_image("acme")
+    assert "invalid choice: 'no_such_vendor'" in result.stderr
+    with pytest.raises(build_script.BuildError, match="unknown vendor 'no_such_vendor'"):
+        build_script.vendor_image("no_such_vendor")
 
 
 def test_build_and_push_with_the_wheels_in_the_context(tmp_path: Path) -> None:
@@ -185,10 +236,10 @@ def test_an_isolation_error_is_retried_with_chroot(tmp_path: Path) -> None:
     result = run_script(tmp_path, fake_bin(tmp_path, "buildah"), "--vendor", "sfc", "--isolation", "oci",
                         FAKE_OCI_FAILS="1")
     assert result.returncode == 0, result.stdout + result.stderr
-    builds = [c["args"] for c in engine_calls(tmp_path) if c["args"][0] == "bud"]  # type: ignore[index]
+    builds = [args for c in engine_calls(tmp_path) if isinstance(args := c["args"], list) and args[0] == "bud"]
     assert len(builds) == 2
-    assert builds[0][builds[0].index("--isolation") + 1] == "oci"  # type: ignore[union-attr,index]
-    assert builds[1][builds[1].index("--isolation") + 1] == "chroot"  # type: ignore[union-attr,index]
+    assert builds[0][builds[0].index("--isolation") + 1] == "oci"
+    assert builds[1][builds[1].index("--isolation") + 1] == "chroot"
     assert "isolation error under oci; retrying with --isolation chroot" in result.stdout
     assert "cgroups in hybrid mode not supported" in result.stdout, "the engine's own output is shown"
 
