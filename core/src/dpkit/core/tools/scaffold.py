@@ -2,7 +2,8 @@
 
 Everything is made from the shared templates in ``dpkit/core/tools/templates/vendor`` into a dpkit
 checkout: the package (``plugins/NAME``), its test against the kubelet emulator (``tests/NAME``),
-its docs page, image (``images/NAME/Containerfile``) and deploy overlay (``deploy/overlays/NAME``).
+its docs page and deploy overlay (``deploy/overlays/NAME``); its image is built from the shared
+``images/Containerfile`` with the defaults of ``images/vendors.toml``, so it needs no file of its own.
 Nothing existing is edited: ``hatch run test:all``, ``test:lint`` (scripts/lint.py) and
 ``images:build`` (images/build.py) find vendors on disk, so they cover NAME at once.
 """
@@ -88,13 +89,12 @@ def scaffold(name: str, root: Path) -> Scaffolded:
         package / "src" / "dpkit" / name / "py.typed": "",
         root / "tests" / name / f"test_{name}_vendor.py": "test_vendor.py.tmpl",
         root / "docs" / f"{name}.md": "doc.md.tmpl",
-        root / "images" / name / "Containerfile": "Containerfile.tmpl",
         root / "deploy" / "overlays" / name / "kustomization.yaml": "kustomization.yaml.tmpl",
         root / "deploy" / "overlays" / name / "daemonset.yaml": "daemonset.yaml.tmpl",
         root / "deploy" / "overlays" / name / "config.yaml": "config.yaml.tmpl",
     }
     existing = [str(p.relative_to(root)) for p in files if p.exists()]
-    existing += [str(d.relative_to(root)) for d in (package, root / "images" / name) if d.exists()]
+    existing += [str(package.relative_to(root))] if package.exists() else []
     if existing:
         raise DpkitError(f"vendor {name!r} exists already in {root}: {', '.join(sorted(set(existing)))}")
     rendered = {path: render(_template(tmpl), values) if tmpl else "" for path, tmpl in files.items()}
