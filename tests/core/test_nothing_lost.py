@@ -148,7 +148,7 @@ def test_metrics_follow_a_burst(kubelet, run_manager, make_config):
         unhealthy = sum(1 for i in range(count) if (4 + i) % 2)
         assert kubelet.wait_for(lambda k: k.allocatable(RES) == count - unhealthy, 30)
         metrics = next(o for o in manager.observers if type(o).__name__ == "Metrics")
-        assert kubelet.wait_for(lambda k: metrics.status_fields(manager) is not None
+        assert kubelet.wait_for(lambda k: metrics.status_fields(manager.current_state()) is not None
                                 and _healthy_gauge(metrics) == count - unhealthy, 10)
     finally:
         manager.stop()

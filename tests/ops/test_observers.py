@@ -15,16 +15,23 @@ from dpkit.core.integrations.podresources import PodResourcesView
 
 
 def test_each_key_attaches_its_integration(make_config, short_tmp):
-    bare = SimpleNamespace(config=make_config(pod_resources_socket="", cdi_dir="", nfd_features_dir=""), observers=[])
-    assert attach_observers(bare) == []  # type: ignore[arg-type]
-    full = SimpleNamespace(config=make_config(cdi_dir=str(short_tmp / "cdi"), nfd_features_dir=str(short_tmp / "nfd"),
-                                              metrics_address="127.0.0.1:0"), observers=[])
-    attached = attach_observers(full)  # type: ignore[arg-type]
+    def host(config):  # type: ignore[no-untyped-def]
+        return SimpleNamespace(config=config, calls=None, observers=[], rpc_observer=None, cdi_spec=None,
+                               current_state=lambda timeout=1.0: None)
+
+    bare = host(make_config(pod_resources_socket="", cdi_dir="", nfd_features_dir=""))
+    assert attach_observers(bare) == []
+    assert bare.rpc_observer is None and bare.cdi_spec is None
+    full = host(make_config(cdi_dir=str(short_tmp / "cdi"), nfd_features_dir=str(short_tmp / "nfd"),
+                            metrics_address="127.0.0.1:0"))
+    attached = attach_observers(full)
     try:
         assert [type(o) for o in attached] == [PodResourcesView, CdiWriter, NodeLabelWriter, Metrics]
         assert full.observers == attached
         metrics = attached[-1]
+        assert isinstance(metrics, Metrics)
         assert metrics.pod_view is attached[0], "metrics reuse the pod-resources view"
+        assert full.rpc_observer is metrics and full.cdi_spec == attached[1].cdi_spec, "the servers' side doors"
     finally:
         attached[-1].close()
 

@@ -1,16 +1,152 @@
-"""Client side of the read-only control socket, and the ``dpkit status`` table.
+"""The read-only control socket behind ``dpkit status``: both ends, the status document and its table.
 
-zmq is imported by :func:`query` only: ``dpkit discover`` uses :func:`collapse` and should not
-pay for it.
+The manager answers on its own thread (:class:`ControlServer`), so rendering a status (which
+asks observers such as the pod view, who may ask the kubelet) never runs on the manager's loop.
+The document is rendered from one :class:`~dpkit.core.engine.state.PluginState`.
+
+zmq is imported by :func:`query` and :class:`ControlServer` only: ``dpkit discover`` uses
+:func:`collapse` and should not pay for it.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dpkit.core.engine.state import PluginState, ResourceState
+from dpkit.core.support.logs import get_logger
 from dpkit.core.vendorapi.errors import DpkitError
+
+if TYPE_CHECKING:
+    import zmq
+
+log = get_logger("control")
+
+MAX_KEPT_TEXT = 500  # characters of one kept error message or field
+MAX_CONTROL_REQUEST = 4096  # bytes; a control request is a few dozen
+POLL_MS = 100  # how often the control thread looks at its stop flag
+
+
+def clip(text: str, limit: int = MAX_KEPT_TEXT) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
+def status_document(state: PluginState, sections: Mapping[str, object], *,
+                    observers: list[dict[str, object]] | None = None) -> dict[str, Any]:
+    """What ``dpkit status --json`` shows, from one state plus what the observers add."""
+    now, wall = time.monotonic(), time.time()
+    pod = sections.get("pod_resources")
+    holders = pod.get("holders") if isinstance(pod, Mapping) else None
+    return {
+        "vendor": state.vendor,
+        "pid": state.pid,
+        "uptime_s": round(wall - state.started_at, 1),
+        "version": state.version,
+        "kubelet": {"socket": state.kubelet.socket, "present": state.kubelet.present,
+                    "restarts_seen": state.kubelet.restarts_seen},
+        "resources": [_resource(r, holders.get(r.name, {}) if isinstance(holders, Mapping) else {})
+                      for r in state.resources.values()],
+        "probes": [{"name": p.name, "pid": p.pid, "alive": p.alive, "silent": p.silent, "heartbeats": p.heartbeats,
+                    "last_heartbeat_age": round(now - p.last_heartbeat, 3) if p.heartbeats else None,
+                    "restarts": p.restarts, "timeout": p.timeout} for p in state.probes],
+        "reloads": state.reloads,
+        "health": {"reports": state.health.reports, "coalesced": state.health.coalesced,
+                   "changes_published": state.health.changes_published},
+        "server_failures": {r: {"attempts": f.attempts, "error": f.error,
+                                "retry_in_s": round(max(0.0, f.next_try - now), 1)}
+                            for r, f in sorted(state.server_failures.items())},
+        "errors": [dict(e) for e in state.errors],
+        "observers": observers or [],
+        **sections,
+    }
+
+
+def _resource(resource: ResourceState, holders: object) -> dict[str, Any]:
+    serving = resource.serving
+    return {
+        "name": resource.name,
+        "socket": serving.socket,
+        "registered": serving.registered,
+        "registrations": serving.registrations,
+        "last_error": serving.last_error,
+        "streams": serving.streams,
+        "allocations": serving.allocations,
+        "allocate_errors": serving.allocate_errors,
+        "capacity": resource.capacity,
+        "allocatable": resource.allocatable,
+        "devices": [{"id": d.id, "health": str(d.health), "reason": d.reason, "numa": list(d.numa_nodes),
+                     "attributes": dict(d.attributes)} for d in resource.devices],
+        "holders": holders,
+    }
+
+
+class ControlServer:
+    """Answers ``status`` and ``ping`` on a REP socket, on its own thread.
+
+    A REP socket must send exactly one reply per request received, whatever the request holds, or
+    it would never answer again (the liveness probe uses it). ``ping`` returns an error text when
+    the manager's loop does not answer, so a wedged loop still fails the liveness probe.
+    """
+
+    def __init__(self, socket: zmq.Socket[Any], status: Callable[[], dict[str, Any]],
+                 ping: Callable[[], str]) -> None:
+        self._socket = socket
+        self._status = status
+        self._ping = ping
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the thread, which closes the socket (it alone may touch it)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        else:
+            self._socket.close(0)
+
+    def _run(self) -> None:
+        import zmq
+
+        try:
+            while not self._stop.is_set():
+                if self._socket.poll(POLL_MS, zmq.POLLIN):
+                    self._answer(self._socket.recv())
+        except zmq.ZMQError:
+            if not self._stop.is_set():
+                log.exception("control socket failed; `dpkit status` will not answer")
+        finally:
+            self._socket.close(0)
+
+    def _answer(self, raw: bytes) -> None:
+        reply: dict[str, Any]
+        try:
+            reply = self.reply(raw)
+        except Exception as exc:  # including RecursionError from a hostile document
+            reply = {"ok": False, "error": f"bad request: {clip(type(exc).__name__ + ': ' + str(exc), 200)}"}
+        try:
+            data = json.dumps(reply, default=str).encode()
+        except Exception as exc:
+            data = json.dumps({"ok": False, "error": f"cannot encode reply: {clip(str(exc), 200)}"}).encode()
+        self._socket.send(data)
+
+    def reply(self, raw: bytes) -> dict[str, Any]:
+        if len(raw) > MAX_CONTROL_REQUEST:
+            return {"ok": False, "error": f"request of {len(raw)} bytes; the limit is {MAX_CONTROL_REQUEST}"}
+        request = json.loads(raw)
+        command = request.get("cmd") if isinstance(request, dict) else None
+        if command == "status":
+            return {"ok": True, "status": self._status()}
+        if command == "ping":
+            problem = self._ping()
+            return {"ok": False, "error": problem} if problem else {"ok": True}
+        return {"ok": False, "error": "read-only control socket: commands are 'status' and 'ping'"}
 
 
 def query(state_dir: str | Path, command: str = "status", timeout: float = 3.0) -> dict[str, Any]:

@@ -8,8 +8,11 @@ the vendor's snapshots. Library code never exits the process: failures are logge
 
 Health is level-triggered: every report replaces that source's previous word about the device,
 and one loop pass turns everything that arrived into one update per changed device. Only the
-changed devices are recomputed and sent to their resource's server; observers (CDI, labels,
-metrics) follow at most every ``OBSERVER_INTERVAL`` seconds, so a burst never queues work.
+changed devices are recomputed and sent to their resource's server. Everything else (CDI,
+labels, metrics, the pod view, ``dpkit status``) sees an immutable :class:`PluginState` built by
+this loop: observers get the newest one at most every ``OBSERVER_INTERVAL`` seconds, each on its
+own thread (:mod:`~dpkit.core.engine.publisher`), so a burst never queues work and a slow or
+failing observer never delays the kubelet.
 """
 
 from __future__ import annotations
@@ -21,21 +24,34 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import zmq
 
-from dpkit.core.engine.events import EventBus, bind_private, connect_error, validate_snapshot
+from dpkit.core.engine.control import ControlServer, clip, status_document
+from dpkit.core.engine.events import BusSink, EventBus, bind_private, connect_error, validate_snapshot
 from dpkit.core.engine.probes import ProbeSupervisor
+from dpkit.core.engine.publisher import Publisher
 from dpkit.core.engine.registration import KubeletLink
-from dpkit.core.engine.server import ResourceServer
+from dpkit.core.engine.server import ResourceServer, RpcObserver
+from dpkit.core.engine.state import (
+    HealthCounters,
+    KubeletState,
+    Observer,
+    PluginState,
+    ProbeStatus,
+    ResourceState,
+    ServerFailure,
+    Serving,
+)
 from dpkit.core.engine.vendor_calls import VendorCalls
 from dpkit.core.support.config import Config
 from dpkit.core.support.files import own_sockets, remove_own_socket, remove_staging_dirs
 from dpkit.core.support.logs import RateLimiter, get_logger, kv
-from dpkit.core.vendorapi.device import Device, Health, Snapshot
+from dpkit.core.vendorapi.device import ContainerSpec, Device, Health, Snapshot
 from dpkit.core.vendorapi.errors import ConfigError, DpkitError
 from dpkit.core.vendorapi.validation import check_resource_name
 from dpkit.core.vendorapi.vendor import Vendor
@@ -51,14 +67,8 @@ MIN_PASS_INTERVAL = 0.001  # seconds between two publishing passes: bounds the k
 LOGGED_CHANGES_PER_PASS = 20  # device transitions logged one by one per pass; the rest summarised
 FREEZE_AFTER_DEVICES = 1000  # a snapshot this large is frozen out of the garbage collector's walks
 SERVER_RETRY_MAX = 60.0  # seconds: the longest wait between attempts to start a resource server
-
-
-MAX_KEPT_TEXT = 500  # characters of one kept error message or field
-MAX_CONTROL_REQUEST = 4096  # bytes; a control request is a few dozen
-
-
-def _clip(text: str, limit: int = MAX_KEPT_TEXT) -> str:
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+STATE_WAIT = 2.0  # seconds another thread waits for the loop to build a fresh state (then: the last one)
+CdiSpec = Callable[[str, Sequence[Device]], ContainerSpec]  # Allocate's CDI answer (cdi_allocate)
 
 
 class _ErrorKeeper(logging.Handler):
@@ -66,14 +76,15 @@ class _ErrorKeeper(logging.Handler):
 
     def __init__(self, size: int = 30) -> None:
         super().__init__(logging.WARNING)
-        self.entries: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+        self.entries: collections.deque[Mapping[str, object]] = collections.deque(maxlen=size)
 
     def emit(self, record: logging.LogRecord) -> None:
         fields = getattr(record, "fields", {}) or {}
         # Bounded: a message can carry what a peer or a file sent (a huge config value), and every
-        # status reply repeats the kept entries.
-        self.entries.append({"ts": round(record.created, 3), "level": record.levelname.lower(),
-                             "msg": _clip(record.getMessage()), **{k: _clip(str(v)) for k, v in fields.items()}})
+        # status reply repeats the kept entries. Read-only: every PluginState shares them.
+        self.entries.append(MappingProxyType({
+            "ts": round(record.created, 3), "level": record.levelname.lower(), "msg": clip(record.getMessage()),
+            **{k: clip(str(v)) for k, v in fields.items()}}))
 
 
 class Manager:
@@ -107,13 +118,24 @@ class Manager:
         self.probes: ProbeSupervisor | None = None
         self.errors = _ErrorKeeper()
         self.started_at = time.time()
-        self.observers: list[Any] = []  # metrics, CDI writer, labels: get on_devices(manager) calls
+        # The side doors, set by attach_observers before start: observers see PluginState only; the
+        # RPC observer (metrics) and the CDI answer are called by the servers.
+        self.observers: list[Observer] = []
+        self.rpc_observer: RpcObserver | None = None
+        self.cdi_spec: CdiSpec | None = None
+        self._publisher: Publisher | None = None
+        self._state: PluginState | None = None  # the last one built, by the loop only
+        self._changed: set[str] = set()  # resources whose effective devices changed since it was built
+        self._vendor_generation = 0
+        self._asks = threading.Condition()  # other threads asking the loop for a fresh state
+        self._asked = 0
+        self._answered = 0
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self._watch_thread: threading.Thread | None = None
         self._watch_stop = threading.Event()
-        self._sinks: list[Any] = []
-        self._control: zmq.Socket[Any] | None = None
+        self._sinks: list[BusSink] = []
+        self._control: ControlServer | None = None
         self._control_path = self.state_dir / "control.sock"  # until bound in the private state dir
         self._reload_requested = threading.Event()
         self._ready = threading.Event()
@@ -132,20 +154,26 @@ class Manager:
         """Bring everything up; returns once the first snapshot is served (registration continues)."""
         logging.getLogger("dpkit").addHandler(self.errors)
         self.bus.start()
-        self._control = self.bus.context.socket(zmq.REP)
-        self._control.setsockopt(zmq.LINGER, 0)
-        self._control.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # larger: the peer is dropped unread
-        self._control_path = Path(bind_private(self._control, self.state_dir / "control.sock").removeprefix("ipc://"))
-        self.bus.poller.register(self._control, zmq.POLLIN)
+        control = self.bus.context.socket(zmq.REP)
+        control.setsockopt(zmq.LINGER, 0)
+        control.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # larger: the peer is dropped unread
+        self._control_path = Path(bind_private(control, self.state_dir / "control.sock").removeprefix("ipc://"))
+        self._control = ControlServer(control, self.status, self._ping)
         self.probes = ProbeSupervisor(self.bus.ipc_address, self.config.probe_heartbeat_timeout,
                                       on_event=self._probe_event)
         self._remove_stale_sockets()
         self.link.start()
         self._apply_snapshot("discover", self._discover())
-        self._notify_observers()
+        self._publisher = Publisher(self.observers)
+        self._notify_observers()  # the first state, built before the loop runs
         self._start_vendor_threads()
         self._loop = threading.Thread(target=self._run, name="manager-loop", daemon=True)
         self._loop.start()
+        self._control.start()
+        # The side doors get a bounded moment for their first look (CDI files, labels) while the
+        # loop already serves the kubelet; a hung one is left behind on its own thread.
+        if not self._publisher.wait_idle(self.config.vendor_call_timeout + 1.0):
+            log.warning("an observer has not finished with the first state; starting without waiting for it")
         self._ready.set()
 
     def stop(self) -> None:
@@ -153,6 +181,8 @@ class Manager:
         if self._stop.is_set():
             return
         self._stop.set()
+        with self._asks:
+            self._asks.notify_all()  # nobody waits for a loop that is going away
         if self._loop is not None:  # the loop first, or it would restart the probes we stop
             self.bus.wake()
             self._loop.join(5)
@@ -160,10 +190,10 @@ class Manager:
         self.link.stop()
         for resource in list(self.servers):
             self._remove_resource(resource)
-        for observer in self.observers:
-            _call(observer, "close")
-        if self._control is not None:
-            self._control.close(0)
+        if self._publisher is not None:
+            self._publisher.close()
+        if self._control is not None:  # before the bus: its context ends only once every socket is closed
+            self._control.stop()
             remove_own_socket(self._control_path)
         self.bus.close()
         try:
@@ -208,7 +238,7 @@ class Manager:
             sink.close()
         self._sinks.clear()
 
-    def _watch(self, sink: Any, stop: threading.Event) -> None:
+    def _watch(self, sink: BusSink, stop: threading.Event) -> None:
         backoff = 1.0
         while not stop.is_set():
             try:
@@ -262,8 +292,6 @@ class Manager:
                     return
                 raise
             try:
-                if self._control is not None and self._control in ready:
-                    self._answer_control()
                 self._pass(ready)
                 for state in self.probes.check():
                     covered = state.probe.resources or (ALL,)
@@ -275,6 +303,8 @@ class Manager:
                 self._retry_servers()
                 if self._observers_dirty and time.monotonic() >= self._observers_due:
                     self._notify_observers()
+                if self._asked > self._answered:
+                    self._answer_asks()
             except Exception:
                 log.exception("manager loop step failed; continuing")
 
@@ -369,12 +399,12 @@ class Manager:
             _freeze_heap()
 
     def _add_resource(self, resource: str) -> None:
-        cdi = next((o for o in self.observers if hasattr(o, "cdi_spec")), None)
+        cdi_allocate = bool(self.config.cdi_allocate and self.cdi_spec is not None)
         server = ResourceServer(
             resource, self.vendor, self.config.plugin_dir,
-            observer=next((o for o in self.observers if hasattr(o, "rpc")), None),
-            cdi_spec=cdi.cdi_spec if cdi is not None and self.config.cdi_allocate else None,
-            cdi_allocate=bool(self.config.cdi_allocate and cdi is not None),
+            observer=self.rpc_observer,
+            cdi_spec=self.cdi_spec if cdi_allocate else None,
+            cdi_allocate=cdi_allocate,
             calls=self.calls,
         )
         try:
@@ -388,6 +418,7 @@ class Manager:
             log.error("cannot start resource server; will retry",
                       extra=kv(resource=resource, error=str(exc), attempt=attempts, retry_in=retry_in))
             server.stop()
+            self._observers_dirty = True
             return
         if self.server_failures.pop(resource, None) is not None:
             log.info("resource server started after retrying", extra=kv(resource=resource))
@@ -408,6 +439,7 @@ class Manager:
         if server is not None:
             server.stop()
         self.effective.pop(resource, None)
+        self._changed.add(resource)
 
     def effective_devices(self, resource: str) -> tuple[Device, ...]:
         """Vendor devices with health reports and probe silences laid over them."""
@@ -440,6 +472,7 @@ class Manager:
             for gone in set(before) - {d.id for d in devices}:
                 log.info("device removed", extra=kv(resource=resource, device=gone))
             self.effective[resource] = {d.id: d for d in devices}
+            self._changed.add(resource)
             server.update(devices)
         self._observers_dirty = True
 
@@ -465,10 +498,12 @@ class Manager:
                 effective[device_id] = new
                 updated.append(new)
             server = self.servers.get(resource)
+            if updated:
+                self._changed.add(resource)
+                self._observers_dirty = True
             if updated and server is not None:
                 self.health_changes += len(updated)
                 server.patch(updated)
-                self._observers_dirty = True
 
     def _log_transition(self, resource: str, old: Device | None, new: Device, source: str,
                         at_start: bool = False) -> None:
@@ -494,10 +529,19 @@ class Manager:
         self._logged = 0
 
     def _notify_observers(self) -> None:
+        """Hand the newest state to every observer's thread; never waits for one.
+
+        From another thread it only asks the loop to do so at once.
+        """
+        if self._loop is not None and threading.current_thread() is not self._loop:
+            self._observers_dirty, self._observers_due = True, 0.0
+            self.bus.wake()
+            return
         self._observers_dirty = False
         self._observers_due = time.monotonic() + OBSERVER_INTERVAL
-        for observer in self.observers:
-            _call(observer, "on_devices", self)
+        state = self._build_state()
+        if self._publisher is not None:
+            self._publisher.offer(state)
 
     def _reload(self) -> None:
         from dpkit.core.support.config import load_config
@@ -529,7 +573,9 @@ class Manager:
             self._record(report_source, resource, device_id, health, reason)
         old = self.vendor
         self.vendor, self.config = vendor, config  # the servers share self.calls: they see it too
+        self._observers_dirty = True
         if old is not vendor:
+            self._vendor_generation += 1
             try:
                 self.calls.close(old)
             except Exception:
@@ -542,98 +588,118 @@ class Manager:
         self._apply_snapshot("reload", self._discover())
         self._start_vendor_threads()
 
-    # -- status ----------------------------------------------------------------------------
+    # -- state and status ------------------------------------------------------------------
+    def _build_state(self) -> PluginState:
+        """The current PluginState, built by the loop thread (or before it runs).
+
+        Proportional to the change: a resource whose devices did not change (``_changed``) keeps
+        its device tuple, and one whose serving counters did not change either keeps its
+        ResourceState object; when nothing at all changed the previous state itself is returned.
+        """
+        previous = self._state
+        before = previous.resources if previous is not None else {}
+        resources: dict[str, ResourceState] = {}
+        same = previous is not None and len(before) == len(self.servers)
+        for name in sorted(self.servers):
+            server, old, reg = self.servers[name], before.get(name), self.link.state.get(name)
+            stats = server.stats
+            serving = Serving(str(server.socket_path), self.link.registered(name),
+                              reg.registrations if reg else 0, (reg.last_error if reg else "") or stats.last_error,
+                              stats.open_streams, stats.allocations, stats.allocate_errors)
+            devices = (old.devices if old is not None and name not in self._changed
+                       else tuple(self.effective.get(name, {}).values()))
+            offered = self.snapshot.get(name, ())
+            if old is not None and old.devices is devices and old.offered is offered and old.serving == serving:
+                resources[name] = old
+            else:
+                resources[name] = ResourceState(name, devices, offered, serving)
+                same = False
+        self._changed.clear()
+        now_probes = self.probes.probes.values() if self.probes is not None else ()
+        state = PluginState(
+            version=previous.version if previous is not None else 1,
+            vendor=self.vendor.name,
+            vendor_generation=self._vendor_generation,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            kubelet=KubeletState(str(self.link.kubelet_socket), self.link.kubelet_socket.exists(),
+                                 self.link.kubelet_restarts),
+            resources=previous.resources if same and previous is not None else MappingProxyType(resources),
+            probes=tuple(ProbeStatus(p.probe.name, p.process.pid if p.process else None,
+                                     bool(p.process and p.process.poll() is None), p.silent, p.beats, p.last_beat,
+                                     p.restarts, p.timeout) for p in now_probes),
+            reloads=self.reloads,
+            health=HealthCounters(self.bus.board.reports_received, self.bus.board.reports_coalesced,
+                                  self.health_changes),
+            server_failures=MappingProxyType({r: ServerFailure(f["attempts"], f["error"], f["next_try"])
+                                              for r, f in sorted(self.server_failures.items())}),
+            errors=tuple(self.errors.entries),
+        )
+        if previous is not None and state != previous:
+            state = dataclasses.replace(state, version=previous.version + 1)
+        elif previous is not None:
+            state = previous
+        self._state = state
+        return state
+
+    def current_state(self, timeout: float = STATE_WAIT) -> PluginState:
+        """A state built now, by the loop; from another thread, the last one if the loop does not
+        answer within ``timeout`` (or is not running)."""
+        if self._loop is None or threading.current_thread() is self._loop:
+            return self._build_state()  # before the loop starts, nothing else changes what it reads
+        if not self._ask_loop(timeout) and self._state is None:
+            raise DpkitError("the manager has not published a state yet")
+        assert self._state is not None
+        return self._state
+
+    def _ask_loop(self, timeout: float) -> bool:
+        """Have the loop build a fresh state; False when it did not within ``timeout``."""
+        if self._loop is None or not self._loop.is_alive() or self._stop.is_set():
+            return False
+        with self._asks:
+            self._asked += 1
+            wanted = self._asked
+        self.bus.wake()
+        with self._asks:
+            return self._asks.wait_for(lambda: self._answered >= wanted or self._stop.is_set(), timeout) \
+                and self._answered >= wanted
+
+    def _answer_asks(self) -> None:
+        with self._asks:
+            wanted = self._asked
+            self._build_state()
+            self._answered = wanted
+            self._asks.notify_all()
+
+    def _ping(self) -> str:
+        """The liveness check: '' when the loop answers, else why not."""
+        return "" if self._ask_loop(STATE_WAIT) else f"the manager loop did not answer within {STATE_WAIT:g} s"
+
     def status(self) -> dict[str, Any]:
-        """What ``dpkit status`` shows: resources, devices, health, registrations, last errors."""
-        now = time.monotonic()
-        resources = []
-        for resource, server in sorted(self.servers.items()):
-            reg = self.link.state.get(resource)
-            devices = list(self.effective.get(resource, {}).values())
-            resources.append({
-                "name": resource,
-                "socket": str(server.socket_path),
-                "registered": self.link.registered(resource),
-                "registrations": reg.registrations if reg else 0,
-                "last_error": (reg.last_error if reg else "") or server.stats.last_error,
-                "streams": server.stats.open_streams,
-                "allocations": server.stats.allocations,
-                "allocate_errors": server.stats.allocate_errors,
-                "capacity": len(devices),
-                "allocatable": sum(1 for d in devices if d.healthy),
-                "devices": [
-                    {"id": d.id, "health": str(d.health), "reason": d.reason, "numa": list(d.numa_nodes),
-                     "attributes": dict(d.attributes)}
-                    for d in devices
-                ],
-            })
-        extra = {k: v for o in self.observers for k, v in (_call(o, "status_fields", self) or {}).items()}
-        holders = extra.get("pod_resources", {}).get("holders", {})  # which pod holds which device
-        for entry in resources:
-            entry["holders"] = holders.get(entry["name"], {})
-        return {
-            "vendor": self.vendor.name,
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "kubelet": {
-                "socket": str(self.link.kubelet_socket),
-                "present": self.link.kubelet_socket.exists(),
-                "restarts_seen": self.link.kubelet_restarts,
-            },
-            "resources": resources,
-            "probes": [p.as_status(now) for p in (self.probes.probes.values() if self.probes else [])],
-            "reloads": self.reloads,
-            "health": {"reports": self.bus.board.reports_received, "coalesced": self.bus.board.reports_coalesced,
-                       "changes_published": self.health_changes},
-            "server_failures": {r: {"attempts": f["attempts"], "error": f["error"],
-                                    "retry_in_s": round(max(0.0, f["next_try"] - now), 1)}
-                                for r, f in sorted(self.server_failures.items())},
-            "errors": list(self.errors.entries),
-            **extra,
-        }
+        """What ``dpkit status`` shows: resources, devices, health, registrations, last errors.
 
-    def _answer_control(self) -> None:
-        """Answer one request. The REP socket must send exactly one reply per request received,
-        whatever the request holds, or it would never answer again (the liveness probe uses it)."""
-        import json
-
-        assert self._control is not None
-        try:
-            raw = self._control.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        reply: dict[str, Any]
-        try:
-            reply = self._control_reply(raw)
-        except Exception as exc:  # including RecursionError from a hostile document
-            reply = {"ok": False, "error": f"bad request: {_clip(type(exc).__name__ + ': ' + str(exc), 200)}"}
-        try:
-            data = json.dumps(reply, default=str).encode()
-        except Exception as exc:
-            data = json.dumps({"ok": False, "error": f"cannot encode reply: {_clip(str(exc), 200)}"}).encode()
-        self._control.send(data)
-
-    def _control_reply(self, raw: bytes) -> dict[str, Any]:
-        import json
-
-        if len(raw) > MAX_CONTROL_REQUEST:
-            return {"ok": False, "error": f"request of {len(raw)} bytes; the limit is {MAX_CONTROL_REQUEST}"}
-        request = json.loads(raw)
-        command = request.get("cmd") if isinstance(request, dict) else None
-        if command == "status":
-            return {"ok": True, "status": self.status()}
-        if command == "ping":
-            return {"ok": True}
-        return {"ok": False, "error": "read-only control socket: commands are 'status' and 'ping'"}
-
-    # -- events for observers ----------------------------------------------------------------
-    def _link_event(self, kind: str, resource: str) -> None:
+        Rendered from one fresh PluginState plus what each observer adds; called from the control
+        thread (or any other), never on the loop, since an observer may ask the kubelet.
+        """
+        state = self.current_state()
+        sections: dict[str, object] = {}
         for observer in self.observers:
-            _call(observer, "on_link_event", kind, resource)
+            try:
+                sections.update(observer.status_fields(state))
+            except Exception:
+                log.exception("observer status failed", extra=kv(observer=type(observer).__name__))
+        watched = self._publisher.status() if self._publisher is not None else []
+        return status_document(state, sections, observers=watched)
+
+    # -- events that change the state but not the devices -------------------------------------
+    def _link_event(self, kind: str, resource: str) -> None:
+        """On the link's thread: a registration or a kubelet restart; observers follow."""
+        self._observers_dirty = True
+        self.bus.wake()
 
     def _probe_event(self, kind: str, probe: str) -> None:
-        for observer in self.observers:
-            _call(observer, "on_probe_event", kind, probe)
+        """On the loop: a heartbeat or a restart; observers follow."""
+        self._observers_dirty = True
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
@@ -647,14 +713,3 @@ def _freeze_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def _call(observer: Any, method: str, *args: Any) -> Any:
-    func = getattr(observer, method, None)
-    if func is None:
-        return None
-    try:
-        return func(*args)
-    except Exception:
-        log.exception("observer failed", extra=kv(observer=type(observer).__name__, method=method))
-        return None

@@ -24,16 +24,14 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from dpkit.core.engine.vendor_calls import VendorTimeout
+from dpkit.core.engine.state import PluginState, StatusFields
+from dpkit.core.engine.vendor_calls import VendorCalls, VendorTimeout
 from dpkit.core.support.files import RetryTimer, remove_quietly, write_atomic
 from dpkit.core.support.logs import get_logger, kv
 from dpkit.core.vendorapi.device import ContainerSpec, Device
 from dpkit.core.vendorapi.errors import ValidationError
-
-if TYPE_CHECKING:
-    from dpkit.core.engine.manager import Manager
 
 log = get_logger("cdi")
 
@@ -168,23 +166,30 @@ class _Written:
     names: frozenset[str]  # device IDs in the file
     left_out: dict[str, str]  # device ID -> why it is not in the file
     raw_only: frozenset[str]  # left-out devices with device nodes or mounts: CDI cannot give them
-    source: tuple[Any, tuple[Device, ...]] = (None, ())  # (vendor, devices) it was built from
+    source: tuple[int, tuple[Device, ...]] = (-1, ())  # (vendor generation, devices) it was built from
+
+
+def _same_source(a: tuple[int, tuple[Device, ...]], b: tuple[int, tuple[Device, ...]]) -> bool:
+    return a[0] == b[0] and (a[1] is b[1] or a[1] == b[1])  # identity first: 100k devices compare in no time
 
 
 class CdiWriter:
     """Observer keeping one CDI spec file per served resource in ``spec_dir``.
 
-    ``on_devices`` runs on the manager's loop thread and ``cdi_spec`` on gRPC threads (Allocate,
-    when ``cdi_allocate`` is on); one lock serialises them.
+    ``publish`` runs on the observer's thread and ``cdi_spec`` on gRPC threads (Allocate, when
+    ``cdi_allocate`` is on); one lock serialises them. Specs come from the devices as the vendor
+    offered them, so a health change rewrites nothing.
     """
 
-    def __init__(self, manager: Manager, spec_dir: str | Path) -> None:
-        self.manager = manager
+    def __init__(self, calls: VendorCalls, spec_dir: str | Path, *, allocate: bool = False) -> None:
+        self.calls = calls
         self.spec_dir = Path(spec_dir)
+        self.allocate = allocate
         self.written: dict[str, _Written] = {}
         self.errors: dict[str, str] = {}  # resource -> why its file could not be written
-        # resource -> (vendor, devices) whose spec timed out: asked again only when that changes
-        self._timed_out: dict[str, tuple[Any, tuple[Device, ...]]] = {}
+        # resource -> (vendor generation, devices) whose spec timed out: asked again only when that changes
+        self._timed_out: dict[str, tuple[int, tuple[Device, ...]]] = {}
+        self._state: PluginState | None = None  # the last one published
         self._lock = threading.Lock()
         self._stale_checked = False
         # Files that could not be written (full or read-only disk) are retried until they are,
@@ -193,14 +198,15 @@ class CdiWriter:
         self._retry = RetryTimer(self._retry_writes, name="cdi-retry")
 
     # -- observer hooks ------------------------------------------------------------------------
-    def on_devices(self, manager: Manager) -> None:
+    def publish(self, state: PluginState) -> None:
         with self._lock:
+            self._state = state
             if not self._stale_checked:
-                self._remove_stale(manager.vendor.name, set(manager.servers))
-            for resource in [r for r in {*self.written, *self.errors} if r not in manager.servers]:
+                self._remove_stale(state.vendor, set(state.resources))
+            for resource in [r for r in {*self.written, *self.errors} if r not in state.resources]:
                 self._drop(resource)
-            for resource in list(manager.servers):
-                self._sync(resource, manager.snapshot.get(resource, ()))
+            for resource, served in state.resources.items():
+                self._sync(resource, served.offered, state)
 
     def cdi_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
         """Allocate's CDI answer: the qualified names of ``devices``, with the file up to date.
@@ -210,9 +216,14 @@ class CdiWriter:
         """
         with self._lock:
             current = self.written.get(resource)
-            if current is None or any(d.id not in current.names and d.id not in current.left_out for d in devices):
-                server = self.manager.servers.get(resource)
-                self._sync(resource, server.devices if server is not None else tuple(devices))
+            state = self._state
+            if state is not None and (current is None or any(d.id not in current.names and d.id not in current.left_out
+                                                             for d in devices)):
+                # the last published devices plus the new ones; the next publish brings the whole list
+                served = state.resources.get(resource)
+                known = served.offered if served is not None else ()
+                ids = {d.id for d in known}
+                self._sync(resource, known + tuple(d for d in devices if d.id not in ids), state)
                 current = self.written.get(resource)
             if current is None:
                 raise ValidationError(f"no CDI spec for {resource}: {self.errors.get(resource, 'not written yet')}")
@@ -223,11 +234,11 @@ class CdiWriter:
             return ContainerSpec(cdi_devices=tuple(qualified_name(current.kind, d.id)
                                                    for d in devices if d.id in current.names))
 
-    def status_fields(self, manager: Manager) -> dict[str, Any]:
+    def status_fields(self, state: PluginState) -> StatusFields:
         with self._lock:
             return {"cdi": {
                 "dir": str(self.spec_dir),
-                "allocate": bool(manager.config.cdi_allocate),
+                "allocate": self.allocate,
                 "specs": {r: {"file": str(w.path), "kind": w.kind, "devices": len(w.names),
                               "left_out": dict(w.left_out)}
                           for r, w in sorted(self.written.items())},
@@ -260,20 +271,18 @@ class CdiWriter:
         self._pending.pop(resource, None)
         self._timed_out.pop(resource, None)
 
-    def _sync(self, resource: str, devices: Sequence[Device]) -> None:
-        calls = self.manager.calls
-        vendor = calls.vendor
-        path = self.spec_dir / spec_file_name(vendor.name, resource)
+    def _sync(self, resource: str, devices: tuple[Device, ...], state: PluginState) -> None:
+        path = self.spec_dir / spec_file_name(state.vendor, resource)
         previous = self.written.get(resource)
-        source = (vendor, tuple(devices))
-        if previous is not None and previous.source[0] is vendor and previous.source[1] == source[1]:
+        source = (state.vendor_generation, devices)
+        if previous is not None and _same_source(previous.source, source):
             return  # health events do not change specs: skip rebuilding (and re-asking the vendor)
         hung = self._timed_out.get(resource)
-        if hung is not None and hung[0] is vendor and hung[1] == source[1]:
+        if hung is not None and _same_source(hung, source):
             return  # the vendor hung on exactly this: one deadline per change, not one per pass
         self._timed_out.pop(resource, None)
         try:
-            kind = calls.cdi_kind(resource)
+            kind = self.calls.cdi_kind(resource)
             specs, broken = self._device_specs(resource, devices)
             document, left_out = build_spec(kind, specs)
         except Exception as exc:  # an invalid kind or a vendor bug must not stop the plugin
@@ -337,7 +346,7 @@ class CdiWriter:
         broken: dict[str, str] = {}
         for device in devices:
             try:
-                specs[device.id] = self.manager.calls.container_spec(resource, [device])
+                specs[device.id] = self.calls.container_spec(resource, [device])
             except VendorTimeout:
                 raise  # the vendor hangs: give up this resource's spec for this pass, not N deadlines
             except Exception as exc:

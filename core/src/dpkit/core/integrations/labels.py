@@ -14,14 +14,14 @@ import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from dpkit.core.engine.state import PluginState, StatusFields
+from dpkit.core.engine.vendor_calls import VendorCalls
 from dpkit.core.support.files import RetryTimer, remove_quietly, write_atomic
 from dpkit.core.support.logs import get_logger, kv
+from dpkit.core.vendorapi.device import Device
 from dpkit.core.vendorapi.errors import ValidationError
-
-if TYPE_CHECKING:
-    from dpkit.core.engine.manager import Manager
 
 log = get_logger("labels")
 
@@ -84,10 +84,15 @@ def valid_labels(labels: Any) -> tuple[dict[str, str], list[str]]:
 
 
 class NodeLabelWriter:
-    """Observer keeping ``<features_dir>/dpkit-<vendor>`` equal to the vendor's node labels."""
+    """Observer keeping ``<features_dir>/dpkit-<vendor>`` equal to the vendor's node labels.
 
-    def __init__(self, features_dir: str | Path) -> None:
+    The vendor is asked again only when the devices (or the vendor, after a reload) changed.
+    """
+
+    def __init__(self, calls: VendorCalls, features_dir: str | Path) -> None:
+        self.calls = calls
         self.features_dir = Path(features_dir)
+        self._asked: tuple[int, dict[str, tuple[Device, ...]]] | None = None  # what the vendor last saw
         self.path: Path | None = None
         self.labels: dict[str, str] = {}
         self.refused: list[str] = []
@@ -98,17 +103,22 @@ class NodeLabelWriter:
         self._pending: tuple[str, dict[str, str]] | None = None  # (text, labels) still to write
         self._retry = RetryTimer(self._retry_write, name="nfd-retry")
 
-    def on_devices(self, manager: Manager) -> None:
+    def publish(self, state: PluginState) -> None:
         with self._lock:
-            self._on_devices(manager)
+            self._publish(state)
 
-    def _on_devices(self, manager: Manager) -> None:
-        vendor = manager.vendor
-        self.path = self.features_dir / f"dpkit-{vendor.name or 'vendor'}"
-        # the manager's current effective lists (kept up to date per change), not a recomputation
-        snapshot = {r: tuple(manager.effective.get(r, {}).values()) for r in manager.servers}
+    def _publish(self, state: PluginState) -> None:
+        # the effective device tuples the state shares with the manager, not copies
+        snapshot = {r: served.devices for r, served in state.resources.items()}
+        asked = (state.vendor_generation, snapshot)
+        if self._asked is not None and self._asked[0] == asked[0] and self._asked[1].keys() == snapshot.keys() \
+                and all(self._asked[1][r] is devices for r, devices in snapshot.items()):
+            return  # a heartbeat or a registration: nothing the labels depend on
+        self._asked = asked
+        vendor = state.vendor
+        self.path = self.features_dir / f"dpkit-{vendor or 'vendor'}"
         try:
-            raw = manager.calls.node_labels(snapshot)
+            raw = self.calls.node_labels(snapshot)
         except Exception as exc:  # keep the last good file rather than publish nothing
             self._fail(f"vendor node_labels failed: {type(exc).__name__}: {exc}")
             return
@@ -122,7 +132,7 @@ class NodeLabelWriter:
             self._remove()
             self.labels, self.last_error = {}, ""
             return
-        text = render(labels, vendor.name)
+        text = render(labels, vendor)
         if len(text.encode()) > MAX_FILE_BYTES:
             self._fail(f"{len(labels)} labels take {len(text.encode())} bytes; NFD reads at most {MAX_FILE_BYTES}")
             return
@@ -161,7 +171,7 @@ class NodeLabelWriter:
             log.error("node feature labels not written", extra=kv(error=message))
         self.last_error = message
 
-    def status_fields(self, manager: Manager) -> dict[str, Any]:
+    def status_fields(self, state: PluginState) -> StatusFields:
         with self._lock:
             return {"node_labels": {"file": str(self.path or self.features_dir), "labels": dict(self.labels),
                                     "refused": list(self.refused), "error": self.last_error,

@@ -1,9 +1,11 @@
 """Prometheus metrics on ``metrics_address`` (``host:port``; port 0 picks a free one).
 
-Counters and the latency histogram are updated as things happen (RPCs, registrations, probe
-heartbeats). Device, health and pod-holder gauges are computed at scrape time from the state
-the manager last published, so they never go stale and a vanished device leaves no series
-behind. Vendor samples (:meth:`Vendor.metric_samples`) are collected at scrape time too; a
+RPC counters and the latency histogram are updated as RPCs are served. Everything else (devices,
+health, registrations, probes, pod holders) is computed at scrape time from a PluginState the
+manager builds for that scrape (or the last one published, when its loop does not answer), so it
+never goes stale and a vanished device leaves no series behind. Registration and probe counters
+are the state's own counts: they start over when a resource or probe comes back, which Prometheus
+reads as a counter reset. Vendor samples (:meth:`Vendor.metric_samples`) are collected at scrape time too; a
 failing or malformed vendor sample is dropped and counted, never fatal. docs/operations.md
 lists every metric.
 """
@@ -13,19 +15,19 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from dpkit.core.engine.state import PluginState, StatusFields
+from dpkit.core.engine.vendor_calls import VendorCalls
 from dpkit.core.support.config import parse_address
 from dpkit.core.support.logs import get_logger, kv
-from dpkit.core.vendorapi.device import Device
 from dpkit.core.vendorapi.vendor import MetricSample
 
 if TYPE_CHECKING:
-    from dpkit.core.engine.manager import Manager
     from dpkit.core.integrations.podresources import PodResourcesView
 
 log = get_logger("metrics")
@@ -57,9 +59,12 @@ def check_sample(sample: MetricSample, reserved: Iterable[str]) -> None:
 class Metrics:
     """Observer exporting the core's metrics, the vendor's, and who holds each device."""
 
-    def __init__(self, manager: Manager, address: str, *, pod_view: PodResourcesView | None = None) -> None:
-        self.manager = manager
+    def __init__(self, calls: VendorCalls, address: str, *, source: Callable[[], PluginState] | None = None,
+                 pod_view: PodResourcesView | None = None) -> None:
+        self.calls = calls
+        self.source = source  # a fresh state per scrape; without it, the last one published
         self.pod_view = pod_view
+        self._state: PluginState | None = None
         self.host, port = parse_address(address)
         self.registry = CollectorRegistry(auto_describe=False)
         # first, so the error counter a scrape bumps is exported in that same scrape
@@ -73,21 +78,12 @@ class Metrics:
                                      ["resource", "method"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.list_and_watch_updates = Counter("dpkit_list_and_watch_updates", "Device lists sent on "
                                               "ListAndWatch streams.", ["resource"], registry=self.registry)
-        self.registrations = Counter("dpkit_registrations", "Successful registrations with the kubelet.",
-                                     ["resource"], registry=self.registry)
-        self.kubelet_restarts = Counter("dpkit_kubelet_restarts", "Kubelet restarts seen (kubelet.sock recreated).",
-                                        registry=self.registry)
-        self.probe_heartbeats = Counter("dpkit_probe_heartbeats", "Heartbeats received from health probes.",
-                                        ["probe"], registry=self.registry)
-        self.probe_restarts = Counter("dpkit_probe_restarts", "Health probe processes restarted after "
-                                      "falling silent or dying.", ["probe"], registry=self.registry)
         self.vendor_errors = Counter("dpkit_vendor_metric_errors", "Vendor metric samples dropped, or "
                                      "metric_samples() calls that failed.", registry=self.registry)
         self.reserved = {"dpkit_allocations", "dpkit_rpc_errors", "dpkit_rpc_duration_seconds",
                          "dpkit_list_and_watch_updates", "dpkit_registrations", "dpkit_kubelet_restarts",
                          "dpkit_probe_heartbeats", "dpkit_probe_restarts", "dpkit_vendor_metric_errors",
                          *_StateCollector.NAMES}
-        self._devices: dict[str, tuple[Device, ...]] = {}
         self._vendor_problems: set[str] = set()
         self.error = ""
         self.port = port
@@ -113,23 +109,20 @@ class Metrics:
         if ok and method == "Allocate":
             self.allocations.labels(resource).inc()
 
-    def on_link_event(self, kind: str, resource: str) -> None:
-        if kind == "registered":
-            self.registrations.labels(resource).inc()
-        elif kind == "kubelet_restart":
-            self.kubelet_restarts.inc()
+    def publish(self, state: PluginState) -> None:
+        """Keep the newest state for scrapes when no fresh one can be had."""
+        self._state = state
 
-    def on_probe_event(self, kind: str, probe: str) -> None:
-        if kind == "heartbeat":
-            self.probe_heartbeats.labels(probe).inc()
-        elif kind == "restart":
-            self.probe_restarts.labels(probe).inc()
+    def state(self) -> PluginState | None:
+        """A fresh state for a scrape (on the HTTP server's thread), else the last one published."""
+        if self.source is not None:
+            try:
+                return self.source()
+            except Exception as exc:
+                log.warning("no fresh state for this scrape; using the last one published", extra=kv(error=str(exc)))
+        return self._state
 
-    def on_devices(self, manager: Manager) -> None:
-        """Keep an immutable copy for scrapes, which run on the HTTP server's threads."""
-        self._devices = {r: tuple(manager.effective.get(r, {}).values()) for r in manager.servers}
-
-    def status_fields(self, manager: Manager) -> dict[str, Any]:
+    def status_fields(self, state: PluginState) -> StatusFields:
         return {"metrics": {"address": f"{self.host}:{self.port}", "serving": self._server is not None,
                             "error": self.error}}
 
@@ -144,7 +137,7 @@ class Metrics:
     # -- scrape side -------------------------------------------------------------------------
     def vendor_families(self) -> list[Metric]:
         try:
-            samples = self.manager.calls.metric_samples()
+            samples = self.calls.metric_samples()
         except Exception as exc:
             self.vendor_errors.inc()
             self._vendor_problem(f"metric_samples() failed: {type(exc).__name__}: {exc}")
@@ -178,63 +171,78 @@ class _StateCollector:
 
     NAMES = ("dpkit_info", "dpkit_vendor_call_errors", "dpkit_devices", "dpkit_device_healthy",
              "dpkit_resource_registered", "dpkit_probe_silent", "dpkit_device_allocated", "dpkit_pod_resources_up",
-             "dpkit_resource_server_failures", "dpkit_health_reports")
+             "dpkit_resource_server_failures", "dpkit_health_reports", "dpkit_registrations",
+             "dpkit_kubelet_restarts", "dpkit_probe_heartbeats", "dpkit_probe_restarts")
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
-        manager = m.manager
-        devices = m._devices
+        state = m.state()
+        if state is not None:
+            yield from self._state_families(state)
+            if m.pod_view is not None:
+                yield from self._holders(m.pod_view, state)
+        yield from m.vendor_families()
+        # after the vendor's families: a metric_samples failure of this scrape is counted in it
+        calls = CounterMetricFamily("dpkit_vendor_call_errors", "Vendor hook calls that raised ('error') or did not "
+                                    "answer within vendor_call_timeout ('timeout'), by hook.", labels=["hook", "kind"])
+        for (hook, kind), n in sorted(dict(m.calls.errors).items()):  # a copy: thread-safe
+            calls.add_metric([hook, kind], n)
+        yield calls
+
+    @staticmethod
+    def _state_families(state: PluginState) -> Iterator[Metric]:
         info = GaugeMetricFamily("dpkit_info", "The vendor this plugin serves.", labels=["vendor"])
-        info.add_metric([manager.vendor.name], 1)
+        info.add_metric([state.vendor], 1)
         yield info
         count = GaugeMetricFamily("dpkit_devices", "Devices advertised, by health.", labels=["resource", "health"])
         healthy = GaugeMetricFamily("dpkit_device_healthy", "1 when the device is Healthy, 0 when not "
                                     "(see dpkit status for the reason).", labels=["resource", "device"])
         registered = GaugeMetricFamily("dpkit_resource_registered", "1 while the resource is registered "
                                        "with the current kubelet.", labels=["resource"])
-        for resource, devs in sorted(devices.items()):
-            ok = sum(1 for d in devs if d.healthy)
+        registrations = CounterMetricFamily("dpkit_registrations", "Successful registrations with the kubelet.",
+                                            labels=["resource"])
+        for resource, served in state.resources.items():
+            ok = served.allocatable
             count.add_metric([resource, "Healthy"], ok)
-            count.add_metric([resource, "Unhealthy"], len(devs) - ok)
-            for device in devs:
+            count.add_metric([resource, "Unhealthy"], served.capacity - ok)
+            for device in served.devices:
                 healthy.add_metric([resource, device.id], 1 if device.healthy else 0)
-            registered.add_metric([resource], 1 if manager.link.registered(resource) else 0)
-        yield from (count, healthy, registered)
+            registered.add_metric([resource], 1 if served.serving.registered else 0)
+            registrations.add_metric([resource], served.serving.registrations)
+        yield from (count, healthy, registered, registrations)
+        restarts = CounterMetricFamily("dpkit_kubelet_restarts", "Kubelet restarts seen (kubelet.sock recreated).")
+        restarts.add_metric([], state.kubelet.restarts_seen)
+        yield restarts
         silent = GaugeMetricFamily("dpkit_probe_silent", "1 while a health probe is silent (its devices are "
                                    "marked Unhealthy).", labels=["probe"])
-        states = list(manager.probes.probes.values()) if manager.probes is not None else []  # a copy: thread-safe
-        for state in sorted(states, key=lambda s: s.probe.name):
-            silent.add_metric([state.probe.name], 1 if state.silent else 0)
-        yield silent
+        beats = CounterMetricFamily("dpkit_probe_heartbeats", "Heartbeats received from health probes.",
+                                    labels=["probe"])
+        probe_restarts = CounterMetricFamily("dpkit_probe_restarts", "Health probe processes restarted after "
+                                             "falling silent or dying.", labels=["probe"])
+        for probe in sorted(state.probes, key=lambda p: p.name):
+            silent.add_metric([probe.name], 1 if probe.silent else 0)
+            beats.add_metric([probe.name], probe.heartbeats)
+            probe_restarts.add_metric([probe.name], probe.restarts)
+        yield from (silent, beats, probe_restarts)
         failing = GaugeMetricFamily("dpkit_resource_server_failures", "Consecutive failed attempts to start a "
                                     "resource's gRPC server (retried with backoff; 0 once it serves).",
                                     labels=["resource"])
-        for resource, failure in sorted(dict(manager.server_failures).items()):  # a copy: thread-safe
-            failing.add_metric([resource], failure["attempts"])
+        for resource, failure in state.server_failures.items():
+            failing.add_metric([resource], failure.attempts)
         yield failing
-        board = manager.bus.board
         reports = CounterMetricFamily("dpkit_health_reports", "Health reports from in-process watchers; "
                                       "'coalesced' were replaced by a newer report before the manager read them.",
                                       labels=["outcome"])
-        reports.add_metric(["received"], board.reports_received)
-        reports.add_metric(["coalesced"], board.reports_coalesced)
+        reports.add_metric(["received"], state.health.reports)
+        reports.add_metric(["coalesced"], state.health.coalesced)
         yield reports
-        if m.pod_view is not None:
-            yield from self._holders(m.pod_view, devices)
-        yield from m.vendor_families()
-        # after the vendor's families: a metric_samples failure of this scrape is counted in it
-        calls = CounterMetricFamily("dpkit_vendor_call_errors", "Vendor hook calls that raised ('error') or did not "
-                                    "answer within vendor_call_timeout ('timeout'), by hook.", labels=["hook", "kind"])
-        for (hook, kind), n in sorted(dict(manager.calls.errors).items()):  # a copy: thread-safe
-            calls.add_metric([hook, kind], n)
-        yield calls
 
     @staticmethod
-    def _holders(view: PodResourcesView, devices: dict[str, tuple[Device, ...]]) -> Iterator[Metric]:
-        found = view.holders(devices)
+    def _holders(view: PodResourcesView, state: PluginState) -> Iterator[Metric]:
+        found = view.holders(state.resources)
         up = GaugeMetricFamily("dpkit_pod_resources_up", "1 when the kubelet's pod-resources API answered.")
         up.add_metric([], 0 if found is None else 1)
         yield up

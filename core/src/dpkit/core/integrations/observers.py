@@ -1,8 +1,9 @@
 """Optional integrations attached to a running manager, each enabled by its config key.
 
-An observer is any object with some of ``on_devices(manager)``, ``rpc(resource, method,
-seconds, ok)``, ``on_link_event(kind, resource)``, ``on_probe_event(kind, probe)``,
-``status_fields(manager)`` and ``close()``; the manager calls what exists.
+Every integration is an :class:`~dpkit.core.engine.state.Observer`: it sees the plugin only
+through the immutable :class:`~dpkit.core.engine.state.PluginState` the manager publishes, on
+its own thread, and adds its own part to ``dpkit status``. None imports the manager: what it
+needs besides the state (the guarded vendor calls, its config) is handed over here.
 
 =========================  ==========================================  =====================
 config key                 integration                                 module
@@ -16,21 +17,38 @@ config key                 integration                                 module
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
+from dpkit.core.engine.state import Observer, PluginState
 from dpkit.core.support import files
 from dpkit.core.support.files import write_atomic
 from dpkit.core.support.logs import get_logger
 from dpkit.core.vendorapi.errors import ConfigError
 
-if TYPE_CHECKING:
-    from dpkit.core.engine.manager import Manager
+if TYPE_CHECKING:  # annotations only: `dpkit run` imports this before anything loads grpc
+    from dpkit.core.engine.server import RpcObserver
+    from dpkit.core.engine.vendor_calls import VendorCalls
+    from dpkit.core.support.config import Config
+    from dpkit.core.vendorapi.device import ContainerSpec, Device
 
 log = get_logger("observers")
 
 
-def attach_observers(manager: Manager) -> list[Any]:
+class Host(Protocol):
+    """What attaching needs of the manager: its config, vendor calls and the slots it fills."""
+
+    config: Config
+    calls: VendorCalls
+    observers: list[Observer]
+    rpc_observer: RpcObserver | None
+    cdi_spec: Callable[[str, Sequence[Device]], ContainerSpec] | None
+
+    def current_state(self, timeout: float = ...) -> PluginState: ...
+
+
+def attach_observers(host: Host) -> list[Observer]:
     """Attach the integrations the config enables, before ``manager.start()``; returns them.
 
     Raises :class:`ConfigError` naming the key when the settings contradict each other or an
@@ -41,23 +59,27 @@ def attach_observers(manager: Manager) -> list[Any]:
     from dpkit.core.integrations.labels import NodeLabelWriter
     from dpkit.core.integrations.podresources import PodResourcesView
 
-    config = manager.config
+    config = host.config
     if config.cdi_allocate and not config.cdi_dir:
         raise ConfigError(f"{config.source}: key 'cdi_allocate' is true but 'cdi_dir' is empty; "
                           "set cdi_dir (usually /var/run/cdi) or turn cdi_allocate off")
-    attached: list[Any] = []
+    attached: list[Observer] = []
     view = PodResourcesView(config.pod_resources_socket) if config.pod_resources_socket else None
     if view is not None:
         attached.append(view)
     if config.cdi_dir:
-        attached.append(CdiWriter(manager, config.cdi_dir))
+        writer = CdiWriter(host.calls, config.cdi_dir, allocate=config.cdi_allocate)
+        host.cdi_spec = writer.cdi_spec
+        attached.append(writer)
     if config.nfd_features_dir:
-        attached.append(NodeLabelWriter(config.nfd_features_dir))
+        attached.append(NodeLabelWriter(host.calls, config.nfd_features_dir))
     if config.metrics_address:
         from dpkit.core.integrations.metrics import Metrics
 
-        attached.append(Metrics(manager, config.metrics_address, pod_view=view))
-    manager.observers.extend(attached)
+        metrics = Metrics(host.calls, config.metrics_address, source=host.current_state, pod_view=view)
+        host.rpc_observer = metrics
+        attached.append(metrics)
+    host.observers.extend(attached)
     return attached
 
 
@@ -66,4 +88,4 @@ def remove_quietly(path: Path) -> None:
     files.remove_quietly(path, log)
 
 
-__all__ = ["attach_observers", "remove_quietly", "write_atomic"]
+__all__ = ["Host", "attach_observers", "remove_quietly", "write_atomic"]

@@ -13,17 +13,15 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
 from dpkit.core.api.podresources_v1 import api_pb2 as pr_pb2
 from dpkit.core.api.podresources_v1 import api_pb2_grpc as pr_grpc
+from dpkit.core.engine.state import PluginState, StatusFields
 from dpkit.core.support.logs import get_logger, kv
 from dpkit.core.vendorapi.errors import DpkitError
-
-if TYPE_CHECKING:
-    from dpkit.core.engine.manager import Manager
 
 log = get_logger("podresources")
 MAX_FIELD = 253  # longest pod/namespace/container name Kubernetes allows
@@ -131,8 +129,14 @@ class PodResourcesView:
                 log.info("pod-resources API answering again")
             self.last_error = message
 
-    def status_fields(self, manager: Manager) -> dict[str, Any]:
-        resources = list(manager.servers)
+    def publish(self, state: PluginState) -> None:
+        """Nothing to keep: holders are asked when a status or a scrape wants them."""
+
+    def close(self) -> None:
+        """Nothing to release: every question opens and closes its own channel."""
+
+    def status_fields(self, state: PluginState) -> StatusFields:
+        resources = list(state.resources)
         found = self.holders(resources)
         kubelet_sees: dict[str, int] = {}
         if found is not None:
