@@ -101,9 +101,9 @@ def test_replica_device_selectors_nvidia_rejects(devices):
 
 @pytest.mark.parametrize(("document", "needle"), [
     ({"sharing": {"timeSlicing": {"resources": [{"name": "valid", "devices": "all", "rename": "v-shared"}]}}},
-     "'replicas' is required"),
-    ({"sharing": {"timeSlicing": {"resources": [{"name": "valid", "replicas": 0}]}}}, "must be >= 2"),
-    ({"sharing": {"timeSlicing": {"resources": [{"name": "valid", "replicas": -1}]}}}, "must be >= 2"),
+     "resources[0].replicas': required"),
+    ({"sharing": {"timeSlicing": {"resources": [{"name": "valid", "replicas": 0}]}}}, "from 2 to 1024, got 0"),
+    ({"sharing": {"timeSlicing": {"resources": [{"name": "valid", "replicas": -1}]}}}, "from 2 to 1024, got -1"),
     ({"sharing": {"timeSlicing": {"resources": [{"name": "$invalid$", "replicas": 2}]}}}, "resources[0].name"),
     ({"sharing": {"timeSlicing": {"resources": [{"name": "valid", "replicas": 2, "rename": "$invalid$"}]}}},
      "resources[0].rename"),
@@ -112,9 +112,11 @@ def test_replica_device_selectors_nvidia_rejects(devices):
       "sharing": {"mps": {"resources": [{"name": "gpu", "replicas": 2}]}}}, "migStrategy mixed is not supported"),
     ({"imex": {"channelIDs": [0, 1]}}, "channelIDs must be [] or [0]; found [0, 1]"),
     ({"imex": {"channelIDs": ["0"]}}, "'imex.channelIDs[0]': expected an integer"),
-    ({"resources": {"gpus": [{"name": "gpu"}]}}, "'pattern' is required"),
-    ({"flags": {"plugin": {"sharedDevicesAllocationPolicy": "spread"}}}, "expected one of distributed, packed"),
-    ({"flags": {"plugin": {"deviceIDStrategy": "serial"}}}, "expected one of uuid, index"),
+    ({"resources": {"gpus": [{"name": "gpu"}]}}, "'resources.gpus[0].pattern': required"),
+    ({"flags": {"plugin": {"sharedDevicesAllocationPolicy": "spread"}}},
+     "'flags.plugin.sharedDevicesAllocationPolicy': expected one of distributed, packed"),
+    ({"flags": {"plugin": {"deviceIDStrategy": "serial"}}},
+     "'flags.plugin.deviceIDStrategy': expected one of index, uuid"),
     ({"version": "v2"}, "unknown version"),
 ])
 def test_documents_nvidia_rejects_are_rejected_naming_the_key(document, needle):

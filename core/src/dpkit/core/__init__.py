@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dpkit.core.integrations.podresources import Holder, PodResourcesClient, PodResourcesError
-    from dpkit.core.support.config import DEFAULT_POD_RESOURCES_SOCKET, load_config
+    from dpkit.core.support.config import DEFAULT_POD_RESOURCES_SOCKET, load_config, parse_yaml, read_text
     from dpkit.core.support.logs import get_logger, kv, setup_logging
     from dpkit.core.support.schema import Derived, Invalid, Meta, Section, force_setattr, load_section, setting
     from dpkit.core.vendorapi.device import ContainerSpec, Device, DeviceNode, Health, Mount, Snapshot, merge_specs
@@ -39,7 +39,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("get_logger", "kv", "setup_logging"), "dpkit.core.support.logs"),
     **dict.fromkeys(("Section", "Meta", "Derived", "Invalid", "load_section", "setting", "force_setattr"),
                     "dpkit.core.support.schema"),
-    **dict.fromkeys(("load_config", "DEFAULT_POD_RESOURCES_SOCKET"), "dpkit.core.support.config"),
+    **dict.fromkeys(("load_config", "DEFAULT_POD_RESOURCES_SOCKET", "parse_yaml", "read_text"),
+                    "dpkit.core.support.config"),
     **dict.fromkeys(("Holder", "PodResourcesClient", "PodResourcesError"), "dpkit.core.integrations.podresources"),
 }
 
@@ -81,6 +82,8 @@ __all__ = [
     "load_config",
     "load_section",
     "merge_specs",
+    "parse_yaml",
+    "read_text",
     "setting",
     "setup_logging",
 ]

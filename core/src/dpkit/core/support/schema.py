@@ -189,7 +189,7 @@ def _expect(kind: mi.Type, value: Any) -> str:
             return _expect(matching[0], value)
         return described or " or ".join(_expect(m, value) for m in kind.types)
     if isinstance(kind, mi.LiteralType):
-        return "one of " + ", ".join(map(str, kind.values))
+        return described or "one of " + ", ".join(map(str, kind.values))
     if isinstance(kind, (mi.IntType, mi.FloatType)):
         what = described or ("an integer" if isinstance(kind, mi.IntType) else "a number")
         if not _fits(value, kind):  # a wrong type: say the type, not the range

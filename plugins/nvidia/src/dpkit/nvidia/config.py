@@ -8,23 +8,34 @@ key or a wrong value is a :class:`ConfigError` naming the key, so a typo cannot 
 what pods get.
 
 The dpkit ``vendor:`` section holds ``config_file`` (or ``config``, the same document inline)
-and the keys in :data:`VENDOR_KEYS`.
+and the keys of :class:`VendorSection`. Both the section and NVIDIA's document are declared
+(types, choices, ranges, defaults) and converted by the core's schema layer; :class:`Document`'s
+``__post_init__`` holds NVIDIA's rules that span keys.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import yaml
-
-from dpkit.core import ConfigError, ValidationError, check_annotation_key, check_resource_name
+from dpkit.core import (
+    ConfigError,
+    Invalid,
+    Meta,
+    Section,
+    ValidationError,
+    check_annotation_key,
+    check_resource_name,
+    force_setattr,
+    load_section,
+    parse_yaml,
+    read_text,
+    setting,
+)
 from dpkit.nvidia.xids import XidPolicy, policy_from_env
 
 RESOURCE_PREFIX = "nvidia.com"
@@ -41,21 +52,27 @@ MPS_CONTAINER_ROOT = "/mps"
 #: kubelet and rebuilt on every poll, so 10^8 would stall the plugin. Far above any real use.
 MAX_REPLICAS = 1024
 
-#: dpkit's own keys in the ``vendor:`` section, with their defaults.
-VENDOR_KEYS: dict[str, Any] = {
-    "config_file": "",  # NVIDIA v1 config file (env CONFIG_FILE works too)
-    "config": None,  # the same document inline
-    "nvml_library": "",  # explicit libnvidia-ml.so.1 (default: found under nvidiaDriverRoot)
-    "sysfs_root": "/sys",  # NUMA nodes come from <sysfs_root>/bus/pci/devices/<bus>/numa_node
-    "proc_root": "/proc",  # MIG capability minors from <proc_root>/driver/nvidia-caps/mig-minors
-    "cdi_vendor": RESOURCE_PREFIX,  # CDI names are <cdi_vendor>/gpu=<id>
-    "poll_interval": 30.0,  # seconds between re-discoveries
-    "nvml_timeout": 10.0,  # an NVML call slower than this is 'hung'
-    "discovery_timeout": 60.0,  # a discovery subprocess still running after this is killed ('hung')
-    "health_interval": 5.0,  # seconds between the health probe's checks of every GPU
-    "health_state_file": "/run/dpkit/nvidia-health.json",  # keeps XID marks across probe restarts
-    "mps_container_root": MPS_CONTAINER_ROOT,  # the host's mpsRoot as this container sees it
-}
+Seconds = Annotated[float, Meta(gt=0, description="a number of seconds")]
+ListStrategy = Literal["envvar", "volume-mounts", "cdi-annotations", "cdi-cri"]
+
+
+class VendorSection(Section, frozen=True):
+    """dpkit's own keys in the ``vendor:`` section."""
+
+    config_file: str = ""  # NVIDIA v1 config file (env CONFIG_FILE works too)
+    config: Any = None  # the same document inline
+    nvml_library: str = ""  # explicit libnvidia-ml.so.1 (default: found under nvidiaDriverRoot)
+    sysfs_root: str = "/sys"  # NUMA nodes come from <sysfs_root>/bus/pci/devices/<bus>/numa_node
+    proc_root: str = "/proc"  # MIG capability minors from <proc_root>/driver/nvidia-caps/mig-minors
+    cdi_vendor: Annotated[str, Meta(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                                    description="a DNS name like nvidia.com")] = RESOURCE_PREFIX  # <vendor>/gpu=<id>
+    poll_interval: Seconds = 30.0  # seconds between re-discoveries
+    nvml_timeout: Seconds = 10.0  # an NVML call slower than this is 'hung'
+    discovery_timeout: Seconds = 60.0  # a discovery subprocess still running after this is killed ('hung')
+    health_interval: Seconds = 5.0  # seconds between the health probe's checks of every GPU
+    health_state_file: str = "/run/dpkit/nvidia-health.json"  # keeps XID marks across probe restarts
+    mps_container_root: str = MPS_CONTAINER_ROOT  # the host's mpsRoot as this container sees it
+
 
 #: NVIDIA's variables that dpkit reads but does not act on, with why; each is warned about once.
 IGNORED_ENV: dict[str, str] = {
@@ -71,12 +88,14 @@ IGNORED_ENV: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class ResourceRule:
+class ResourceRule(Section, frozen=True):
     """``resources.gpus`` / ``resources.mig`` entry: devices whose name matches get ``name``."""
 
     pattern: str
     name: str
+
+    def __post_init__(self) -> None:
+        force_setattr(self, "name", _resource(self.name, "name"))
 
     def matches(self, text: str) -> bool:
         """The whole text matches the wildcard pattern (anchored as NVIDIA's are now: ``1g.24gb`` does not
@@ -155,76 +174,6 @@ class Settings:
         return os.path.join(root, resource, part)
 
 
-# -- a tiny strict schema walker ------------------------------------------------------------
-
-
-class _Bad(Exception):
-    """A problem at a key path inside the NVIDIA document; turned into a ConfigError with its source."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(message)
-        self.path = path
-        self.message = message
-
-
-Schema = dict[str, Any]  # key -> a type, a nested Schema, or a parser(value, path) -> value
-_WHAT = {bool: "true or false", str: "a string", int: "an integer", list: "a list"}
-
-
-def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
-    if (kind is not bool and isinstance(value, bool)) or not isinstance(value, kind):
-        raise _Bad(path, f"expected {what}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _join(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _walk(raw: Any, schema: Schema, path: str) -> dict[str, Any]:
-    """Check a mapping against ``schema``: unknown keys and wrong types name their path."""
-    if raw is None:
-        return {}
-    _expect(raw, Mapping, path or "<top level>", "a mapping")
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        at = _join(path, key)
-        if key not in schema:
-            close = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(schema)}"
-            raise _Bad(at, f"unknown key ({hint})")
-        if value is None:
-            continue
-        rule = schema[key]
-        if isinstance(rule, dict):
-            out[key] = _walk(value, rule, at)
-        elif isinstance(rule, type):
-            out[key] = _expect(value, rule, at, _WHAT.get(rule, rule.__name__))
-        else:
-            out[key] = rule(value, at)
-    return out
-
-
-def _string_list(value: Any, path: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    _expect(value, list, path, "a string or a list of strings")
-    return tuple(_expect(v, str, f"{path}[{i}]", "a string") for i, v in enumerate(value))
-
-
-def _rules(value: Any, path: str) -> tuple[ResourceRule, ...]:
-    _expect(value, list, path, "a list of {pattern, name}")
-    rules = []
-    for i, item in enumerate(value):
-        at = f"{path}[{i}]"
-        entry = _walk(item, {"pattern": str, "name": str}, at)
-        for key in ("pattern", "name"):
-            if key not in entry:
-                raise _Bad(at, f"'{key}' is required")
-        rules.append(ResourceRule(entry["pattern"], _resource(entry["name"], f"{at}.name")))
-    return tuple(rules)
-
-
 _UINT = re.compile(r"\d+")
 #: the textual forms Go's uuid.Parse takes, which NVIDIA's selector check uses
 _UUID_FORMS = re.compile(r"(?:urn:uuid:)?[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}"
@@ -258,141 +207,187 @@ def device_ref_ok(ref: str) -> bool:
     return False
 
 
-def _devices(value: Any, path: str) -> str | int | tuple[str, ...]:
-    if value == "all":
-        return "all"
+class SharedEntry(Section, frozen=True):
+    """One ``sharing.<strategy>.resources`` entry as NVIDIA writes it."""
+
+    name: str
+    replicas: Annotated[int, Meta(ge=2, le=MAX_REPLICAS, description="a number of replicas per GPU")]
+    rename: str = ""
+    devices: Annotated[str | int | list[str | int], Meta(description="'all', a count or a list of devices")] = "all"
+
+    def __post_init__(self) -> None:
+        force_setattr(self, "name", _resource(self.name, "name"))
+        if self.rename:
+            force_setattr(self, "rename", _resource(self.rename, "rename"))
+        force_setattr(self, "devices", _devices(self.devices))
+
+
+def _devices(value: str | int | list[str | int]) -> str | int | tuple[str, ...]:
     if isinstance(value, str):
-        raise _Bad(path, f"expected 'all', a count or a list of devices, got {value!r} "
-                         "(the only valid string is 'all')")
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise _Bad(path, f"a count of devices must be > 0, got {value}")
+        if value != "all":
+            raise Invalid(f"expected 'all', a count or a list of devices, got {value!r} (the only valid string is "
+                          "'all')", "devices")
         return value
-    if isinstance(value, list):
-        refs = []
-        for i, item in enumerate(value):
-            if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
-                ref: Any = str(item)
-            else:
-                ref = item
-            if not isinstance(ref, str) or not device_ref_ok(ref):
-                raise _Bad(f"{path}[{i}]", f"{item!r} is not a GPU index, a MIG index (0:1), GPU-<uuid>, "
-                                           "MIG-<uuid> or MIG-GPU-<uuid>/<gi>/<ci>")
-            refs.append(ref)
-        return tuple(refs)
-    raise _Bad(path, f"expected 'all', a count or a list of devices, got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise Invalid(f"a count of devices must be > 0, got {value}", "devices")
+        return value
+    refs = tuple(str(item) if isinstance(item, int) and item >= 0 else item for item in value)
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, str) or not device_ref_ok(ref):
+            raise Invalid(f"{value[i]!r} is not a GPU index, a MIG index (0:1), GPU-<uuid>, MIG-<uuid> or "
+                          "MIG-GPU-<uuid>/<gi>/<ci>", f"devices[{i}]")
+    return tuple(str(ref) for ref in refs)
 
 
-def _shared(value: Any, path: str) -> list[dict[str, Any]]:
-    _expect(value, list, path, "a list of resources to replicate")
-    entries = []
-    for i, item in enumerate(value):
-        at = f"{path}[{i}]"
-        entry = _walk(item, {"name": str, "rename": str, "devices": _devices, "replicas": int}, at)
-        for key in ("name", "replicas"):
-            if key not in entry:
-                raise _Bad(at, f"'{key}' is required")
-        if entry["replicas"] < 2:
-            raise _Bad(f"{at}.replicas", f"number of replicas must be >= 2, got {entry['replicas']}")
-        if entry["replicas"] > MAX_REPLICAS:
-            raise _Bad(f"{at}.replicas",
-                       f"number of replicas must be <= {MAX_REPLICAS} per GPU, got {entry['replicas']}")
-        entry["name"] = _resource(entry["name"], f"{at}.name")
-        if "rename" in entry:
-            entry["rename"] = _resource(entry["rename"], f"{at}.rename")
-        entries.append(entry)
-    return entries
+class PluginFlags(Section, frozen=True):
+    passDeviceSpecs: bool = False
+    deviceListStrategy: ListStrategy | list[ListStrategy] = "envvar"
+    deviceIDStrategy: Literal["uuid", "index"] = "uuid"
+    cdiAnnotationPrefix: str = "cdi.k8s.io/"
+    nvidiaCTKPath: str | None = None  # accepted, unused: dpkit does not generate CDI specs
+    nvidiaCDIHookPath: str | None = None
+    containerDriverRoot: str | None = None
+    sharedDevicesAllocationPolicy: Literal["distributed", "packed"] = "distributed"
 
 
-def _anything(value: Any, path: str) -> Any:
-    return value
+class GfdFlags(Section, frozen=True):
+    """GPU feature discovery's flags: accepted, unused by the device plugin."""
+
+    oneshot: bool = False
+    noTimestamp: bool = False
+    sleepInterval: Any = None
+    outputFile: str = ""
+    machineTypeFile: str = ""
 
 
-def _channel_ids(value: Any, path: str) -> tuple[int, ...]:
-    _expect(value, list, path, "a list of channel IDs")
-    return tuple(_expect(v, int, f"{path}[{i}]", "an integer") for i, v in enumerate(value))
+class Flags(Section, frozen=True):
+    migStrategy: Literal["none", "single", "mixed"] = "none"
+    failOnInitError: bool | None = None
+    nvidiaDriverRoot: str = ""
+    nvidiaDevRoot: str = ""
+    gdsEnabled: bool = False
+    mofedEnabled: bool = False
+    gdrcopyEnabled: bool = False
+    mpsRoot: str | None = None
+    useNodeFeatureAPI: bool | None = None
+    deviceDiscoveryStrategy: Annotated[Literal["auto", "nvml"], Meta(
+        description="one of auto, nvml (dpkit discovers GPUs through NVML only)")] = "auto"
+    restartOnDeviceUnhealthy: bool | None = None
+    plugin: PluginFlags = setting(default_factory=PluginFlags)
+    gfd: GfdFlags | None = None
 
 
-_PLUGIN: Schema = {
-    "passDeviceSpecs": bool, "deviceListStrategy": _string_list, "deviceIDStrategy": str,
-    "cdiAnnotationPrefix": str, "nvidiaCTKPath": str, "nvidiaCDIHookPath": str, "containerDriverRoot": str,
-    "sharedDevicesAllocationPolicy": str,
-}
-_GFD: Schema = {"oneshot": bool, "noTimestamp": bool, "sleepInterval": _anything, "outputFile": str,
-                "machineTypeFile": str}
-_FLAGS: Schema = {
-    "migStrategy": str, "failOnInitError": bool, "nvidiaDriverRoot": str, "nvidiaDevRoot": str,
-    "gdsEnabled": bool, "mofedEnabled": bool, "gdrcopyEnabled": bool, "mpsRoot": str,
-    "useNodeFeatureAPI": bool, "deviceDiscoveryStrategy": str, "restartOnDeviceUnhealthy": bool,
-    "plugin": _PLUGIN, "gfd": _GFD,
-}
-_REPLICATED: Schema = {"renameByDefault": bool, "failRequestsGreaterThanOne": bool, "resources": _shared}
-_SCHEMA: Schema = {
-    "version": str,
-    "flags": _FLAGS,
-    "resources": {"gpus": _rules, "mig": _rules},
-    "sharing": {"timeSlicing": _REPLICATED, "mps": _REPLICATED},
-    "imex": {"channelIDs": _channel_ids, "required": bool},
-}
+class Replicated(Section, frozen=True):
+    renameByDefault: bool = False
+    failRequestsGreaterThanOne: bool | None = None
+    resources: tuple[SharedEntry, ...] = ()
 
-_BOOL_WORDS = {"1": True, "t": True, "true": True, "0": False, "f": False, "false": False}
+    def shared(self, path: str) -> tuple[SharedResource, ...]:
+        """The resources with NVIDIA's renameByDefault applied."""
+        shared: list[SharedResource] = []
+        for i, entry in enumerate(self.resources):
+            if any(s.name == entry.name for s in shared):
+                raise Invalid(f"{entry.name} is listed twice", f"{path}.resources[{i}].name")
+            rename = entry.rename or (entry.name + SHARED_SUFFIX if self.renameByDefault else "")
+            shared.append(SharedResource(entry.name, entry.replicas, rename, entry.devices))  # type: ignore[arg-type]
+        return tuple(shared)
 
 
-def _env_bool(name: str, value: str) -> bool:
-    try:
-        return _BOOL_WORDS[value.strip().lower()]
-    except KeyError:
-        raise ConfigError(f"environment {name}: expected true or false, got {value!r}") from None
+class Sharing(Section, frozen=True):
+    timeSlicing: Replicated = setting(default_factory=Replicated)
+    mps: Replicated = setting(default_factory=Replicated)
 
 
-def _env_list(name: str, value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+class Resources(Section, frozen=True):
+    gpus: tuple[ResourceRule, ...] = ()
+    mig: tuple[ResourceRule, ...] = ()
 
 
-def _env_ints(name: str, value: str) -> tuple[int, ...]:
-    out = []
-    for item in _env_list(name, value):
+class Imex(Section, frozen=True):
+    channelIDs: tuple[int, ...] = ()
+    required: bool = False
+
+    def __post_init__(self) -> None:
+        if self.channelIDs not in ((), (0,)):
+            raise Invalid(f"invalid IMEX channel IDs: channelIDs must be [] or [0]; found {list(self.channelIDs)}",
+                          "channelIDs")
+
+
+class Document(Section, frozen=True):
+    """NVIDIA's v1 config file."""
+
+    version: str = "v1"
+    flags: Flags = setting(default_factory=Flags)
+    resources: Resources = setting(default_factory=Resources)
+    sharing: Sharing = setting(default_factory=Sharing)
+    imex: Imex = setting(default_factory=Imex)
+
+    def __post_init__(self) -> None:
+        if self.version != "v1":
+            raise Invalid(f"unknown version {self.version!r}; only v1 is understood", "version")
+        if not self.list_strategies:
+            raise Invalid("at least one of envvar, volume-mounts, cdi-annotations, cdi-cri is required",
+                          "flags.plugin.deviceListStrategy")
         try:
-            out.append(int(item))
-        except ValueError:
-            raise ConfigError(f"environment {name}: {item!r} is not an integer") from None
-    return tuple(out)
+            check_annotation_key(self.flags.plugin.cdiAnnotationPrefix + "nvidia-device-plugin_x")
+        except ValidationError as exc:
+            raise Invalid(str(exc), "flags.plugin.cdiAnnotationPrefix") from None
+        roots = [("nvidiaDriverRoot", self.driver_root), ("nvidiaDevRoot", self.dev_root)]
+        for key, value in roots + ([("mpsRoot", self.flags.mpsRoot)] if self.flags.mpsRoot else []):
+            if not value.startswith("/") or ".." in value.split("/"):
+                raise Invalid(f"expected an absolute path without '..', got {value!r}", f"flags.{key}")
+        if self.sharing.mps.resources:
+            if self.flags.migStrategy == "mixed":
+                raise Invalid("using migStrategy mixed is not supported with MPS", "flags.migStrategy")
+            if not self.flags.mpsRoot:
+                raise Invalid("using MPS requires mpsRoot (MPS_ROOT) to be set, e.g. /run/nvidia/mps", "flags.mpsRoot")
+        self.sharing.timeSlicing.shared("sharing.timeSlicing")
+        self.sharing.mps.shared("sharing.mps")
+
+    @property
+    def list_strategies(self) -> tuple[str, ...]:
+        strategies = self.flags.plugin.deviceListStrategy
+        return (strategies,) if isinstance(strategies, str) else tuple(dict.fromkeys(strategies))
+
+    @property
+    def driver_root(self) -> str:
+        return self.flags.nvidiaDriverRoot or "/"
+
+    @property
+    def dev_root(self) -> str:
+        return self.flags.nvidiaDevRoot or self.driver_root
 
 
-# NVIDIA's environment variables -> (key path under flags, parser; None keeps the string)
-_ENV: dict[str, tuple[str, Any]] = {
-    "MIG_STRATEGY": ("migStrategy", None),
-    "FAIL_ON_INIT_ERROR": ("failOnInitError", _env_bool),
-    "NVIDIA_DRIVER_ROOT": ("nvidiaDriverRoot", None),
-    "NVIDIA_DEV_ROOT": ("nvidiaDevRoot", None),
-    "GDS_ENABLED": ("gdsEnabled", _env_bool),
-    "MOFED_ENABLED": ("mofedEnabled", _env_bool),
-    "GDRCOPY_ENABLED": ("gdrcopyEnabled", _env_bool),
-    "MPS_ROOT": ("mpsRoot", None),
-    "DEVICE_DISCOVERY_STRATEGY": ("deviceDiscoveryStrategy", None),
-    "PASS_DEVICE_SPECS": ("plugin.passDeviceSpecs", _env_bool),
-    "DEVICE_LIST_STRATEGY": ("plugin.deviceListStrategy", _env_list),
-    "DEVICE_ID_STRATEGY": ("plugin.deviceIDStrategy", None),
-    "CDI_ANNOTATION_PREFIX": ("plugin.cdiAnnotationPrefix", None),
-    "NVIDIA_CTK_PATH": ("plugin.nvidiaCTKPath", None),
-    "NVIDIA_CDI_HOOK_PATH": ("plugin.nvidiaCDIHookPath", None),
-    "CONTAINER_DRIVER_ROOT": ("plugin.containerDriverRoot", None),
-    "SHARED_DEVICES_ALLOCATION_POLICY": ("plugin.sharedDevicesAllocationPolicy", None),
+# NVIDIA's environment variables -> the key path each sets (environment over file, as NVIDIA does)
+_ENV: dict[str, str] = {
+    "MIG_STRATEGY": "flags.migStrategy",
+    "FAIL_ON_INIT_ERROR": "flags.failOnInitError",
+    "NVIDIA_DRIVER_ROOT": "flags.nvidiaDriverRoot",
+    "NVIDIA_DEV_ROOT": "flags.nvidiaDevRoot",
+    "GDS_ENABLED": "flags.gdsEnabled",
+    "MOFED_ENABLED": "flags.mofedEnabled",
+    "GDRCOPY_ENABLED": "flags.gdrcopyEnabled",
+    "MPS_ROOT": "flags.mpsRoot",
+    "DEVICE_DISCOVERY_STRATEGY": "flags.deviceDiscoveryStrategy",
+    "PASS_DEVICE_SPECS": "flags.plugin.passDeviceSpecs",
+    "DEVICE_LIST_STRATEGY": "flags.plugin.deviceListStrategy",
+    "DEVICE_ID_STRATEGY": "flags.plugin.deviceIDStrategy",
+    "CDI_ANNOTATION_PREFIX": "flags.plugin.cdiAnnotationPrefix",
+    "NVIDIA_CTK_PATH": "flags.plugin.nvidiaCTKPath",
+    "NVIDIA_CDI_HOOK_PATH": "flags.plugin.nvidiaCDIHookPath",
+    "CONTAINER_DRIVER_ROOT": "flags.plugin.containerDriverRoot",
+    "SHARED_DEVICES_ALLOCATION_POLICY": "flags.plugin.sharedDevicesAllocationPolicy",
+    "IMEX_CHANNEL_IDS": "imex.channelIDs",
+    "IMEX_REQUIRED": "imex.required",
 }
-# variables that set keys outside ``flags`` (NVIDIA's IMEX flags)
-_TOP_ENV: dict[str, tuple[str, Any]] = {
-    "IMEX_CHANNEL_IDS": ("imex.channelIDs", _env_ints),
-    "IMEX_REQUIRED": ("imex.required", _env_bool),
-}
-# as NVIDIA's CLI library does, an empty boolean or list variable counts as unset
-_EMPTY_IS_UNSET = {_env_bool, _env_list, _env_ints}
 
 
-def _resource(name: str, path: str) -> str:
+def _resource(name: str, key: str) -> str:
     try:
         return resource_name(name)
     except ValidationError as exc:
-        raise _Bad(path, str(exc)) from None
+        raise Invalid(str(exc), key) from None
 
 
 def resource_name(name: str) -> str:
@@ -403,211 +398,105 @@ def resource_name(name: str) -> str:
     return check_resource_name(full)
 
 
-def _choice(value: str, choices: Sequence[str], path: str, note: str = "") -> str:
-    if value not in choices:
-        raise _Bad(path, f"expected one of {', '.join(choices)}, got {value!r}{note}")
+def _without_nulls(value: Any) -> Any:
+    """NVIDIA's loader reads a key left empty (``null``) as absent; so does this one."""
+    if isinstance(value, Mapping):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
     return value
 
 
-def _number(config: Mapping[str, Any], key: str) -> float:
-    value = config.get(key, VENDOR_KEYS[key])
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"vendor.{key}: expected a positive number of seconds, got {value!r}")
-    return float(value)
-
-
-def _string(config: Mapping[str, Any], key: str) -> str:
-    value = config.get(key, VENDOR_KEYS[key])
-    if not isinstance(value, str):
-        raise ConfigError(f"vendor.{key}: expected a string, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _read_document(config: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[Any, str]:
-    inline = config.get("config")
-    path = _string(config, "config_file") or environ.get("CONFIG_FILE", "")
-    if inline is not None and path:
+def _read_document(section: VendorSection, environ: Mapping[str, str]) -> tuple[Any, str]:
+    path = section.config_file or environ.get("CONFIG_FILE", "")
+    if section.config is not None and path:
         raise ConfigError("vendor: set either 'config' (inline) or 'config_file' / CONFIG_FILE, not both")
-    if inline is not None:
-        return inline, "vendor.config"
+    if section.config is not None:
+        return section.config, "vendor.config"
     if not path:
         return {}, "<defaults>"
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read NVIDIA config file: {exc.strerror or exc}") from exc
-    try:
-        return yaml.safe_load(text) or {}, path
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
-
-
-def _apply_env(doc: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
-    """Environment over file, as NVIDIA does; returns key path -> variable, for error messages."""
-    origin: dict[str, str] = {}
-    wanted = [(name, f"flags.{path}", parse) for name, (path, parse) in _ENV.items()]
-    wanted += [(name, path, parse) for name, (path, parse) in _TOP_ENV.items()]
-    for name, path, parse in wanted:
-        if name not in environ:
-            continue
-        if parse in _EMPTY_IS_UNSET and not environ[name].strip():
-            continue
-        *parents, last = path.split(".")
-        target = doc
-        for key in parents:
-            target = target.setdefault(key, {})
-        target[last] = parse(name, environ[name]) if parse else environ[name]
-        origin[path] = name
-    return origin
+    return parse_yaml(read_text(path, "NVIDIA config file"), path) or {}, path
 
 
 def load_settings(config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Validate the vendor section, read the NVIDIA document and apply NVIDIA's env variables."""
-    config = dict(config or {})
     environ = os.environ if environ is None else environ
-    unknown = sorted(set(config) - set(VENDOR_KEYS))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], list(VENDOR_KEYS), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(VENDOR_KEYS)}"
-        raise ConfigError(f"vendor: unknown key {unknown[0]!r} for vendor nvidia ({hint})")
-    raw, source = _read_document(config, environ)
-    origin: dict[str, str] = {}
-    try:
-        doc = _walk(raw, _SCHEMA, "")
-        doc.setdefault("flags", {})
-        origin = _apply_env(doc, environ)
-        return _settings(doc, config, environ, source, origin)
-    except _Bad as bad:
-        if bad.path in origin:
-            raise ConfigError(f"environment {origin[bad.path]}: {bad.message}") from None
-        raise ConfigError(f"{source}: key {bad.path!r}: {bad.message}") from None
+    section = load_section(config or {}, VendorSection, root="vendor")
+    raw, source = _read_document(section, environ)
+    doc = load_section(_without_nulls(raw), Document, source=source, environ=environ, env=_ENV)
+    origin = {path: name for name, path in _ENV.items() if environ.get(name, "").strip()}
+    return _settings(doc, section, environ, source, origin)
 
 
-def _settings(doc: dict[str, Any], config: Mapping[str, Any], environ: Mapping[str, str], source: str,
+def _settings(doc: Document, section: VendorSection, environ: Mapping[str, str], source: str,
               origin: Mapping[str, str]) -> Settings:
-    if doc.get("version", "v1") != "v1":
-        raise _Bad("version", f"unknown version {doc['version']!r}; only v1 is understood")
-    flags = doc["flags"]
-    plugin = flags.get("plugin", {})
+    flags, plugin = doc.flags, doc.flags.plugin
     notes: list[str] = []
-    mig_strategy = _choice(flags.get("migStrategy", "none"), MIG_STRATEGIES, "flags.migStrategy")
-    strategies = plugin.get("deviceListStrategy", ("envvar",))
-    if not strategies:
-        raise _Bad("flags.plugin.deviceListStrategy", f"at least one of {', '.join(LIST_STRATEGIES)} is required")
-    for s in strategies:
-        _choice(s, LIST_STRATEGIES, "flags.plugin.deviceListStrategy")
-    id_strategy = _choice(plugin.get("deviceIDStrategy", "uuid"), ID_STRATEGIES, "flags.plugin.deviceIDStrategy")
-    _choice(flags.get("deviceDiscoveryStrategy", "auto"), ("auto", "nvml"), "flags.deviceDiscoveryStrategy",
-            " (dpkit discovers GPUs through NVML only)")
-    prefix = plugin.get("cdiAnnotationPrefix", "cdi.k8s.io/")
-    try:
-        check_annotation_key(prefix + "nvidia-device-plugin_x")
-    except ValidationError as exc:
-        raise _Bad("flags.plugin.cdiAnnotationPrefix", str(exc)) from None
-    driver_root = flags.get("nvidiaDriverRoot") or "/"
-    dev_root = flags.get("nvidiaDevRoot") or driver_root
-    for key, value in (("nvidiaDriverRoot", driver_root), ("nvidiaDevRoot", dev_root)):
-        if not value.startswith("/") or ".." in value.split("/"):
-            raise _Bad(f"flags.{key}", f"expected an absolute path without '..', got {value!r}")
     warnings: list[str] = []
     for key in ("nvidiaCTKPath", "nvidiaCDIHookPath", "containerDriverRoot"):
-        if key in plugin:
+        if getattr(plugin, key) is not None:
             (warnings if f"flags.plugin.{key}" in origin else notes).append(
                 f"{_said(origin, f'flags.plugin.{key}')} is accepted but unused: dpkit does not generate CDI specs")
     for key in ("gfd", "useNodeFeatureAPI", "restartOnDeviceUnhealthy"):
-        if key in flags:
+        if getattr(flags, key) is not None:
             notes.append(f"flags.{key} is accepted but unused by dpkit"
                          + (" (it configures GPU feature discovery)" if key == "gfd" else ""))
-    if "failOnInitError" in flags:
+    if flags.failOnInitError is not None:
         notes.append(f"{_said(origin, 'flags.failOnInitError')}: dpkit never exits on NVML errors; it advertises "
                      "what it can and retries")
     for name, why in IGNORED_ENV.items():
         if name in environ:
             warnings.append(f"environment {name} is set but dpkit does not act on it: {why}")
-    policy = _choice(plugin.get("sharedDevicesAllocationPolicy", "distributed"), ALLOCATION_POLICIES,
-                     "flags.plugin.sharedDevicesAllocationPolicy")
-
-    sharing = doc.get("sharing", {})
-    imex = doc.get("imex", {})
-    channel_ids = tuple(imex.get("channelIDs", ()))
-    if channel_ids not in ((), (0,)):
-        raise _Bad("imex.channelIDs", f"invalid IMEX channel IDs: channelIDs must be [] or [0]; found "
-                                      f"{list(channel_ids)}")
-    shared_by = {kind: _shared_entries(sharing.get(kind, {}), f"sharing.{kind}") for kind in ("timeSlicing", "mps")}
-    strategy = "mps" if shared_by["mps"] else "time-slicing" if shared_by["timeSlicing"] else "none"
-    active = sharing.get("mps" if strategy == "mps" else "timeSlicing", {})
-    shared = shared_by["mps"] if strategy == "mps" else shared_by["timeSlicing"]
-    mps_root = flags.get("mpsRoot", "")
-    if strategy == "mps":
-        if shared_by["timeSlicing"]:
-            warnings.append("sharing.timeSlicing is ignored: sharing.mps is set too and wins, as in NVIDIA's plugin")
-        if mig_strategy == "mixed":
-            raise _Bad("flags.migStrategy", "using migStrategy mixed is not supported with MPS")
-        if not mps_root:
-            raise _Bad("flags.mpsRoot", "using MPS requires mpsRoot (MPS_ROOT) to be set, e.g. /run/nvidia/mps")
-    if mps_root and (not mps_root.startswith("/") or ".." in mps_root.split("/")):
-        raise _Bad("flags.mpsRoot", f"expected an absolute path without '..', got {mps_root!r}")
-    if "mpsRoot" in flags and strategy != "mps":
+    mps = doc.sharing.mps.shared("sharing.mps")
+    time_slicing = doc.sharing.timeSlicing.shared("sharing.timeSlicing")
+    strategy = "mps" if mps else "time-slicing" if time_slicing else "none"
+    active = doc.sharing.mps if strategy == "mps" else doc.sharing.timeSlicing
+    if strategy == "mps" and time_slicing:
+        warnings.append("sharing.timeSlicing is ignored: sharing.mps is set too and wins, as in NVIDIA's plugin")
+    if flags.mpsRoot is not None and strategy != "mps":
         notes.append(f"{_said(origin, 'flags.mpsRoot')} is used only with sharing.mps")
-
-    resources = doc.get("resources", {})
-    strings = {k: _string(config, k) for k in ("nvml_library", "sysfs_root", "proc_root", "cdi_vendor",
-                                                "health_state_file")}
-    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", strings["cdi_vendor"]):
-        raise ConfigError(f"vendor.cdi_vendor: {strings['cdi_vendor']!r} is not a DNS name like nvidia.com")
+    fail_above_one = active.failRequestsGreaterThanOne
     return Settings(
-        mig_strategy=mig_strategy,
-        fail_on_init_error=bool(flags.get("failOnInitError", True)),
-        driver_root=driver_root,
-        dev_root=dev_root,
-        pass_device_specs=bool(plugin.get("passDeviceSpecs", False)),
-        list_strategies=tuple(dict.fromkeys(strategies)),
-        id_strategy=id_strategy,
-        cdi_annotation_prefix=prefix,
-        gds_enabled=bool(flags.get("gdsEnabled", False)),
-        mofed_enabled=bool(flags.get("mofedEnabled", False)),
-        gdrcopy_enabled=bool(flags.get("gdrcopyEnabled", False)),
-        gpu_rules=resources.get("gpus", ()),
-        mig_rules=resources.get("mig", ()),
-        shared=tuple(shared),
+        mig_strategy=flags.migStrategy,
+        fail_on_init_error=flags.failOnInitError is not False,
+        driver_root=doc.driver_root,
+        dev_root=doc.dev_root,
+        pass_device_specs=plugin.passDeviceSpecs,
+        list_strategies=doc.list_strategies,
+        id_strategy=plugin.deviceIDStrategy,
+        cdi_annotation_prefix=plugin.cdiAnnotationPrefix,
+        gds_enabled=flags.gdsEnabled,
+        mofed_enabled=flags.mofedEnabled,
+        gdrcopy_enabled=flags.gdrcopyEnabled,
+        gpu_rules=doc.resources.gpus,
+        mig_rules=doc.resources.mig,
+        shared=mps or time_slicing,
         sharing_strategy=strategy,
         # NVIDIA's current loader: MPS refuses requests above one replica unless the config says
         # failRequestsGreaterThanOne: false; time-slicing allows them unless it says true.
-        fail_requests_greater_than_one=bool(active.get("failRequestsGreaterThanOne", strategy == "mps")),
-        allocation_policy=policy,
-        mps_root=mps_root,
-        mps_container_root=_string(config, "mps_container_root"),
-        imex_channel_ids=channel_ids,
-        imex_required=bool(imex.get("required", False)),
+        fail_requests_greater_than_one=strategy == "mps" if fail_above_one is None else fail_above_one,
+        allocation_policy=plugin.sharedDevicesAllocationPolicy,
+        mps_root=flags.mpsRoot or "",
+        mps_container_root=section.mps_container_root,
+        imex_channel_ids=doc.imex.channelIDs,
+        imex_required=doc.imex.required,
         xids=policy_from_env(environ),
-        poll_interval=_number(config, "poll_interval"),
-        nvml_timeout=_number(config, "nvml_timeout"),
-        discovery_timeout=_number(config, "discovery_timeout"),
-        health_interval=_number(config, "health_interval"),
+        nvml_library=section.nvml_library,
+        sysfs_root=section.sysfs_root,
+        proc_root=section.proc_root,
+        cdi_vendor=section.cdi_vendor,
+        poll_interval=section.poll_interval,
+        nvml_timeout=section.nvml_timeout,
+        discovery_timeout=section.discovery_timeout,
+        health_interval=section.health_interval,
+        health_state_file=section.health_state_file,
         source=source,
         notes=tuple(notes),
         warnings=tuple(warnings),
-        **strings,
     )
 
 
 def _said(origin: Mapping[str, str], path: str) -> str:
     """How the operator set ``path``: the variable's name when the environment set it."""
     return f"environment {origin[path]}" if path in origin else path
-
-
-def _shared_entries(section: Mapping[str, Any], path: str) -> tuple[SharedResource, ...]:
-    """One sharing strategy's resources with NVIDIA's renameByDefault applied."""
-    rename_default = bool(section.get("renameByDefault", False))
-    shared: list[SharedResource] = []
-    for i, entry in enumerate(section.get("resources", [])):
-        if any(s.name == entry["name"] for s in shared):
-            raise _Bad(f"{path}.resources[{i}].name", f"{entry['name']} is listed twice")
-        rename = entry.get("rename") or (entry["name"] + SHARED_SUFFIX if rename_default else "")
-        shared.append(SharedResource(entry["name"], entry["replicas"], rename, entry.get("devices", "all")))
-    return tuple(shared)
 
 
 def gpu_rules(settings: Settings) -> tuple[ResourceRule, ...]:
