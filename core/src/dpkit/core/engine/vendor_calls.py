@@ -6,7 +6,10 @@ driver call costs its caller one deadline, never start-up, the manager loop, a s
 A hook the vendor leaves to the base class is core code and runs right here (no thread hop).
 A timeout becomes :class:`VendorTimeout`; any other exception is re-raised as the vendor raised it,
 so callers keep their handling. Both are counted per hook for ``dpkit_vendor_call_errors_total``.
-``watch`` is not here: it is a long-running thread body of its own.
+A call still running past its deadline holds its thread until the vendor returns, so while one call
+of a hook (for one resource) is stuck, the next fails at once instead of taking another thread:
+a hook that always hangs costs one thread, never the pool that every other hook and resource shares.
+``watch`` runs on the caller's thread (it is a long-running thread body of its own); it is counted too.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, TypeVar
 
 from dpkit.core.support.logs import get_logger, kv
 from dpkit.core.vendorapi.device import ContainerSpec, Device, Snapshot
-from dpkit.core.vendorapi.vendor import Check, Finding, MetricSample, Probe, Vendor
+from dpkit.core.vendorapi.vendor import Check, EventSink, Finding, MetricSample, Probe, Vendor
 
 log = get_logger("vendor")
 
@@ -43,6 +46,7 @@ class _DaemonPool:
 
     def __init__(self, size: int) -> None:
         self._size = size
+        self._stuck = 0  # workers held by calls past their deadline: the pool grows by as many
         self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
@@ -53,10 +57,20 @@ class _DaemonPool:
         self._jobs.put((future, func, args))
         if not self._idle.acquire(blocking=False):
             with self._lock:
-                if self._threads < self._size:
+                if self._threads < self._size + self._stuck:
                     self._threads += 1
                     threading.Thread(target=self._work, name=f"vendor-call-{self._threads}", daemon=True).start()
         return future
+
+    def abandon(self, future: Future[Any]) -> None:
+        """``future``'s call ran past its deadline: its worker no longer counts against the size."""
+        with self._lock:
+            self._stuck += 1
+        future.add_done_callback(self._returned)
+
+    def _returned(self, _: Future[Any]) -> None:
+        with self._lock:
+            self._stuck -= 1
 
     def _work(self) -> None:
         while True:
@@ -107,7 +121,9 @@ class VendorCalls:
         self.timeout = timeout
         self._scan_timeout = scan_timeout
         self.errors: dict[tuple[str, str], int] = {}
-        self._timed_out: set[str] = set()  # hooks whose timeout was logged already
+        self._logged: set[tuple[str, str]] = set()  # (hook, kind) whose failure was logged already
+        # (vendor, hook, resource) -> a call past its deadline; a reload's new vendor starts afresh
+        self._stuck: dict[tuple[int, str, str], Future[Any]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -128,17 +144,18 @@ class VendorCalls:
 
     def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
         vendor = self.vendor
-        return self._hook("container_spec", lambda: vendor.container_spec(resource, devices))
+        return self._hook("container_spec", lambda: vendor.container_spec(resource, devices), resource=resource)
 
     def preferred_allocation(self, resource: str, available: Sequence[Device], must_include: Sequence[Device],
                              size: int) -> Sequence[str] | None:
         vendor = self.vendor
         return self._hook("preferred_allocation",
-                          lambda: vendor.preferred_allocation(resource, available, must_include, size))
+                          lambda: vendor.preferred_allocation(resource, available, must_include, size),
+                          resource=resource)
 
     def pre_start(self, resource: str, devices: Sequence[Device]) -> None:
         vendor = self.vendor
-        self._hook("pre_start", lambda: vendor.pre_start(resource, devices))
+        self._hook("pre_start", lambda: vendor.pre_start(resource, devices), resource=resource)
 
     def node_labels(self, snapshot: Snapshot) -> Mapping[str, str]:
         vendor = self.vendor
@@ -150,7 +167,7 @@ class VendorCalls:
 
     def cdi_kind(self, resource: str) -> str:
         vendor = self.vendor
-        return self._hook("cdi_kind", lambda: vendor.cdi_kind(resource))
+        return self._hook("cdi_kind", lambda: vendor.cdi_kind(resource), resource=resource)
 
     def explain(self) -> list[Finding]:
         vendor = self.vendor
@@ -160,6 +177,15 @@ class VendorCalls:
         vendor = self.vendor
         return self._hook("doctor", lambda: list(vendor.doctor()), self.scan_timeout)
 
+    def watch(self, sink: EventSink, stop: threading.Event) -> None:
+        """The vendor's watch, right here on the caller's own thread (it blocks until ``stop``, by
+        design, so no deadline applies); a raise is counted like any hook's and re-raised."""
+        try:
+            self.vendor.watch(sink, stop)
+        except Exception:
+            self._count("watch", "error")
+            raise
+
     def close(self, vendor: Vendor | None = None) -> None:
         """Close ``vendor`` (default: the current one; a reload closes the one it replaced)."""
         closing = vendor if vendor is not None else self.vendor
@@ -167,9 +193,19 @@ class VendorCalls:
             self._run("close", lambda: closing.close())
 
     # -- the guard --------------------------------------------------------------------------------
-    def guarded(self, hook: str, func: Callable[..., _T], *args: Any) -> _T:
+    def guarded(self, hook: str, func: Callable[..., _T], *args: Any, resource: str = "") -> _T:
         """Run core code that calls into vendor code or files (a CDI rewrite) under the deadline."""
-        return self._run(hook, func, *args)
+        return self._run(hook, func, *args, resource=resource)
+
+    def report(self, hook: str, error: BaseException, message: str = "vendor call failed", *,
+               traceback: bool = False, **fields: Any) -> None:
+        """Log a hook's raised error, once per hook: a hook that always fails must not flood the log
+        (``dpkit_vendor_call_errors_total`` counts every one). The caller words the line and adds
+        context; the vendor, the hook and the error are named here."""
+        if self._first("error", hook):
+            log.error(message, exc_info=error if traceback else None,
+                      extra=kv(vendor=self.vendor.name, call=hook, kind="error",
+                               error=f"{type(error).__name__}: {error}", **fields))
 
     @property
     def scan_timeout(self) -> float:
@@ -181,15 +217,23 @@ class VendorCalls:
         """
         return max(self.timeout, self._scan_timeout)
 
-    def _hook(self, hook: str, func: Callable[[], _T], timeout: float | None = None) -> _T:
+    def _hook(self, hook: str, func: Callable[[], _T], timeout: float | None = None, resource: str = "") -> _T:
         if not self.vendor.overrides(hook):
             return func()  # the base class's own code: no thread hop
-        return self._run(hook, func, timeout=timeout)
+        return self._run(hook, func, timeout=timeout, resource=resource)
 
-    def _run(self, hook: str, func: Callable[..., _T], *args: Any, timeout: float | None = None) -> _T:
+    def _run(self, hook: str, func: Callable[..., _T], *args: Any, timeout: float | None = None,
+             resource: str = "") -> _T:
         # A nested call (a CDI rewrite asking the vendor) hops again rather than running inline:
         # its own deadline then bounds how long the outer call holds any lock it took.
         deadline = self.timeout if timeout is None else timeout
+        key = (id(self.vendor), hook, resource)  # the stuck call keeps its vendor alive: ids stay unique
+        with self._lock:
+            stuck = self._stuck.get(key)
+        if stuck is not None:  # still hung: fail now rather than strand one more thread behind it
+            self._timed_out(hook, deadline)
+            raise VendorTimeout(f"vendor {self.vendor.name} {hook}{' for ' + resource if resource else ''} "
+                                f"did not answer within {deadline:g}s: an earlier call has not returned yet")
         future = _shared_pool().submit(func, *args)
         try:
             return future.result(timeout=deadline)
@@ -197,18 +241,33 @@ class VendorCalls:
             if future.done():  # the vendor's own TimeoutError (the same class since Python 3.11)
                 self._count(hook, "error")
                 raise
-            future.cancel()
-            self._count(hook, "timeout")
-            with self._lock:
-                first = hook not in self._timed_out
-                self._timed_out.add(hook)
-            if first:  # once per hook: a hook that always hangs must not flood the log
-                log.error("vendor call did not answer in time", extra=kv(vendor=self.vendor.name, call=hook,
-                                                                          timeout=deadline))
+            if not future.cancel():  # running: it holds its worker until the vendor returns
+                with self._lock:
+                    self._stuck[key] = future
+                future.add_done_callback(lambda done: self._unstick(key, done))
+                _shared_pool().abandon(future)
+            self._timed_out(hook, deadline)
             raise VendorTimeout(f"vendor {self.vendor.name} {hook} did not answer within {deadline:g}s") from None
         except Exception:
             self._count(hook, "error")
             raise
+
+    def _unstick(self, key: tuple[int, str, str], done: Future[Any]) -> None:
+        with self._lock:
+            if self._stuck.get(key) is done:
+                del self._stuck[key]
+
+    def _timed_out(self, hook: str, deadline: float) -> None:
+        self._count(hook, "timeout")
+        if self._first("timeout", hook):  # once per hook: a hook that always hangs must not flood the log
+            log.error("vendor call did not answer in time", extra=kv(vendor=self.vendor.name, call=hook,
+                                                                      kind="timeout", timeout=deadline))
+
+    def _first(self, kind: str, hook: str) -> bool:
+        with self._lock:
+            first = (hook, kind) not in self._logged
+            self._logged.add((hook, kind))
+        return first
 
     def _count(self, hook: str, kind: str) -> None:
         with self._lock:
