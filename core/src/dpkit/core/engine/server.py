@@ -395,7 +395,8 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                         self._fail(context, grpc.StatusCode.INTERNAL,
                                    f"{self.resource}: container spec rejected: {exc}")
                     except Exception as exc:
-                        log.exception("vendor container_spec failed", extra=kv(resource=self.resource))
+                        self.calls.report("container_spec", exc, "vendor container_spec failed", traceback=True,
+                                          resource=self.resource)
                         self._fail(context, grpc.StatusCode.INTERNAL, f"{self.resource}: vendor failed: {exc}")
                     response.container_responses.append(spec_to_response(spec, cdi_only=self.cdi_allocate))
                     now = time.time()
@@ -412,17 +413,14 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
 
         The default hook only merges the devices' own specs in memory, so without CDI it runs right
         here (the adapter hops only for a vendor's own hook): no thread hop on the kubelet's hottest call.
-        The CDI callback may rewrite a file and ask the vendor again, so it runs under the deadline too.
+        The CDI callback may rewrite a file and ask the vendor again, so it runs under a deadline of its
+        own (``cdi_spec``): a CDI failure is then never counted as the vendor's ``container_spec``.
         """
-        if self.cdi_spec is None:
-            return self.calls.container_spec(self.resource, devices)
-        return self.calls.guarded("container_spec", self._guarded_container_spec, devices)
-
-    def _guarded_container_spec(self, devices: list[Device]) -> ContainerSpec:
         spec = self.calls.container_spec(self.resource, devices)
-        if self.cdi_spec is not None:
-            spec = spec.merge(self.cdi_spec(self.resource, devices))
-        return spec
+        if self.cdi_spec is None:
+            return spec
+        return spec.merge(self.calls.guarded("cdi_spec", self.cdi_spec, self.resource, devices,
+                                             resource=self.resource))
 
     def _fail(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         self.stats.last_error = message
@@ -451,9 +449,9 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                 answer = self.calls.preferred_allocation(self.resource, available, must, size)
             except VendorTimeout:  # logged by the adapter
                 answer = None
-            except Exception:
-                log.exception("vendor preferred_allocation failed; using NUMA packing",
-                              extra=kv(resource=self.resource))
+            except Exception as exc:
+                self.calls.report("preferred_allocation", exc, "vendor preferred_allocation failed; using NUMA "
+                                  "packing", traceback=True, resource=self.resource)
                 answer = None
             if answer is not None:
                 answer = list(answer)
@@ -476,6 +474,6 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
             except VendorTimeout as exc:
                 self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.resource}: {exc}")
             except Exception as exc:
-                log.exception("vendor pre_start failed", extra=kv(resource=self.resource))
+                self.calls.report("pre_start", exc, "vendor pre_start failed", traceback=True, resource=self.resource)
                 self._fail(context, grpc.StatusCode.INTERNAL, f"{self.resource}: pre-start failed: {exc}")
             return api_pb2.PreStartContainerResponse()
