@@ -131,19 +131,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     grace = args.empty_grace if args.empty_grace is not None else _default_empty_grace()
     setup_logging(config.log_format, config.log_level)
     make = vendor_factory(args.vendor, config, args.devices)
-    manager = Manager(make(config.vendor), config, vendor_factory=make)
-    attach_observers(manager)
     # Signals are taken synchronously by this thread: blocked here before any thread starts (threads
-    # inherit the mask), so the kernel cannot hand them to a gRPC or zmq thread where a Python
-    # handler would wait until the main thread next ran.
+    # inherit the mask; the vendor's constructor and the metrics endpoint start some), so the kernel
+    # cannot hand them to another thread, where SIGTERM's default action would kill the process
+    # mid-stop and a Python handler would wait until the main thread next ran.
     signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
+        manager = Manager(make(config.vendor), config, vendor_factory=make)
+        attach_observers(manager)
         manager.start()
         _log().info("running; SIGTERM stops, SIGHUP reloads the config", extra=kv(vendor=args.vendor))
         code = _serve(manager, signals, grace)
         manager.stop()
     finally:
+        while signal.sigtimedwait(signals, 0) is not None:  # a second SIGTERM during stop: already stopping
+            pass
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
     return code
 
