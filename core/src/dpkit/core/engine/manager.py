@@ -635,10 +635,9 @@ class Manager:
                                               for r, f in sorted(self.server_failures.items())}),
             errors=tuple(self.errors.entries),
         )
-        if previous is not None and state != previous:
-            state = dataclasses.replace(state, version=previous.version + 1)
-        elif previous is not None:
-            state = previous
+        if previous is not None:
+            # resources are compared by identity above, so this compares only the small fields
+            state = previous if same and state == previous else dataclasses.replace(state, version=previous.version + 1)
         self._state = state
         return state
 
