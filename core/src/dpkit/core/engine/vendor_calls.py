@@ -7,8 +7,10 @@ A hook the vendor leaves to the base class is core code and runs right here (no 
 A timeout becomes :class:`VendorTimeout`; any other exception is re-raised as the vendor raised it,
 so callers keep their handling. Both are counted per hook for ``dpkit_vendor_call_errors_total``.
 A call still running past its deadline holds its thread until the vendor returns, so while one call
-of a hook (for one resource) is stuck, the next fails at once instead of taking another thread:
-a hook that always hangs costs one thread, never the pool that every other hook and resource shares.
+of a hook (for one resource and, for Allocate's hooks, one device set) is stuck, the same call fails
+at once instead of taking another thread, and at most ``MAX_STUCK`` calls of a hook per resource may
+be stuck at all: a hook that always hangs costs a few threads, never the pool that every other hook
+and resource shares, while a hang on one device's spec still lets the resource's other devices in.
 ``watch`` runs on the caller's thread (it is a long-running thread body of its own); it is counted too.
 """
 
@@ -29,6 +31,7 @@ from dpkit.core.vendorapi.vendor import Check, EventSink, Finding, MetricSample,
 log = get_logger("vendor")
 
 POOL_SIZE = 32  # worker threads shared by every VendorCalls; a hung hook holds one until it returns
+MAX_STUCK = 4  # calls of one hook for one resource that may be past their deadline at once
 
 _T = TypeVar("_T")
 
@@ -123,7 +126,7 @@ class VendorCalls:
         self.errors: dict[tuple[str, str], int] = {}
         self._logged: set[tuple[str, str]] = set()  # (hook, kind) whose failure was logged already
         # (vendor, hook, resource) -> a call past its deadline; a reload's new vendor starts afresh
-        self._stuck: dict[tuple[int, str, str], Future[Any]] = {}
+        self._stuck: dict[tuple[int, str, str, tuple[str, ...]], Future[Any]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -144,7 +147,8 @@ class VendorCalls:
 
     def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
         vendor = self.vendor
-        return self._hook("container_spec", lambda: vendor.container_spec(resource, devices), resource=resource)
+        return self._hook("container_spec", lambda: vendor.container_spec(resource, devices), resource=resource,
+                          call=tuple(d.id for d in devices))
 
     def preferred_allocation(self, resource: str, available: Sequence[Device], must_include: Sequence[Device],
                              size: int) -> Sequence[str] | None:
@@ -155,7 +159,8 @@ class VendorCalls:
 
     def pre_start(self, resource: str, devices: Sequence[Device]) -> None:
         vendor = self.vendor
-        self._hook("pre_start", lambda: vendor.pre_start(resource, devices), resource=resource)
+        self._hook("pre_start", lambda: vendor.pre_start(resource, devices), resource=resource,
+                   call=tuple(d.id for d in devices))
 
     def node_labels(self, snapshot: Snapshot) -> Mapping[str, str]:
         vendor = self.vendor
@@ -217,20 +222,22 @@ class VendorCalls:
         """
         return max(self.timeout, self._scan_timeout)
 
-    def _hook(self, hook: str, func: Callable[[], _T], timeout: float | None = None, resource: str = "") -> _T:
+    def _hook(self, hook: str, func: Callable[[], _T], timeout: float | None = None, resource: str = "",
+              call: tuple[str, ...] = ()) -> _T:
         if not self.vendor.overrides(hook):
             return func()  # the base class's own code: no thread hop
-        return self._run(hook, func, timeout=timeout, resource=resource)
+        return self._run(hook, func, timeout=timeout, resource=resource, call=call)
 
     def _run(self, hook: str, func: Callable[..., _T], *args: Any, timeout: float | None = None,
-             resource: str = "") -> _T:
+             resource: str = "", call: tuple[str, ...] = ()) -> _T:
         # A nested call (a CDI rewrite asking the vendor) hops again rather than running inline:
         # its own deadline then bounds how long the outer call holds any lock it took.
         deadline = self.timeout if timeout is None else timeout
-        key = (id(self.vendor), hook, resource)  # the stuck call keeps its vendor alive: ids stay unique
+        place = (id(self.vendor), hook, resource)  # the stuck call keeps its vendor alive: ids stay unique
+        key = (*place, call)
         with self._lock:
-            stuck = self._stuck.get(key)
-        if stuck is not None:  # still hung: fail now rather than strand one more thread behind it
+            stuck = key in self._stuck or sum(k[:3] == place for k in self._stuck) >= MAX_STUCK
+        if stuck:  # still hung: fail now rather than strand one more thread behind it
             self._timed_out(hook, deadline)
             raise VendorTimeout(f"vendor {self.vendor.name} {hook}{' for ' + resource if resource else ''} "
                                 f"did not answer within {deadline:g}s: an earlier call has not returned yet")
@@ -252,7 +259,7 @@ class VendorCalls:
             self._count(hook, "error")
             raise
 
-    def _unstick(self, key: tuple[int, str, str], done: Future[Any]) -> None:
+    def _unstick(self, key: tuple[int, str, str, tuple[str, ...]], done: Future[Any]) -> None:
         with self._lock:
             if self._stuck.get(key) is done:
                 del self._stuck[key]
