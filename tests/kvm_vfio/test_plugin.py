@@ -13,7 +13,6 @@ from kvm_vfio.fakehost import FakeHost
 from dpkit.core.api.v1beta1 import api_pb2
 from dpkit.core.engine.manager import Manager
 from dpkit.core.tools.kubelet import Kubelet
-from dpkit.kvm_vfio import watch
 from dpkit.kvm_vfio.shared import node_problem
 from dpkit.kvm_vfio.vendor import KvmVfioVendor
 
@@ -123,6 +122,8 @@ def test_a_failing_rescan_is_logged_and_the_watch_goes_on(
 ) -> None:
     import threading
 
+    import pyudev
+
     vendor = KvmVfioVendor(host.config(kvm_slots=1, health_interval=0.05))
     calls: list[int] = []
     stop = threading.Event()
@@ -145,8 +146,11 @@ def test_a_failing_rescan_is_logged_and_the_watch_goes_on(
         def health(self, *args: Any) -> None:
             raise AssertionError("not used")
 
+    def no_netlink(*args: object, **kwargs: object) -> None:
+        raise OSError(1, "Operation not permitted")
+
     monkeypatch.setattr(vendor, "discover", flaky)
-    monkeypatch.setattr(watch, "open_monitor", lambda source, subsystems=(): None)
+    monkeypatch.setattr(pyudev.Monitor, "from_netlink", no_netlink)  # the timer alone drives the rescans
     sink = Sink()
     with caplog.at_level("ERROR", logger="dpkit"):
         thread = threading.Thread(target=vendor.watch, args=(sink, stop))

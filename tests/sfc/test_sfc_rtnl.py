@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from dpkit.sfc import rtnl, udev
+from dpkit.core import UeventWatcher
+from dpkit.sfc import rtnl
 from dpkit.sfc.rtnl import LinkMessage, parse
 
 CHILD = Path(__file__).with_name("sfc_rtnl_child.py")
@@ -75,28 +76,34 @@ def test_relevance_ignores_software_links() -> None:
 
 def test_refused_socket_is_logged_once_and_uevents_still_work(monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    pyudev = pytest.importorskip("pyudev")
-    try:
-        context = pyudev.Context()
-    except (ImportError, OSError) as exc:
-        pytest.skip(f"libudev unavailable: {exc}")
+    pytest.importorskip("pyudev")
 
     def refused(accept_kinds: Any = ()) -> Any:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(udev, "LinkMonitor", refused)
-    monkeypatch.setattr(udev, "_links_warned", False)
+    monkeypatch.setattr(rtnl, "LinkMonitor", refused)
+    monkeypatch.setattr(rtnl, "_warned", False)
     caplog.set_level(logging.WARNING)
+    (first, first_error), (second, second_error) = rtnl.open_link_monitor(), rtnl.open_link_monitor()
+    assert first is None and second is None
+    assert "cannot open an rtnetlink socket" in first_error and "periodic resync" in first_error
+    assert second_error == first_error
+    assert [r.getMessage() for r in caplog.records].count(first_error) == 1
+    # still waits on uevents alone: the watcher opens its monitor without the link source
+    stop, listening = threading.Event(), threading.Event()
+    reasons: list[str] = []
+    watcher = UeventWatcher(lambda reason, events: reasons.append(reason), interval=3600, subsystems=("pci", "net"),
+                            source="kernel")
+    thread = threading.Thread(target=watcher.run, args=(stop, listening))
+    thread.start()
     try:
-        first, second = udev.UeventMonitor(context, "kernel"), udev.UeventMonitor(context, "kernel")
-    except OSError as exc:
-        pytest.skip(f"no uevent socket here: {exc}")
-    assert "cannot open an rtnetlink socket" in first.links_error and "periodic resync" in first.links_error
-    assert second.links_error == first.links_error
-    assert [r.getMessage() for r in caplog.records].count(first.links_error) == 1
-    assert first.wait(0.05, threading.Event()) == []  # still waits on uevents alone
-    first.close()
-    second.close()
+        assert listening.wait(5)
+    finally:
+        stop.set()
+        thread.join(5)
+    if any(r.getMessage().startswith("no uevent monitor") for r in caplog.records):
+        pytest.skip("no uevent socket here")
+    assert not thread.is_alive() and reasons[0] == "start"
 
 
 def _run_child() -> dict[str, Any]:

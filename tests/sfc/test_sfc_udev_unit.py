@@ -25,7 +25,7 @@ def test_relevance() -> None:
 
 
 def test_missing_libudev_falls_back_to_polling(monkeypatch: Any) -> None:
-    def no_libudev(source: str) -> Any:
+    def no_libudev() -> Any:
         raise ImportError("libudev.so.1: cannot open shared object file")
 
     monkeypatch.setattr(vendor_module, "Udev", no_libudev)
@@ -62,17 +62,20 @@ class RecordingSink:
         raise AssertionError("the sfc vendor reports whole snapshots")
 
 
-def test_monitor_refused_falls_back_to_polling(host: Any, make_vendor: Any) -> None:
-    class NoMonitor:
+def test_monitor_refused_falls_back_to_polling(host: Any, make_vendor: Any, monkeypatch: Any) -> None:
+    import pyudev
+
+    class NoUdev:
         def pci_paths(self) -> Any:
             raise OSError("no udev here")
 
-        def monitor(self) -> Any:
-            raise PermissionError("netlink socket refused")
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError("netlink socket refused")
 
+    monkeypatch.setattr(pyudev.Monitor, "from_netlink", refused)
     host.add_nic("0000:03:00.0")
     vendor = make_vendor()  # resync_interval 0.05 s
-    vendor._udev = NoMonitor()
+    vendor._udev = NoUdev()
     sink, stop = RecordingSink(), threading.Event()
     thread = threading.Thread(target=vendor.watch, args=(sink, stop), daemon=True)
     thread.start()

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from dpkit.core.support.config import DEFAULT_POD_RESOURCES_SOCKET, load_config, parse_yaml, read_text
     from dpkit.core.support.logs import get_logger, kv, setup_logging
     from dpkit.core.support.schema import Derived, Invalid, Meta, Section, force_setattr, load_section, setting
+    from dpkit.core.support.uevents import Uevent, UeventWatcher
     from dpkit.core.vendorapi.device import ContainerSpec, Device, DeviceNode, Health, Mount, Snapshot, merge_specs
     from dpkit.core.vendorapi.errors import AllocationError, ConfigError, DpkitError, ValidationError, VendorError
     from dpkit.core.vendorapi.validation import (
@@ -41,6 +42,7 @@ _EXPORTS: dict[str, str] = {
                     "dpkit.core.support.schema"),
     **dict.fromkeys(("load_config", "DEFAULT_POD_RESOURCES_SOCKET", "parse_yaml", "read_text"),
                     "dpkit.core.support.config"),
+    **dict.fromkeys(("Uevent", "UeventWatcher"), "dpkit.core.support.uevents"),
     **dict.fromkeys(("Holder", "PodResourcesClient", "PodResourcesError"), "dpkit.core.integrations.podresources"),
 }
 
@@ -69,6 +71,8 @@ __all__ = [
     "ProbeContext",
     "Section",
     "Snapshot",
+    "Uevent",
+    "UeventWatcher",
     "ValidationError",
     "Vendor",
     "VendorError",

@@ -13,11 +13,10 @@ docs/cex.md.
 from __future__ import annotations
 
 import os
-import select
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,8 @@ from dpkit.core import (
     PodResourcesClient,
     PodResourcesError,
     Snapshot,
+    Uevent,
+    UeventWatcher,
     Vendor,
     get_logger,
     kv,
@@ -61,7 +62,6 @@ log = get_logger("cex")
 
 CONTAINER_NODE = "/dev/z90crypt"
 _UNREADABLE = "unreadable"  # stands for a digest in CexVendor._rejected
-_WAIT_SLICE = 0.25  # seconds: how often a wait looks at stop, uevents and config changes
 
 
 def holdings(client: PodResourcesClient) -> list[tuple[Holder, str, tuple[str, ...]]]:
@@ -123,7 +123,6 @@ class CexVendor(Vendor):
         s = self.settings
         self.poll_interval = s.poll_interval
         self.crypto: CryptoConfig = read_crypto_config(s.config_file, overcommit=s.overcommit, livesysfs=s.live_sysfs)
-        self._config_changed = threading.Event()  # set by the config thread when a new version is in use
         self.config_error = ""  # why the newest version of the file was rejected ("" when in use)
         self._rejected: str | None = None
         self.machine_id = read_machine_id(s.sysinfo_path)
@@ -201,73 +200,40 @@ class CexVendor(Vendor):
         return True
 
     # -- watching --------------------------------------------------------------------------
-    def _open_monitor(self) -> Any:
-        """A pyudev monitor for AP uevents, or None (uevents off, or sysfs is not the real /sys)."""
-        if not self.settings.uevents or self.sysfs_root != Path("/sys"):
-            return None
-        try:
-            import pyudev
-
-            monitor = pyudev.Monitor.from_netlink(pyudev.Context())
-            monitor.filter_by(subsystem="ap")
-            monitor.start()
-            return monitor
-        except Exception as exc:  # no netlink in this sandbox, no libudev: polling still works
-            log.warning("cannot listen for AP uevents; polling only", extra=kv(error=str(exc)))
-            return None
-
-    def _wait(self, monitor: Any, stop: threading.Event, timeout: float) -> bool:
-        """Wait up to ``timeout`` s; True as soon as a uevent is readable or a new config is in use."""
-        deadline = time.monotonic() + timeout
-        while not stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            if self._config_changed.is_set():
-                self._config_changed.clear()
-                return True
-            if monitor is None:
-                if self._config_changed.wait(min(remaining, _WAIT_SLICE)):
-                    continue  # handled at the top, after the stop check
-            elif select.select([monitor], [], [], min(remaining, _WAIT_SLICE))[0]:
-                while (event := monitor.poll(timeout=0)) is not None:
-                    log.debug("AP uevent", extra=kv(action=event.action, device=event.sys_name))
-                return True
-        return False
-
-    def _watch_config(self, done: threading.Event) -> None:
-        """The config thread: re-read the file every ``config_check_interval``; wake the rescan on a new version."""
+    def _watch_config(self, done: threading.Event, changed: Callable[[], None]) -> None:
+        """The config thread: re-read the file every ``config_check_interval``; call ``changed`` on a new version."""
         while not done.wait(self.settings.config_check_interval):
             if self.reload_config():
-                self._config_changed.set()
+                changed()
 
     def watch(self, sink: EventSink, stop: threading.Event) -> None:
         """Rescan on AP uevents, new config versions and every poll interval; reconcile nodes.
 
         The file is parsed on a thread of its own, so however long a (hostile) file takes to
-        parse or reject, APQN health keeps its pace here.
+        parse or reject, APQN health keeps its pace here. Uevents are heard only from the real
+        /sys (a test tree is polled).
         """
         s = self.settings
-        monitor = self._open_monitor()
-        done = threading.Event()  # ends the config thread when this loop ends, however it ends
-        config_thread = threading.Thread(target=self._watch_config, args=(done,), name="cex-config", daemon=True)
+        next_poll = next_reconcile = 0.0
+
+        def rescan(reason: str, events: Sequence[Uevent]) -> Snapshot | None:
+            nonlocal next_poll, next_reconcile
+            now, snapshot = time.monotonic(), None
+            if reason != "timer" or now >= next_poll:  # the timer also runs for reconcile_interval
+                snapshot, next_poll = self.discover(), now + s.poll_interval
+            if now >= next_reconcile:
+                self.reconcile()
+                next_reconcile = time.monotonic() + s.reconcile_interval
+            return snapshot
+
+        watcher = UeventWatcher(rescan, interval=min(s.poll_interval, s.reconcile_interval), subsystems=("ap",),
+                                listen=s.uevents and self.sysfs_root == Path("/sys"), sink=sink)
+        done = threading.Event()  # ends the config thread when the watch ends, however it ends
+        config_thread = threading.Thread(target=self._watch_config, args=(done, watcher.wake), name="cex-config",
+                                         daemon=True)
         config_thread.start()
-        last: Snapshot | None = None
-        next_poll = next_reconcile = time.monotonic()
         try:
-            while not stop.is_set():
-                now = time.monotonic()
-                if now >= next_poll:
-                    snapshot = self.discover()
-                    if snapshot != last:
-                        sink.snapshot(snapshot)
-                        last = snapshot
-                    next_poll = now + s.poll_interval
-                if now >= next_reconcile:
-                    self.reconcile()
-                    next_reconcile = time.monotonic() + s.reconcile_interval
-                if self._wait(monitor, stop, min(next_poll, next_reconcile) - time.monotonic()):
-                    next_poll = time.monotonic()  # a uevent or a new config: rescan at once
+            watcher.run(stop)
         finally:
             done.set()
             config_thread.join(timeout=1.0)  # a parse in progress finishes on its own (daemon thread)

@@ -6,7 +6,7 @@ entries of KubeVirt's ``permittedHostDevices`` block that hand their resource to
 provider: PCI functions, mediated devices (``MDEV_PCI_RESOURCE_<NAME>``) and USB devices
 (``USB_RESOURCE_<NAME>``).
 Discovery is a full rescan of sysfs and /dev (cheap); :meth:`watch` reruns it on every uevent
-burst and on a timer. See docs/kubevirt.md.
+burst and on a timer (:class:`dpkit.core.UeventWatcher`). See docs/kubevirt.md.
 """
 
 from __future__ import annotations
@@ -16,9 +16,19 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from dpkit.core import Check, Device, EventSink, Finding, Snapshot, Vendor, VendorError, get_logger, kv
+from dpkit.core import (
+    Check,
+    Device,
+    EventSink,
+    Finding,
+    Snapshot,
+    UeventWatcher,
+    Vendor,
+    VendorError,
+    get_logger,
+    kv,
+)
 from dpkit.kvm_vfio import mdev, usb
-from dpkit.kvm_vfio import watch as uevents
 from dpkit.kvm_vfio.allocation import prefer_groups
 from dpkit.kvm_vfio.config import parse_config
 from dpkit.kvm_vfio.names import DeviceNames
@@ -28,6 +38,8 @@ from dpkit.kvm_vfio.vfio import IOMMU_HINT, scan
 
 log = get_logger("kvm_vfio")
 _SHARED = {node.resource for node in SHARED_NODES}
+#: hotplug, removal and driver re-binds arrive as add/remove/bind/unbind uevents on these
+SUBSYSTEMS = ("pci", "vfio", "vfio-dev", "misc", "mdev")
 
 
 class KvmVfioVendor(Vendor):
@@ -123,29 +135,17 @@ class KvmVfioVendor(Vendor):
 
     # -- optional abilities ---------------------------------------------------------------------
     def watch(self, sink: EventSink, stop: threading.Event) -> None:
-        """Rescan on every uevent burst (and timer); publish the snapshot when it changed."""
-        last: Snapshot | None = None
+        """Rescan on every uevent burst, and every ``health_interval`` for what sends none (permissions).
 
-        def rescan(why: str) -> None:
-            nonlocal last
-            try:
-                snapshot = self.discover()
-            except Exception:
-                log.exception("rescan failed; keeping the last view", extra=kv(trigger=why))
-                return
-            if snapshot != last:
-                sink.snapshot(snapshot)
-                last = snapshot
-
-        try:
-            uevents.run(rescan, stop, self.settings.health_interval, self.settings.uevent_source,
-                        self.listening, self._subsystems())
-        finally:
-            self.listening.clear()
+        Without a monitor (no netlink access) the timer alone keeps the view fresh, and that is logged.
+        """
+        s = self.settings
+        UeventWatcher(lambda reason, events: self.discover(), interval=s.health_interval, subsystems=self._subsystems(),
+                      source=s.uevent_source, sink=sink).run(stop, self.listening)
 
     def _subsystems(self) -> tuple[str, ...]:
         """The uevent subsystems worth a rescan (USB only when USB devices are served: keyboards are chatty)."""
-        return uevents.SUBSYSTEMS + (("usb",) if self.settings.usbs else ())
+        return SUBSYSTEMS + (("usb",) if self.settings.usbs else ())
 
     def pre_start(self, resource: str, devices: Sequence[Device]) -> None:
         """Give allocated USB nodes to QEMU's user, as KubeVirt's USB plugin does on Allocate.
@@ -195,9 +195,9 @@ class KvmVfioVendor(Vendor):
             container = os.path.exists(os.path.join(s.dev_root, "vfio/vfio"))
             checks.append(Check("/dev/vfio/vfio present", container, "present" if container else "missing",
                                 "modprobe vfio; mount the host's /dev into the plugin pod"))
-        monitor = uevents.open_monitor(s.uevent_source)
-        checks.append(Check("uevent monitor", monitor is not None,
-                            f"listening to {s.uevent_source} uevents" if monitor is not None else "cannot open",
+        problem = UeventWatcher.monitor_problem(s.uevent_source)
+        checks.append(Check("uevent monitor", not problem,
+                            f"cannot open: {problem}" if problem else f"listening to {s.uevent_source} uevents",
                             "run the plugin pod with hostNetwork: true (uevents are per network namespace)"))
         return checks
 

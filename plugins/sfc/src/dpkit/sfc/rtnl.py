@@ -17,6 +17,8 @@ about software links are dropped so pod churn causes no work. Bridge-port notifi
 (``ifi_family`` ``AF_BRIDGE``, also sent to the link group) are dropped as well.
 
 Parsing never raises: a truncated or malformed message ends the datagram's decoding.
+When the socket cannot be opened, :func:`open_link_monitor` says why (logged once per process)
+and link changes are seen only by the periodic re-discovery.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
+
+from dpkit.core import get_logger
+
+log = get_logger("sfc.rtnl")
+_warned = False
 
 # kernel ABI numbers (linux/rtnetlink.h, linux/if_link.h); the tests build raw messages with them
 RTMGRP_LINK = 1
@@ -130,3 +137,19 @@ class LinkMonitor:
 
     def close(self) -> None:
         self._socket.close()
+
+
+def open_link_monitor(accept_kinds: Collection[str] = ()) -> tuple[LinkMonitor | None, str]:
+    """A :class:`LinkMonitor`, or None and why not (logged once per process)."""
+    global _warned
+    try:
+        return LinkMonitor(accept_kinds), ""
+    except OSError as exc:
+        reason = f"cannot open an rtnetlink socket ({exc})"
+    except ImportError as exc:  # pyroute2 missing from a hand-built image
+        reason = f"cannot decode rtnetlink without pyroute2 ({exc})"
+    error = f"{reason}; link up/down is seen only by the periodic resync"
+    if not _warned:
+        _warned = True
+        log.warning(error)
+    return None, error

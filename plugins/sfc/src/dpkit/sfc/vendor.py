@@ -28,6 +28,7 @@ from dpkit.core import (
     MetricSample,
     Mount,
     Snapshot,
+    UeventWatcher,
     ValidationError,
     Vendor,
     get_logger,
@@ -38,9 +39,9 @@ from dpkit.sfc import compat, onload
 from dpkit.sfc.allocation import prefer
 from dpkit.sfc.config import SfcConfig, parse_config
 from dpkit.sfc.pools import assign, slot_ids
+from dpkit.sfc.rtnl import open_link_monitor
 from dpkit.sfc.sysfs import PciFunction, read_function, read_text, read_version, walk_pci
-from dpkit.sfc.udev import Udev
-from dpkit.sfc.watch import follow_uevents
+from dpkit.sfc.udev import SETTLE_DELAY, WATCHED_SUBSYSTEMS, RemovalHints, Udev, relevant
 
 log = get_logger("sfc")
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -84,7 +85,7 @@ class SfcVendor(Vendor):
         self._logged_problems: set[tuple[str, str]] = set()
         if self.settings.sys_root == "/sys":
             try:
-                self._udev = Udev(self.settings.udev_source)
+                self._udev = Udev()
             except (ImportError, OSError) as exc:  # no libudev in the image: poll sysfs instead
                 self._udev_error = f"libudev unavailable ({exc}); polling sysfs every {self.poll_interval:g} s"
                 log.warning(self._udev_error)
@@ -352,26 +353,19 @@ class SfcVendor(Vendor):
 
     # -- watch ---------------------------------------------------------------------------
     def watch(self, sink: EventSink, stop: threading.Event) -> None:
-        """Re-discover on uevents and rtnetlink link changes (see :func:`~dpkit.sfc.watch.follow_uevents`).
+        """Re-discover on uevents and rtnetlink link changes, again ``SETTLE_DELAY`` after them, and at resync.
 
-        Without udev (a test tree, no libudev in the image, netlink refused) this polls every
-        ``resync_interval`` seconds instead.
+        See :mod:`dpkit.sfc.udev`. Without udev (a test tree, no libudev in the image) this polls
+        every ``resync_interval`` seconds instead; without a monitor (netlink refused) the
+        watcher's timer does.
         """
         if self._udev is None:
             super().watch(sink, stop)
             return
-        try:
-            monitor = self._udev.monitor()
-        except Exception as exc:  # netlink refused (sandbox, seccomp): still see changes, later
-            log.warning("cannot open a udev monitor; polling instead",
-                        extra=kv(error=str(exc), interval=self.poll_interval))
-            super().watch(sink, stop)
-            return
-        self._links_error = monitor.links_error
-        try:
-            follow_uevents(monitor, self._discover, sink, stop, self.settings.resync_interval)
-        finally:
-            monitor.close()
+        links, self._links_error = open_link_monitor()
+        UeventWatcher(RemovalHints(self._discover), interval=self.settings.resync_interval,
+                      subsystems=WATCHED_SUBSYSTEMS, source=self.settings.udev_source, accept=relevant,
+                      sources=[links] if links else [], settle=SETTLE_DELAY, sink=sink).run(stop)
 
     # -- allocation ----------------------------------------------------------------------
     def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
