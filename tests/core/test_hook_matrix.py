@@ -60,22 +60,7 @@ GLOBAL_RUN_HOOKS = ("discover", "watch", "probes", "node_labels", "metric_sample
 CASES = [(h, "both") for h in PER_RESOURCE_HOOKS] + [(h, m) for h in GLOBAL_RUN_HOOKS for m in ("hang", "raise")]
 # What the matrix found in files this change does not own (engine/manager.py, integrations/*): each
 # case fails today and passes once the patch named in the reason is applied. strict: a fix shows.
-NOT_NAMED = "logs the failure without vendor= and call= fields (and on every failure, not once): should be " \
-            "calls.report(...)"
-KNOWN: dict[tuple[str, str, str], str] = {
-    ("counted", "watch", "raise"): "Manager._watch calls self.vendor.watch directly, so a raising watch is never "
-                                   "counted: should be self.calls.watch(sink, stop)",
-    ("logged", "watch", "raise"): f"Manager._watch {NOT_NAMED}",
-    ("logged", "watch", "hang"): "Manager._stop_vendor_threads logs 'vendor watch thread did not stop within 5 s' "
-                                 "without vendor= and call= fields",
-    ("stops", "watch", "hang"): "Manager._stop_vendor_threads waits 5 s for a watch that ignores stop",
-    ("logged", "discover", "raise"): f"Manager._discover {NOT_NAMED}",
-    ("logged", "probes", "raise"): f"Manager._start_vendor_threads {NOT_NAMED}",
-    ("logged", "close", "raise"): f"Manager.stop {NOT_NAMED}",
-    ("logged", "node_labels", "raise"): f"labels.NodeLabelWriter {NOT_NAMED}",
-    ("logged", "metric_samples", "raise"): f"metrics.Metrics.vendor_families {NOT_NAMED}",
-    ("logged", "cdi_kind", "both"): f"cdi.CdiWriter._sync (a raising cdi_kind) {NOT_NAMED}",
-}
+KNOWN: dict[tuple[str, str, str], str] = {}  # (test, hook, mode) -> why it fails today; none left
 
 
 def cases(test: str) -> list[Any]:

@@ -237,7 +237,8 @@ def test_vendor_section_errors_name_the_file_and_key(short_tmp, capsys):
     config = short_tmp / "c.yaml"
     config.write_text(yaml.safe_dump({"vendor": {"device_nodes": "/dev/x"}}))
     assert cli.main(["discover", "sim", "-c", str(config)]) == 2
-    assert f"dpkit: error: {config}: vendor: unknown key(s) device_nodes for vendor sim" in capsys.readouterr().err
+    assert (f"dpkit: error: {config}: vendor: device_nodes: unknown key (did you mean 'device_node'?)"
+            in capsys.readouterr().err)
     assert cli.vendor_error(str(config), "vendor.script: expected true or false") == \
         f"{config}: vendor: script: expected true or false"
     assert cli.vendor_error(str(config), "environment DPKIT_X: bad") == "environment DPKIT_X: bad"

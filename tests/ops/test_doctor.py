@@ -161,7 +161,7 @@ def test_a_bad_vendor_section_fails_config_valid_itself(short_tmp, capsys):
     code, lines, out = doctor(config, capsys)
     assert code == 1
     assert lines["config valid"].startswith("[FAIL]"), out
-    assert f"{config}: vendor: unknown key(s) scirpt for vendor sim" in lines["config valid"]
+    assert f"{config}: vendor: scirpt: unknown key (did you mean 'script'?)" in lines["config valid"]
     assert "[ok  ] config valid" not in out
 
 

@@ -47,7 +47,7 @@ from dpkit.core.engine.state import (
     ServerFailure,
     Serving,
 )
-from dpkit.core.engine.vendor_calls import VendorCalls
+from dpkit.core.engine.vendor_calls import VendorCalls, VendorTimeout
 from dpkit.core.support.config import Config
 from dpkit.core.support.files import own_sockets, remove_own_socket, remove_staging_dirs
 from dpkit.core.support.logs import RateLimiter, get_logger, kv
@@ -198,8 +198,10 @@ class Manager:
         self.bus.close()
         try:
             self.calls.close()
-        except Exception:
-            log.exception("vendor close failed")
+        except VendorTimeout:
+            pass  # logged by the adapter
+        except Exception as exc:
+            self.calls.report("close", exc, "vendor close failed", traceback=True)
         logging.getLogger("dpkit").removeHandler(self.errors)
         log.info("stopped")
 
@@ -220,7 +222,8 @@ class Manager:
         try:
             probes = self.calls.probes()
         except Exception as exc:
-            log.error("vendor probes() failed; running without probes", extra=kv(error=str(exc)))
+            if not isinstance(exc, VendorTimeout):  # a timeout is logged by the adapter
+                self.calls.report("probes", exc, "vendor probes() failed; running without probes")
             probes = []
         self.silenced = {}
         self.probes.set_probes(probes)
@@ -228,9 +231,11 @@ class Manager:
     def _stop_vendor_threads(self) -> None:
         self._watch_stop.set()
         if self._watch_thread is not None:
-            self._watch_thread.join(5)
-            if self._watch_thread.is_alive():
-                log.warning("vendor watch thread did not stop within 5 s")
+            wait = min(5.0, self.config.vendor_call_timeout)
+            self._watch_thread.join(wait)
+            if self._watch_thread.is_alive():  # a daemon thread: abandoned, its late reports ignored
+                log.warning("vendor watch did not stop in time; leaving its thread behind",
+                            extra=kv(vendor=self.vendor.name, call="watch", kind="timeout", timeout=wait))
             self._watch_thread = None
         if self.probes is not None:
             self.probes.stop_all()
@@ -242,23 +247,27 @@ class Manager:
         backoff = 1.0
         while not stop.is_set():
             try:
-                self.vendor.watch(sink, stop)
+                self.calls.watch(sink, stop)
                 return
             except Exception as exc:
-                log.error("vendor watch failed; restarting it", extra=kv(error=str(exc), retry_in=backoff))
+                self.calls.report("watch", exc, "vendor watch failed; restarting it", retry_in=backoff)
                 if stop.wait(backoff):
                     return
                 backoff = min(backoff * 2, 30.0)
                 try:
                     sink.snapshot(self.calls.discover())
                 except Exception as exc2:
-                    log.error("vendor discovery failed", extra=kv(error=str(exc2)))
+                    if not isinstance(exc2, VendorTimeout):
+                        self.calls.report("discover", exc2, "vendor discovery failed")
 
     def _discover(self) -> Snapshot:
         try:
             return self.calls.discover()
-        except Exception as exc:
+        except VendorTimeout as exc:  # the adapter logged the timeout; status shows why nothing changed
             log.error("vendor discovery failed; keeping the last device list", extra=kv(error=str(exc)))
+            return self.snapshot
+        except Exception as exc:
+            self.calls.report("discover", exc, "vendor discovery failed; keeping the last device list")
             return self.snapshot
 
     def _remove_stale_sockets(self) -> None:

@@ -288,6 +288,9 @@ class CdiWriter:
         except Exception as exc:  # an invalid kind or a vendor bug must not stop the plugin
             if isinstance(exc, VendorTimeout):
                 self._timed_out[resource] = source
+            elif not isinstance(exc, ValidationError):  # neither the kind's check nor a timeout: the vendor raised
+                self.calls.report("cdi_kind", exc, "vendor cdi_kind failed; no CDI spec for this resource",
+                                  resource=resource)
             self._pending.pop(resource, None)  # waits for a vendor fix, not for the disk
             self._fail(resource, path, str(exc))
             return

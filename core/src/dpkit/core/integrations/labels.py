@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dpkit.core.engine.state import PluginState, StatusFields
-from dpkit.core.engine.vendor_calls import VendorCalls
+from dpkit.core.engine.vendor_calls import VendorCalls, VendorTimeout
 from dpkit.core.support.files import RetryTimer, remove_quietly, write_atomic
 from dpkit.core.support.logs import get_logger, kv
 from dpkit.core.vendorapi.device import Device
@@ -120,6 +120,8 @@ class NodeLabelWriter:
         try:
             raw = self.calls.node_labels(snapshot)
         except Exception as exc:  # keep the last good file rather than publish nothing
+            if not isinstance(exc, VendorTimeout):  # a timeout is logged by the adapter
+                self.calls.report("node_labels", exc, "vendor node_labels failed; keeping the last label file")
             self._fail(f"vendor node_labels failed: {type(exc).__name__}: {exc}")
             return
         labels, refused = valid_labels(raw)

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from dpkit.core.engine.state import PluginState, StatusFields
-from dpkit.core.engine.vendor_calls import VendorCalls
+from dpkit.core.engine.vendor_calls import VendorCalls, VendorTimeout
 from dpkit.core.support.config import parse_address
 from dpkit.core.support.logs import get_logger, kv
 from dpkit.core.vendorapi.vendor import MetricSample
@@ -140,6 +140,8 @@ class Metrics:
             samples = self.calls.metric_samples()
         except Exception as exc:
             self.vendor_errors.inc()
+            if not isinstance(exc, VendorTimeout):  # a timeout is logged by the adapter
+                self.calls.report("metric_samples", exc, "vendor metric_samples failed; its metrics are left out")
             self._vendor_problem(f"metric_samples() failed: {type(exc).__name__}: {exc}")
             return []
         families: dict[str, tuple[GaugeMetricFamily | CounterMetricFamily, tuple[str, ...], str]] = {}
