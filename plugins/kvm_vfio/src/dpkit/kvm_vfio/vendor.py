@@ -16,18 +16,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from dpkit.core import (
-    Check,
-    Device,
-    EventSink,
-    Finding,
-    Snapshot,
-    UeventWatcher,
-    Vendor,
-    VendorError,
-    get_logger,
-    kv,
-)
+from dpkit.core import Check, Device, EventSink, Finding, Snapshot, UeventWatcher, Vendor, VendorError, get_logger, kv
 from dpkit.kvm_vfio import mdev, usb
 from dpkit.kvm_vfio.allocation import prefer_groups
 from dpkit.kvm_vfio.config import parse_config
