@@ -59,6 +59,9 @@ class MatrixVendor(Vendor):
             raise ConfigError(f"vendor.hook: unknown hook {self.hook!r}")
         if self.mode not in ("", "hang", "raise", "both"):
             raise ConfigError(f"vendor.mode: expected hang, raise or both, got {self.mode!r}")
+        if self.config.get("hang_in_init"):  # vendor code the core runs before any hook: the constructor
+            self.hook, self.mode = "__init__", "hang"
+            self._misbehave("__init__")
 
     def _misbehave(self, hook: str, resource: str = "") -> None:
         """Hang or raise when ``hook`` is the bad one (for ``resource``, when it is per-resource)."""

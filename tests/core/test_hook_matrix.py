@@ -378,3 +378,35 @@ def test_a_hung_hook_holds_one_thread_and_calls_fail_fast_until_it_returns() -> 
             assert time.monotonic() < deadline, "the hook stayed marked as hung after it returned"
             time.sleep(0.02)
     assert vendor.entered == 2
+
+
+@pytest.mark.parametrize("where", ["__init__", "discover"])
+def test_sigterm_during_a_hung_start_up_stops_within_2s(site: dict[str, str], short_tmp: Path, where: str) -> None:
+    """The vendor's constructor or first scan hangs under the default 60 s scan deadline: SIGTERM still
+    ends `dpkit run` at once, with its sockets gone (start-up runs on its own thread; stop abandons the
+    vendor call in flight)."""
+    plugin_dir, state, marks = short_tmp / "dp", short_tmp / "st", short_tmp / "marks"
+    kubelet = Kubelet(plugin_dir).start()
+    section: dict[str, Any] = {"marks": str(marks)}
+    section.update({"hang_in_init": True} if where == "__init__" else {"hook": "discover", "mode": "hang"})
+    config = short_tmp / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "plugin_dir": str(plugin_dir), "state_dir": str(state), "cdi_dir": str(short_tmp / "cdi"),
+        "nfd_features_dir": str(short_tmp / "nfd"), "metrics_address": "127.0.0.1:0", "vendor": section}))
+    proc = subprocess.Popen([*CLI, "run", NAME, "-c", str(config)], env=site, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (marks.exists() and marks.read_text().startswith(where)):  # the vendor is now stuck in it
+            assert proc.poll() is None and time.monotonic() < deadline, "the hook never ran"
+            time.sleep(0.02)
+        seconds, code = _stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stderr = proc.communicate(timeout=10)[1]
+        kubelet.stop()
+    assert code == 0, stderr
+    assert seconds < 2.0, stderr
+    assert "stopping during start-up" in stderr
+    assert not list(plugin_dir.glob("dpkit-*.sock")) and not list(state.rglob("control.sock"))

@@ -139,6 +139,9 @@ class Manager:
         self._control_path = self.state_dir / "control.sock"  # until bound in the private state dir
         self._reload_requested = threading.Event()
         self._ready = threading.Event()
+        self._started = threading.Event()  # start() returned (or never ran): stop() waits for it
+        self._started.set()
+        self._lifecycle = threading.Lock()  # orders a start beginning against a stop from another thread
         self.reloads = 0
 
     @property
@@ -151,7 +154,21 @@ class Manager:
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
-        """Bring everything up; returns once the first snapshot is served (registration continues)."""
+        """Bring everything up; returns once the first snapshot is served (registration continues).
+
+        A stop() from another thread (SIGTERM during start-up) cuts it short: the vendor call in
+        flight is abandoned and start returns at its next step, leaving the teardown to stop().
+        """
+        with self._lifecycle:
+            if self._stop.is_set():  # stopped before it began
+                return
+            self._started.clear()
+        try:
+            self._start()
+        finally:
+            self._started.set()
+
+    def _start(self) -> None:
         logging.getLogger("dpkit").addHandler(self.errors)
         self.bus.start()
         control = self.bus.context.socket(zmq.REP)
@@ -163,24 +180,41 @@ class Manager:
                                       on_event=self._probe_event)
         self._remove_stale_sockets()
         self.link.start()
-        self._apply_snapshot("discover", self._discover())
+        snapshot = self._discover()
+        if self._stop.is_set():
+            return
+        self._apply_snapshot("discover", snapshot)
         self._publisher = Publisher(self.observers)
         self._notify_observers()  # the first state, built before the loop runs
         self._start_vendor_threads()
+        if self._stop.is_set():
+            return
         self._loop = threading.Thread(target=self._run, name="manager-loop", daemon=True)
         self._loop.start()
         self._control.start()
         # The side doors get a bounded moment for their first look (CDI files, labels) while the
         # loop already serves the kubelet; a hung one is left behind on its own thread.
-        if not self._publisher.wait_idle(self.config.vendor_call_timeout + 1.0):
-            log.warning("an observer has not finished with the first state; starting without waiting for it")
+        end = time.monotonic() + self.config.vendor_call_timeout + 1.0
+        while not self._publisher.wait_idle(min(0.1, end - time.monotonic())):
+            if self._stop.is_set():
+                return
+            if time.monotonic() >= end:
+                break
+        else:
+            self._ready.set()
+            return
+        log.warning("an observer has not finished with the first state; starting without waiting for it")
         self._ready.set()
 
     def stop(self) -> None:
         """Stop cleanly: probes ended, servers stopped, our sockets removed. Idempotent."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
+        with self._lifecycle:
+            if self._stop.is_set():
+                return
+            self._stop.set()
+        self.calls.interrupt()  # a vendor call in flight (a start-up scan, a hung hook) is not waited for
+        if not self._started.wait(2.0):
+            log.warning("start-up still running; stopping anyway")
         with self._asks:
             self._asks.notify_all()  # nobody waits for a loop that is going away
         if self._loop is not None:  # the loop first, or it would restart the probes we stop

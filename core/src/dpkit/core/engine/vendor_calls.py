@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -38,6 +39,10 @@ _T = TypeVar("_T")
 
 class VendorTimeout(Exception):
     """A vendor hook did not answer within the deadline."""
+
+
+class _Interrupted(Exception):
+    """The wait for a vendor call was cut short by a stop."""
 
 
 class _DaemonPool:
@@ -128,6 +133,7 @@ class VendorCalls:
         # (vendor, hook, resource) -> a call past its deadline; a reload's new vendor starts afresh
         self._stuck: dict[tuple[int, str, str, tuple[str, ...]], Future[Any]] = {}
         self._lock = threading.Lock()
+        self._interrupted = threading.Event()
 
     @property
     def name(self) -> str:
@@ -195,7 +201,12 @@ class VendorCalls:
         """Close ``vendor`` (default: the current one; a reload closes the one it replaced)."""
         closing = vendor if vendor is not None else self.vendor
         if closing.overrides("close"):
-            self._run("close", lambda: closing.close())
+            self._run("close", lambda: closing.close(), interruptible=False)
+
+    def interrupt(self) -> None:
+        """Stopping: every call waiting on the vendor gives up now (``VendorTimeout``), and so does
+        every later one but ``close``, so a stop never waits out a scan deadline behind a hung hook."""
+        self._interrupted.set()
 
     # -- the guard --------------------------------------------------------------------------------
     def guarded(self, hook: str, func: Callable[..., _T], *args: Any, resource: str = "") -> _T:
@@ -229,7 +240,7 @@ class VendorCalls:
         return self._run(hook, func, timeout=timeout, resource=resource, call=call)
 
     def _run(self, hook: str, func: Callable[..., _T], *args: Any, timeout: float | None = None,
-             resource: str = "", call: tuple[str, ...] = ()) -> _T:
+             resource: str = "", call: tuple[str, ...] = (), interruptible: bool = True) -> _T:
         # A nested call (a CDI rewrite asking the vendor) hops again rather than running inline:
         # its own deadline then bounds how long the outer call holds any lock it took.
         deadline = self.timeout if timeout is None else timeout
@@ -241,11 +252,14 @@ class VendorCalls:
             self._timed_out(hook, deadline)
             raise VendorTimeout(f"vendor {self.vendor.name} {hook}{' for ' + resource if resource else ''} "
                                 f"did not answer within {deadline:g}s: an earlier call has not returned yet")
+        stopping = f"vendor {self.vendor.name} {hook} abandoned: dpkit is stopping"
+        if interruptible and self._interrupted.is_set():
+            raise VendorTimeout(stopping)
         future = _shared_pool().submit(func, *args)
         try:
-            return future.result(timeout=deadline)
-        except FutureTimeout:
-            if future.done():  # the vendor's own TimeoutError (the same class since Python 3.11)
+            return self._wait(future, deadline, interruptible)
+        except (FutureTimeout, _Interrupted) as exc:
+            if isinstance(exc, FutureTimeout) and future.done():  # the vendor's own TimeoutError
                 self._count(hook, "error")
                 raise
             if not future.cancel():  # running: it holds its worker until the vendor returns
@@ -253,11 +267,29 @@ class VendorCalls:
                     self._stuck[key] = future
                 future.add_done_callback(lambda done: self._unstick(key, done))
                 _shared_pool().abandon(future)
+            if isinstance(exc, _Interrupted):
+                raise VendorTimeout(stopping) from None
             self._timed_out(hook, deadline)
             raise VendorTimeout(f"vendor {self.vendor.name} {hook} did not answer within {deadline:g}s") from None
         except Exception:
             self._count(hook, "error")
             raise
+
+    def _wait(self, future: Future[_T], deadline: float, interruptible: bool) -> _T:
+        """``future``'s result within ``deadline``; a stop interrupts the wait (checked every 0.1 s
+        once the call has taken that long: a call that answers at once pays nothing for it)."""
+        if not interruptible:
+            return future.result(timeout=deadline)
+        end = time.monotonic() + deadline
+        while True:
+            if self._interrupted.is_set():
+                raise _Interrupted
+            left = end - time.monotonic()
+            try:
+                return future.result(timeout=max(0.0, min(left, 0.1)))
+            except FutureTimeout:
+                if future.done() or left <= 0.1:
+                    raise
 
     def _unstick(self, key: tuple[int, str, str, tuple[str, ...]], done: Future[Any]) -> None:
         with self._lock:

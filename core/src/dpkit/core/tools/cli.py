@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -138,9 +139,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
-        manager = Manager(make(config.vendor), config, vendor_factory=make)
-        attach_observers(manager)
-        manager.start()
+        # Vendor code runs in start-up (the constructor, the first scan), and may hang: it runs on a
+        # thread of its own while this one keeps taking signals, so SIGTERM always ends the process.
+        started: dict[str, Any] = {}
+
+        def start() -> None:
+            try:
+                manager = started["manager"] = Manager(make(config.vendor), config, vendor_factory=make)
+                attach_observers(manager)
+                manager.start()
+            except BaseException as exc:
+                started["error"] = exc
+
+        starter = threading.Thread(target=start, name="start-up", daemon=True)
+        starter.start()
+        reload_asked = False
+        while starter.is_alive():
+            info = signal.sigtimedwait(signals, 0.05)
+            if info is not None and info.si_signo == signal.SIGHUP:
+                reload_asked = True  # taken once start-up is done
+            elif info is not None:
+                _log().info("stopping during start-up", extra=kv(signal=signal.Signals(info.si_signo).name))
+                if "manager" in started:
+                    started["manager"].stop()
+                return 0
+        if "error" in started:
+            raise started["error"]
+        manager = started["manager"]
+        if reload_asked:
+            manager.request_reload()
         _log().info("running; SIGTERM stops, SIGHUP reloads the config", extra=kv(vendor=args.vendor))
         code = _serve(manager, signals, grace)
         manager.stop()
