@@ -176,7 +176,7 @@ EXT = "externalResourceProvider: true"
 
 @pytest.mark.parametrize(("document", "message"), [
     ("permittedHostDevices: []", f"{P}: expected a mapping"),
-    ("permittedHostDevices: {pciHostDevice: []}", f"{P}: unknown key(s) pciHostDevice"),
+    ("permittedHostDevices: {pciHostDevice: []}", f"{P}.pciHostDevice: unknown key (did you mean 'pciHostDevices'?)"),
     ("permittedHostDevices: {usbHostDevices: []}", "usbHostDevices is the HyperConverged CR's spelling of usb"),
     ("permittedHostDevices: {pciHostDevices: {}}", f"{P}.pciHostDevices: expected a list"),
     ("permittedHostDevices: {pciHostDevices: ['10de:1eb8']}", f"{P}.pciHostDevices[0]: expected a mapping"),
@@ -185,7 +185,14 @@ EXT = "externalResourceProvider: true"
     ("permittedHostDevices: {pciHostDevices: [{pciVendorSelector: '10de:1eb8'}]}",
      f"{P}.pciHostDevices[0].resourceName: required"),
     ("permittedHostDevices: {pciHostDevices: [{pciVendorSelector: 10, resourceName: a.com/b}]}",
-     f"{P}.pciHostDevices[0].pciVendorSelector: expected a string"),
+     f"{P}.pciHostDevices[0].pciVendorSelector: expected a string, got int 10"),
+    ("permittedHostDevices: {pciHostDevices: [{pciVendorSelector: '10de:1eb8', resourceName: a.com/b, "
+     "externalResourceProvidor: true}]}",
+     f"{P}.pciHostDevices[0].externalResourceProvidor: unknown key (did you mean 'externalResourceProvider'?)"),
+    ("permittedHostDevices: {mediatedDevices: [{mdevNameSelector: [x], resourceName: a.com/b}]}",
+     f"{P}.mediatedDevices[0].mdevNameSelector: expected a string, got list ['x']"),
+    ("permittedHostDevices: {usb: [{resourceName: a.com/b, selector: []}]}",
+     f"{P}.usb[0].selector: unknown key (did you mean 'selectors'?)"),
     ("permittedHostDevices: {pciHostDevices: [{pciVendorSelector: '10de:1eb8', resourceName: a.com/b, "
      "externalResourceProvider: 'true'}]}", f"{P}.pciHostDevices[0].externalResourceProvider: expected true or false"),
     ("permittedHostDevices: {pciHostDevices: [{pciDeviceSelector: '10de:1eb8', resourceName: a.com/b}]}",
@@ -199,7 +206,7 @@ EXT = "externalResourceProvider: true"
     ("permittedHostDevices: {mediatedDevices: [{resourceName: a.com/b}]}",
      f"{P}.mediatedDevices[0].mdevNameSelector: required"),
     ("permittedHostDevices: {mediatedDevices: [{mdevNameSelector: x, resourceName: a.com/b, type: y}]}",
-     f"{P}.mediatedDevices[0]: unknown key(s) type"),
+     f"{P}.mediatedDevices[0].type: unknown key (known keys: "),
     ("permittedHostDevices: {usb: [{selectors: []}]}", f"{P}.usb[0].resourceName: required"),
     ("permittedHostDevices: {usb: [{resourceName: a.com/b, selectors: {vendor: '1'}}]}",
      f"{P}.usb[0].selectors: expected a list"),
@@ -208,7 +215,7 @@ EXT = "externalResourceProvider: true"
     ("permittedHostDevices: {usb: [{resourceName: a.com/b, selectors: [{vendor: '46f4', product: 1}]}]}",
      f"{P}.usb[0].selectors[0].product: expected a string"),
     ("permittedHostDevices: {usb: [{resourceName: a.com/b, selectors: [{vendor: '1', product: '1', serial: x}]}]}",
-     f"{P}.usb[0].selectors[0]: unknown key(s) serial"),
+     f"{P}.usb[0].selectors[0].serial: unknown key (known keys: vendor, product)"),
     (f"permittedHostDevices: {{usb: [{{resourceName: a.com/b, {EXT}}}]}}", f"{P}.usb[0].selectors: at least one"),
     (f"permittedHostDevices: {{pciHostDevices: [{{pciVendorSelector: '10de:1eb8', resourceName: a.com/b, {EXT}}}], "
      f"mediatedDevices: [{{mdevNameSelector: x, resourceName: a.com/b, {EXT}}}]}}",

@@ -24,15 +24,8 @@ from dpkit.core import (
     load_section,
     setting,
 )
-from dpkit.kvm_vfio.kubevirt import Permitted, parse_permitted
-from dpkit.kvm_vfio.selectors import (
-    SHARED_RESOURCES,
-    ConfigNote,
-    MdevSelector,
-    Selector,
-    UsbSelector,
-    check_served_name,
-)
+from dpkit.kvm_vfio.kubevirt import Permitted, PermittedHostDevices, permitted, served_name
+from dpkit.kvm_vfio.selectors import SHARED_RESOURCES, ConfigNote, MdevSelector, Selector, UsbSelector
 
 __all__ = ["SHARED_RESOURCES", "ConfigNote", "KvmVfioConfig", "MdevSelector", "Selector", "UsbSelector", "parse_config"]
 
@@ -63,10 +56,7 @@ class PciHostDevice(Section, frozen=True):
 
     def __post_init__(self) -> None:
         if self.resource_name:
-            try:
-                check_served_name(self.resource_name, "")
-            except ConfigError as exc:
-                raise Invalid(str(exc).removeprefix(": "), "resource_name") from None
+            served_name(self.resource_name, "resource_name")
 
     def selector(self) -> Selector:
         vendor, device = (p.lower().removeprefix("0x").rjust(4, "0") for p in self.pci_vendor_selector.split(":"))
@@ -81,8 +71,8 @@ class KvmVfioConfig(Section, frozen=True):
     vhost_net_slots: Slots = DEFAULT_SLOTS
     tun_slots: Slots = DEFAULT_SLOTS
     pci_host_devices: tuple[PciHostDevice, ...] = ()
-    #: KubeVirt's CR block as-is, checked by :func:`parse_permitted`
-    permitted_host_devices: Any = setting(default=None, name="permittedHostDevices")
+    #: KubeVirt's CR block as-is (see :mod:`dpkit.kvm_vfio.kubevirt`)
+    permitted_host_devices: PermittedHostDevices | None = setting(default=None, name="permittedHostDevices")
     health_interval: Annotated[float, Meta(ge=0.05, le=3600, description="a number of seconds")] = 5.0
     uevent_source: Literal["udev", "kernel"] = "udev"
     #: accepted as before, no longer read: names come from udev (names.py)
@@ -104,12 +94,12 @@ class KvmVfioConfig(Section, frozen=True):
                     raise Invalid(f"expected an absolute path without '..', got {value!r}", key) from None
                 force_setattr(self, key, value.rstrip("/") or "/")
         own = tuple(entry.selector() for entry in self.pci_host_devices)
-        permitted = parse_permitted(self.permitted_host_devices, "vendor.permittedHostDevices")
-        _check_resource_kinds(own, permitted)
-        force_setattr(self, "selectors", own + permitted.pci)
-        force_setattr(self, "mdevs", permitted.mdevs)
-        force_setattr(self, "usbs", permitted.usbs)
-        force_setattr(self, "notes", permitted.notes + _pci_ids_note(self.pci_ids))
+        block = permitted(self.permitted_host_devices, "vendor.permittedHostDevices")
+        _check_resource_kinds(own, block)
+        force_setattr(self, "selectors", own + block.pci)
+        force_setattr(self, "mdevs", block.mdevs)
+        force_setattr(self, "usbs", block.usbs)
+        force_setattr(self, "notes", block.notes + _pci_ids_note(self.pci_ids))
 
 
 def parse_config(raw: Mapping[str, Any]) -> KvmVfioConfig:

@@ -8,30 +8,89 @@ itself, so dpkit serves exactly the ``true`` entries and leaves the rest to virt
 plugins registering one resource replace each other at the kubelet). Entries dpkit does not act on
 become :class:`ConfigNote` lines for ``dpkit discover``; shapes KubeVirt's API server refuses
 (a missing ``resourceName``, a string where a boolean belongs) are a :class:`ConfigError` naming
-the key path.
+the key path: the classes below declare them and the core's schema layer converts the block.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
-from dpkit.core import ConfigError
+from dpkit.core import ConfigError, Invalid, Meta, Section, setting
 from dpkit.kvm_vfio.selectors import ConfigNote, MdevSelector, Selector, UsbSelector, check_served_name
 
-_KEYS = {"pciHostDevices", "mediatedDevices", "usb"}
-_PCI_KEYS = {"pciVendorSelector", "resourceName", "externalResourceProvider"}
-_MDEV_KEYS = {"mdevNameSelector", "resourceName", "externalResourceProvider"}
-_USB_KEYS = {"resourceName", "selectors", "externalResourceProvider"}
-_USB_SELECTOR_KEYS = {"vendor", "product"}
-#: spellings of the HyperConverged CR (HCO), which writes the KubeVirt CR from its own
-_HCO = {"pciDeviceSelector": "pciVendorSelector", "usbHostDevices": "usb"}
 _PCI_ID = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{4}$")
 _USB_ID = re.compile(r"^[0-9a-fA-F]{1,8}$")
 KUBEVIRT_SERVES = "served by KubeVirt's virt-handler (externalResourceProvider is not true); dpkit leaves it alone"
 HANDOVER_HINT = "set externalResourceProvider: true in the KubeVirt CR and here to have dpkit serve it"
+
+# Keys of the HyperConverged CR (HCO), which writes the KubeVirt CR from its own: declared so that
+# the error says what to write instead (a did-you-mean cannot guess usb from usbHostDevices).
+HcoSelector = Annotated[None, Meta(description="pciVendorSelector instead (pciDeviceSelector is the "
+                                               "HyperConverged CR's spelling of pciVendorSelector)")]
+HcoUsb = Annotated[None, Meta(description="usb instead (usbHostDevices is the HyperConverged CR's spelling of usb)")]
+HcoDisabled = Annotated[None, Meta(description="the entry left out instead (disabled is the HyperConverged CR's)")]
+
+
+def served_name(resource: str, key: str) -> None:
+    """:func:`check_served_name` as the schema layer's :class:`Invalid` naming ``key``."""
+    try:
+        check_served_name(resource, "")
+    except ConfigError as exc:
+        raise Invalid(str(exc).removeprefix(": "), key) from None
+
+
+class Entry(Section, frozen=True, kw_only=True):
+    """What every entry has; ``resourceName`` is checked only where dpkit serves it (else it is KubeVirt's)."""
+
+    resourceName: str
+    externalResourceProvider: bool | None = None
+    disabled: HcoDisabled = None
+
+    def __post_init__(self) -> None:
+        if self.externalResourceProvider:
+            served_name(self.resourceName, "resourceName")
+
+
+class PciEntry(Entry, frozen=True, kw_only=True):
+    pciVendorSelector: str
+    pciDeviceSelector: HcoSelector = None
+
+
+class MdevEntry(Entry, frozen=True, kw_only=True):
+    mdevNameSelector: str
+
+
+class UsbId(Section, frozen=True):
+    vendor: str
+    product: str
+
+    def parsed(self) -> tuple[str, str] | None:
+        """(vendor, product) as 4-digit lower-case hex, or None when KubeVirt could not parse them."""
+        if not all(_USB_ID.match(p) and int(p, 16) <= 0xFFFF for p in (self.vendor, self.product)):
+            return None
+        return f"{int(self.vendor, 16):04x}", f"{int(self.product, 16):04x}"
+
+
+class UsbEntry(Entry, frozen=True, kw_only=True):
+    selectors: tuple[UsbId, ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.externalResourceProvider and not self.selectors:
+            raise Invalid(f"at least one vendor/product selector is needed for dpkit to serve {self.resourceName!r} "
+                          "(without one, KubeVirt's handler never finishes matching)", "selectors")
+
+
+class PermittedHostDevices(Section, frozen=True):
+    pciHostDevices: tuple[PciEntry, ...] | None = None
+    mediatedDevices: tuple[MdevEntry, ...] | None = None
+    usb: tuple[UsbEntry, ...] | None = None
+    usbHostDevices: HcoUsb = setting(default=None)
+
+
+E = TypeVar("E", bound=Entry)
 
 
 @dataclass(frozen=True)
@@ -44,105 +103,54 @@ class Permitted:
     notes: tuple[ConfigNote, ...] = ()
 
 
-def parse_permitted(raw: Any, where: str) -> Permitted:
-    """Validate the block at ``where``; raise :class:`ConfigError` naming the first bad key path."""
-    if raw is None:
+def permitted(block: PermittedHostDevices | None, where: str) -> Permitted:
+    """The selectors dpkit serves from the checked block at ``where``, and notes on every entry it does not."""
+    if block is None:
         return Permitted()
-    block = _mapping(raw, where, _KEYS)
     notes: list[ConfigNote] = []
     pci: dict[str, tuple[Selector, str]] = {}
-    for key, entry in _entries(block, "pciHostDevices", where):
-        fields = _mapping(entry, key, _PCI_KEYS)
-        selector, resource, external = (_string(fields, "pciVendorSelector", key), _string(fields, "resourceName", key),
-                                        _external(fields, key))
-        if not _dpkit_serves(key, resource, external, notes):
-            continue
-        ids = selector.lower()
+    for key, entry in _served(block.pciHostDevices, f"{where}.pciHostDevices", notes):
+        ids = entry.pciVendorSelector.lower()
         if not _PCI_ID.match(ids):
-            notes.append(ConfigNote(key, resource, f"pciVendorSelector {selector!r} never matches: KubeVirt compares "
-                                    "it with sysfs IDs as 'vvvv:dddd' in hex", "write it like '10DE:1EB8'"))
+            notes.append(ConfigNote(key, entry.resourceName, f"pciVendorSelector {entry.pciVendorSelector!r} never "
+                                    "matches: KubeVirt compares it with sysfs IDs as 'vvvv:dddd' in hex",
+                                    "write it like '10DE:1EB8'"))
             continue
-        _replace(pci, ids, (Selector(ids[:4], ids[5:], resource, kubevirt=True), key), notes, "pciVendorSelector")
+        _replace(pci, ids, (Selector(ids[:4], ids[5:], entry.resourceName, kubevirt=True), key), notes,
+                 "pciVendorSelector")
     mdevs: dict[str, tuple[MdevSelector, str]] = {}
-    for key, entry in _entries(block, "mediatedDevices", where):
-        fields = _mapping(entry, key, _MDEV_KEYS)
-        name, resource, external = (_string(fields, "mdevNameSelector", key), _string(fields, "resourceName", key),
-                                    _external(fields, key))
-        if not _dpkit_serves(key, resource, external, notes):
-            continue
-        type_name = name.replace(" ", "_").strip()  # as KubeVirt: "GRID T4-1Q" matches GRID_T4-1Q
+    for key, mdev in _served(block.mediatedDevices, f"{where}.mediatedDevices", notes):
+        type_name = mdev.mdevNameSelector.replace(" ", "_").strip()  # as KubeVirt: "GRID T4-1Q" matches GRID_T4-1Q
         if not type_name:
-            notes.append(ConfigNote(key, resource, "an empty mdevNameSelector never matches"))
+            notes.append(ConfigNote(key, mdev.resourceName, "an empty mdevNameSelector never matches"))
             continue
-        _replace(mdevs, type_name, (MdevSelector(type_name, resource), key), notes, "mdevNameSelector")
+        _replace(mdevs, type_name, (MdevSelector(type_name, mdev.resourceName), key), notes, "mdevNameSelector")
     usbs: list[UsbSelector] = []
-    for key, entry in _entries(block, "usb", where):
-        fields = _mapping(entry, key, _USB_KEYS)
-        resource, external = _string(fields, "resourceName", key), _external(fields, key)
-        selectors = _usb_selectors(fields.get("selectors"), f"{key}.selectors")
-        if not _dpkit_serves(key, resource, external, notes):
-            continue
-        if not selectors:
-            raise ConfigError(f"{key}.selectors: at least one vendor/product selector is needed for dpkit to serve "
-                              f"{resource!r} (without one, KubeVirt's handler never finishes matching)")
-        parsed = [_usb_id(s) for s in selectors]
+    for key, usb in _served(block.usb, f"{where}.usb", notes):
+        parsed = [s.parsed() for s in usb.selectors or ()]
         usb_ids = tuple(i for i in parsed if i is not None)
         if len(usb_ids) != len(parsed):
-            notes.append(ConfigNote(key, resource, "a vendor or product is not hex: the entry never matches, "
+            notes.append(ConfigNote(key, usb.resourceName, "a vendor or product is not hex: the entry never matches, "
                                     "as in KubeVirt", "write IDs as lsusb shows them, like vendor: '10c4'"))
             usb_ids = ()
-        usbs.append(UsbSelector(resource, usb_ids))
+        usbs.append(UsbSelector(usb.resourceName, usb_ids))
     return Permitted(tuple(s for s, _ in pci.values()), tuple(m for m, _ in mdevs.values()), tuple(usbs),
                      tuple(notes))
 
 
-def _dpkit_serves(key: str, resource: str, external: bool, notes: list[ConfigNote]) -> bool:
-    """Whether dpkit serves the entry (externalResourceProvider true; its resourceName is then checked).
+def _served(entries: tuple[E, ...] | None, where: str, notes: list[ConfigNote]) -> list[tuple[str, E]]:
+    """The entries dpkit serves (externalResourceProvider true), with their key paths.
 
     An entry KubeVirt's virt-handler serves itself becomes a note instead.
     """
-    if not external:
-        notes.append(ConfigNote(key, resource, KUBEVIRT_SERVES, HANDOVER_HINT))
-        return False
-    check_served_name(resource, f"{key}.resourceName")
-    return True
-
-
-def _mapping(raw: Any, where: str, known: set[str]) -> Mapping[str, Any]:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - known, key=str)
-    if unknown:
-        hints = [f"{k} is the HyperConverged CR's spelling of {_HCO[k]}" for k in unknown if k in _HCO]
-        hints += ["disabled is the HyperConverged CR's; leave the entry out instead"] if "disabled" in unknown else []
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} (known: {', '.join(sorted(known))})"
-                          + (f"; {'; '.join(hints)}" if hints else ""))
-    return raw
-
-
-def _entries(block: Mapping[str, Any], name: str, where: str) -> list[tuple[str, Any]]:
-    raw = block.get(name)
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise ConfigError(f"{where}.{name}: expected a list, got {type(raw).__name__}")
-    return [(f"{where}.{name}[{i}]", entry) for i, entry in enumerate(raw)]
-
-
-def _string(fields: Mapping[str, Any], name: str, where: str) -> str:
-    value = fields.get(name)
-    if value is None:
-        raise ConfigError(f"{where}.{name}: required (KubeVirt's API requires it too)")
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}.{name}: expected a string, got {value!r}")
-    return value
-
-
-def _external(fields: Mapping[str, Any], where: str) -> bool:
-    value = fields.get("externalResourceProvider")
-    if value is not None and not isinstance(value, bool):
-        raise ConfigError(f"{where}.externalResourceProvider: expected true or false, got {value!r}")
-    return bool(value)
+    served: list[tuple[str, E]] = []
+    for index, entry in enumerate(entries or ()):
+        key = f"{where}[{index}]"
+        if entry.externalResourceProvider:
+            served.append((key, entry))
+        else:
+            notes.append(ConfigNote(key, entry.resourceName, KUBEVIRT_SERVES, HANDOVER_HINT))
+    return served
 
 
 def _replace(seen: dict[str, Any], key: str, value: tuple[Any, str], notes: list[ConfigNote], field: str) -> None:
@@ -153,25 +161,3 @@ def _replace(seen: dict[str, Any], key: str, value: tuple[Any, str], notes: list
                                 "(the later entry wins, as in KubeVirt)"))
         del seen[key]
     seen[key] = value
-
-
-def _usb_selectors(raw: Any, where: str) -> list[Mapping[str, Any]]:
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise ConfigError(f"{where}: expected a list of vendor/product selectors, got {type(raw).__name__}")
-    selectors = []
-    for i, entry in enumerate(raw):
-        fields = _mapping(entry, f"{where}[{i}]", _USB_SELECTOR_KEYS)
-        _string(fields, "vendor", f"{where}[{i}]")
-        _string(fields, "product", f"{where}[{i}]")
-        selectors.append(fields)
-    return selectors
-
-
-def _usb_id(selector: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(vendor, product) as 4-digit lower-case hex, or None when KubeVirt could not parse them."""
-    parts = [str(selector["vendor"]), str(selector["product"])]
-    if not all(_USB_ID.match(p) and int(p, 16) <= 0xFFFF for p in parts):
-        return None
-    return f"{int(parts[0], 16):04x}", f"{int(parts[1], 16):04x}"
