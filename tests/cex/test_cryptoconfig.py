@@ -97,26 +97,31 @@ def test_one_apqn_pinned_to_different_machines_may_serve_two_sets() -> None:
     assert len(parse_crypto_config(_sets(a, b), "f.json").sets) == 2
 
 
+S = r"f.json: key 'cryptoconfigsets\[0\]"  # the schema layer's form: file, key path, expected, got
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ('{"cryptoconfigsets": [', r"f.json: not valid JSON at line 1"),
-    ("[1, 2]", r"f.json: expected a JSON object"),
-    ('{"cryptoconfigsets": {"a": 1}}', r"cryptoconfigsets: expected a list"),
-    (_sets("nope"), r"cryptoconfigsets\[0\]: expected an object"),
-    (_sets(_set(apqns=[{"adapter": 256, "domain": 5}])), r"apqns\[0\].adapter: expected an integer from 0 to 255"),
-    (_sets(_set(apqns=[{"adapter": 1, "domain": "5"}])), r"apqns\[0\].domain: expected an integer"),
-    (_sets(_set(apqns=[{"adapter": 1}])), r"apqns\[0\].domain: missing"),
-    (_sets(_set(apqns=[{"adapter": 1, "domain": 5, "machineid": 7}])), r"apqns\[0\].machineid"),
-    (_sets(_set(apqns={"adapter": 1})), r"\(s1\).apqns: expected a list"),
-    (_sets(_set(cexmode="fips")), r"\(s1\).cexmode: expected one of cca, ep11, accel"),
-    (_sets(_set(mincexgen="cex3")), r"\(s1\).mincexgen"),
-    (_sets(_set(mincexgen="7")), r"\(s1\).mincexgen"),
-    (_sets(_set(overcommit=1001)), r"\(s1\).overcommit: expected an integer of at most 1000 \(dpkit's limit "
-                                   r"per set; IBM's plugin has none\), got 1001"),
-    (_sets(_set(overcommit=2.5)), r"\(s1\).overcommit"),
-    (_sets(_set(livesysfs="1")), r"\(s1\).livesysfs"),
-    (_sets(_set(project="")), r"\(s1\).project: expected a non-empty string"),
-    (_sets(_set(name="Bad Name")), r"cryptoconfigsets\[0\].setname: 'Bad Name' cannot name a resource"),
-    (_sets({"project": "p"}), r"cryptoconfigsets\[0\].setname: expected a non-empty string"),
+    ("[1, 2]", r"f.json: expected a mapping, got list"),
+    ('{"cryptoconfigsets": {"a": 1}}', r"f.json: key 'cryptoconfigsets': expected a list, got dict"),
+    (_sets("nope"), S + r"': expected a mapping, got str 'nope'"),
+    (_sets(_set(apqns=[{"adapter": 256, "domain": 5}])), S + r".apqns\[0\].adapter': expected an integer from 0 to "
+                                                             r"255, got 256"),
+    (_sets(_set(apqns=[{"adapter": 1, "domain": "5"}])), S + r".apqns\[0\].domain': expected an integer, got str"),
+    (_sets(_set(apqns=[{"adapter": 1}])), S + r".apqns\[0\].domain': required: expected an integer"),
+    (_sets(_set(apqns=[{"adapter": 1, "domain": 5, "machineid": 7}])), S + r".apqns\[0\].machineid': expected a "
+                                                                          r"string, got int 7"),
+    (_sets(_set(apqns={"adapter": 1})), S + r".apqns': expected a list"),
+    (_sets(_set(cexmode="fips")), S + r".cexmode': expected one of cca, ep11, accel, got 'fips'"),
+    (_sets(_set(mincexgen="cex3")), S + r".mincexgen': expected 'cex4', 'cex5', \.\.\., got 'cex3'"),
+    (_sets(_set(mincexgen="7")), S + r".mincexgen': expected 'cex4'"),
+    (_sets(_set(overcommit=1001)), S + r".overcommit': expected an integer of at most 1000 \(dpkit's limit "
+                                       r"per set; IBM's plugin has none\), got 1001"),
+    (_sets(_set(overcommit=2.5)), S + r".overcommit': expected an integer, got float 2.5"),
+    (_sets(_set(livesysfs="1")), S + r".livesysfs': expected an integer \(0 off, 1 on\), got str '1'"),
+    (_sets(_set(project="")), S + r".project': expected a non-empty string"),
+    (_sets(_set(name="Bad Name")), S + r".setname': 'Bad Name' cannot name a resource"),
+    (_sets({"project": "p"}), S + r".setname': required: expected a non-empty string"),
     (_sets(_set("s1"), _set("s1", apqns=[])), r"setname 's1' is used by more than one set"),
 ])
 def test_every_error_names_file_and_key(text: str, message: str) -> None:
@@ -132,9 +137,19 @@ def test_empty_or_setless_files_mean_no_resources() -> None:
 def test_unknown_keys_are_ignored_and_reported() -> None:
     config = parse_crypto_config(json.dumps({"version": 2, "cryptoconfigsets": [
         _set(overcomit=3, apqns=[{"adapter": 1, "domain": 5, "domian": 6}])]}), "f.json")
-    assert config.ignored == ("version", "f.json: cryptoconfigsets[0].overcomit",
-                              "f.json: cryptoconfigsets[0] (s1).apqns[0].domian")
+    assert config.ignored == ("f.json: version", "f.json: cryptoconfigsets[0].overcomit (did you mean 'overcommit'?)",
+                              "f.json: cryptoconfigsets[0].apqns[0].domian (did you mean 'domain'?)")
     assert config.sets[0].overcommit == 1
+
+
+def test_a_misspelt_key_in_any_case_is_reported_with_the_key_it_resembles() -> None:
+    """Go's parser drops a typo silently; dpkit still ignores it (as IBM's does) but says what was meant."""
+    config = parse_crypto_config(json.dumps({"CryptoConfigSet": [], "cryptoconfigsets": [
+        _set(OverComit=3, apqns=[{"Adaptor": 2, "adapter": 1, "domain": 5}])]}), "f.json")
+    assert config.ignored == ("f.json: CryptoConfigSet (did you mean 'cryptoconfigsets'?)",
+                              "f.json: cryptoconfigsets[0].OverComit (did you mean 'overcommit'?)",
+                              "f.json: cryptoconfigsets[0].apqns[0].Adaptor (did you mean 'adapter'?)")
+    assert config.sets[0].apqns == (ApqnDef(1, 5),)
 
 
 def test_overcommit_zero_or_negative_means_the_default() -> None:
@@ -171,8 +186,9 @@ def test_keys_that_only_look_alike_stay_unknown() -> None:
     # the dotless and the dotted I are not in the fold set of i (Go's unicode.SimpleFold)
     text = json.dumps({"cryptoconfigsets": [_set("s1", setname_=1, **{"l\u0131vesysfs": 0, "mach\u0130neid": ""})]})
     assert parse_crypto_config(text, "f.json").ignored == (
-        "f.json: cryptoconfigsets[0].setname_", "f.json: cryptoconfigsets[0].l\u0131vesysfs",
-        "f.json: cryptoconfigsets[0].mach\u0130neid")
+        "f.json: cryptoconfigsets[0].setname_ (did you mean 'setname'?)",
+        "f.json: cryptoconfigsets[0].l\u0131vesysfs (did you mean 'livesysfs'?)",
+        "f.json: cryptoconfigsets[0].mach\u0130neid")  # a set has no machineid: no hint
 
 
 def test_reading_the_file_and_its_digest(tmp_path: Path) -> None:

@@ -88,16 +88,16 @@ def test_documents_ibm_accepts_are_accepted_alike(
 # Every document IBM's Verify (or Go's json.Unmarshal) refuses: cryptoconfigs_test.go's cases first.
 REJECTED: list[tuple[str, str, str]] = [
     ("non-unique-set-names", doc(cset("set"), cset("set")), "used by more than one set"),
-    ("empty-set-name", doc(cset("")), r"setname: expected a non-empty string"),
-    ("omitted-set-name", doc({"project": "test"}), r"setname: expected a non-empty string"),
-    ("empty-project", doc(cset(project="")), r"project: expected a non-empty string"),
-    ("omitted-project", doc({"setname": "set"}), r"project: expected a non-empty string"),
-    ("invalid-cexmode", doc(cset(cexmode="ignored")), r"cexmode: expected one of"),
+    ("empty-set-name", doc(cset("")), r"setname': expected a non-empty string"),
+    ("omitted-set-name", doc({"project": "test"}), r"setname': required: expected a non-empty string"),
+    ("empty-project", doc(cset(project="")), r"project': expected a non-empty string"),
+    ("omitted-project", doc({"setname": "set"}), r"project': required: expected a non-empty string"),
+    ("invalid-cexmode", doc(cset(cexmode="ignored")), r"cexmode': expected one of cca, ep11, accel"),
     ("invalid-mincexgen", doc(cset(mincexgen="cex456789")), r"mincexgen"),
-    ("negative-adapter", doc(cset(apqns=[apqn(-1, 0)])), r"adapter: expected an integer from 0 to 255"),
-    ("huge-adapter", doc(cset(apqns=[apqn(4711, 0)])), r"adapter: expected an integer from 0 to 255"),
-    ("negative-domain", doc(cset(apqns=[apqn(0, -1)])), r"domain: expected an integer from 0 to 255"),
-    ("huge-domain", doc(cset(apqns=[apqn(0, 4711)])), r"domain: expected an integer from 0 to 255"),
+    ("negative-adapter", doc(cset(apqns=[apqn(-1, 0)])), r"adapter': expected an integer from 0 to 255"),
+    ("huge-adapter", doc(cset(apqns=[apqn(4711, 0)])), r"adapter': expected an integer from 0 to 255"),
+    ("negative-domain", doc(cset(apqns=[apqn(0, -1)])), r"domain': expected an integer from 0 to 255"),
+    ("huge-domain", doc(cset(apqns=[apqn(0, 4711)])), r"domain': expected an integer from 0 to 255"),
     ("duplicated-apqn", doc(cset(apqns=[apqn(0, 0), apqn(0, 0)])), r"appears twice in set 'set'"),
     ("apqn-in-two-sets", doc(cset("set1", apqns=[apqn(0, 0)]), cset("set2", apqns=[apqn(0, 0)])),
      r"appears in sets 'set1' and 'set2'"),
@@ -110,13 +110,13 @@ REJECTED: list[tuple[str, str, str]] = [
     ("setname-leading-dash", doc(cset("-a")), "cannot name a resource"),
     ("mincexgen-cex3", doc(cset(mincexgen="cex3")), "mincexgen"),
     # what Go's json.Unmarshal refuses for IBM's typed fields
-    ("adapter-as-string", doc(cset(apqns=[{"adapter": "1", "domain": 0}])), "adapter: expected an integer"),
-    ("domain-as-float", doc(cset(apqns=[{"adapter": 1, "domain": 1.5}])), "domain: expected an integer"),
+    ("adapter-as-string", doc(cset(apqns=[{"adapter": "1", "domain": 0}])), "adapter': expected an integer, got str"),
+    ("domain-as-float", doc(cset(apqns=[{"adapter": 1, "domain": 1.5}])), "domain': expected an integer, got float"),
     ("overcommit-as-string", doc(cset(overcommit="2")), "overcommit"),
     ("livesysfs-as-string", doc(cset(livesysfs="1")), "livesysfs"),
     ("setname-as-number", doc({"setname": 7, "project": "p"}), "setname"),
-    ("sets-as-object", '{"cryptoconfigsets": {"setname": "s"}}', "expected a list"),
-    ("top-level-array", "[]", "expected a JSON object"),
+    ("sets-as-object", '{"cryptoconfigsets": {"setname": "s"}}', "cryptoconfigsets': expected a list"),
+    ("top-level-array", "[]", "expected a mapping, got list"),
     ("not-json", "{cryptoconfigsets: []}", "not valid JSON"),
     ("int-beyond-go-int", '{"cryptoconfigsets": [{"setname": "s", "project": "p", "overcommit": 9223372036854775808}]}',
      "out of range"),
@@ -131,9 +131,10 @@ def test_documents_ibm_rejects_are_rejected_with_a_clear_error(text: str, messag
 
 # Deliberate differences (docs/cex.md, "Differences from IBM's plugin"): the reason is in the table.
 @pytest.mark.parametrize(("text", "ibm", "dpkit"), [
-    (doc(cset(overcommit=1001)), "accepted", "overcommit: expected an integer of at most 1000"),
-    (doc(cset(apqns=[{"domain": 6}])), "accepted as adapter 0", "adapter: missing"),
-    (doc(cset(apqns=[{"adapter": None, "domain": 6}])), "accepted as adapter 0", "adapter: expected an integer"),
+    (doc(cset(overcommit=1001)), "accepted", "overcommit': expected an integer of at most 1000"),
+    (doc(cset(apqns=[{"domain": 6}])), "accepted as adapter 0", "adapter': required: expected an integer"),
+    (doc(cset(apqns=[{"adapter": None, "domain": 6}])), "accepted as adapter 0",
+     "adapter': required: expected an integer"),
     (doc(cset("example.com/set")), "accepted (a qualified name may have a prefix)", "cannot name a resource"),
 ])
 def test_deliberate_differences_are_errors_that_say_why(text: str, ibm: str, dpkit: str) -> None:

@@ -113,7 +113,7 @@ def test_a_missing_or_bad_config_file_is_a_config_error(make_vendor: Callable[..
     with pytest.raises(ConfigError, match=r"vendor.config_file: cannot read"):
         make_vendor(config_file=str(tmp_path / "absent.json"))
     (tmp_path / "bad.json").write_text('{"cryptoconfigsets": [{"setname": "x"}]}')
-    with pytest.raises(ConfigError, match=r"cryptoconfigsets\[0\] \(x\).project"):
+    with pytest.raises(ConfigError, match=r"cryptoconfigsets\[0\].project': required: expected a non-empty string"):
         make_vendor(config_file=str(tmp_path / "bad.json"))
 
 

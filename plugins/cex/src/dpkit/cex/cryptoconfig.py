@@ -11,7 +11,8 @@ file and the key path (``cryptoconfigsets[1].apqns[0].domain``). As in IBM's plu
 may appear once in the whole file unless every occurrence is pinned to a different machine.
 Keys match as Go's ``encoding/json`` matches them for IBM's plugin: exactly, else ignoring case
 (``SetName``, ``Adapter``); of two keys for one field the later wins. Unknown keys are ignored
-(IBM's parser ignores them too) but reported, to catch typos.
+(IBM's parser ignores them too) but reported with a did-you-mean, to catch typos. The classes
+below declare each field's type and range; the core's schema layer converts the file into them.
 
 The file is untrusted input that may change under a running plugin: its size, nesting and
 numbers are bounded, and every way it can be wrong (not JSON, nested too deep, a number beyond
@@ -22,39 +23,62 @@ to tens of thousands of machines).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from dpkit.core import ConfigError, ValidationError, check_resource_name
+from dpkit.core import ConfigError, Invalid, Meta, Section, ValidationError, check_resource_name, load_section
 
 RESOURCE_DOMAIN = "cex.s390.ibm.com"
 MAX_FILE_BYTES = 4 * 1024 * 1024  # a ConfigMap holds at most 1 MiB; room for a hand-made file, not for abuse
 DOCS = "docs/cex.md, section 'Crypto config sets (cex_resources.json)'"
 MODES = ("cca", "ep11", "accel")
 MAX_SET_OVERCOMMIT = 1000  # IBM's plugin has no cap; this one keeps a typo from flooding the kubelet
-_GEN = re.compile(r"^cex([1-9][0-9]?)$")
-_SET_KEYS = {"setname", "project", "cexmode", "mincexgen", "overcommit", "livesysfs", "apqns"}
-_APQN_KEYS = {"adapter", "domain", "machineid"}
-_TOP_KEYS = {"cryptoconfigsets"}
 # bytes.EqualFold folds these non-ASCII letters onto ASCII ones (Kelvin sign, long s)
 _FOLD = {"\u212a": "k", "\u017f": "s"}
 
+Byte = Annotated[int, Meta(ge=0, le=255)]
+Name = Annotated[str, Meta(min_length=1)]
 
-@dataclass(frozen=True)
-class ApqnDef:
+
+class ApqnDef(Section, frozen=True):
     """One APQN of a set; ``machineid`` pins it to one machine ("" = any machine)."""
 
-    adapter: int
-    domain: int
+    adapter: Byte
+    domain: Byte
     machineid: str = ""
 
     def applies_to(self, machine_id: str | None) -> bool:
         return not self.machineid or self.machineid == machine_id
+
+
+class SetEntry(Section, frozen=True):
+    """One set as the file writes it; :class:`ConfigSet` is the set with the cluster defaults filled in."""
+
+    setname: Name
+    project: Name
+    cexmode: Annotated[Literal["", "cca", "ep11", "accel"], Meta(description="one of cca, ep11, accel")] = ""
+    mincexgen: Annotated[str, Meta(pattern="^(cex([4-9]|[1-9][0-9]))?$", description="'cex4', 'cex5', ...")] = ""
+    overcommit: int = 0  # 0 or negative: the cluster default (IBM: APQN_OVERCOMMIT_LIMIT)
+    livesysfs: Annotated[bool | int, Meta(description="an integer (0 off, 1 on)")] = -1  # negative: not given
+    apqns: tuple[ApqnDef, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            check_resource_name(f"{RESOURCE_DOMAIN}/{self.setname}")
+        except ValidationError as exc:
+            raise Invalid(f"{self.setname!r} cannot name a resource: {exc}", "setname") from None
+        if self.overcommit > MAX_SET_OVERCOMMIT:
+            raise Invalid(f"expected an integer of at most {MAX_SET_OVERCOMMIT} (dpkit's limit per set; IBM's "
+                          f"plugin has none), got {self.overcommit}", "overcommit")
+
+
+class CryptoFile(Section, frozen=True):
+    cryptoconfigsets: tuple[SetEntry, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +96,15 @@ class ConfigSet:
     @property
     def resource(self) -> str:
         return f"{RESOURCE_DOMAIN}/{self.setname}"
+
+    @classmethod
+    def of(cls, entry: SetEntry, overcommit: int, livesysfs: bool) -> ConfigSet:
+        """``entry`` with the cluster defaults where it gives no value (IBM: absent, <= 0, negative)."""
+        live = entry.livesysfs
+        return cls(entry.setname, entry.project, entry.cexmode, int(entry.mincexgen[3:]) if entry.mincexgen else None,
+                   entry.overcommit if entry.overcommit > 0 else overcommit,
+                   # IBM's plugin: any positive number switches it on
+                   live if isinstance(live, bool) else livesysfs if live < 0 else live > 0, entry.apqns)
 
 
 @dataclass(frozen=True)
@@ -95,98 +128,38 @@ def _fold(key: str) -> str:
     return "".join(c.lower() if c.isascii() else _FOLD.get(c, c) for c in key)
 
 
-def _fields(where: str, raw: Mapping[str, Any], known: set[str], ignored: list[str]) -> dict[str, Any]:
-    """``raw`` by field name, matched as Go's ``encoding/json`` does; unknown keys go to ``ignored``.
+#: the keys of each level of the file, and the key holding the next level's list
+_LEVELS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (tuple(CryptoFile.__struct_fields__), "cryptoconfigsets"), (tuple(SetEntry.__struct_fields__), "apqns"),
+    (tuple(ApqnDef.__struct_fields__), ""))
+
+
+def _go_keys(raw: Any, where: str, ignored: list[str], level: int = 0) -> Any:
+    """``raw`` with its keys matched as Go's ``encoding/json`` matches them for IBM's plugin.
 
     A key names the field it equals, else the one it equals ignoring case; keys are taken in
-    file order, so of two keys for one field (``setname`` and ``SetName``) the later wins, and
-    the earlier is reported with the ignored keys.
+    file order, so of two keys for one field (``setname`` and ``SetName``) the later wins and
+    the earlier is reported. An unknown key is left out (IBM's parser ignores it) and reported
+    with a did-you-mean; a null is left out too (Go: not given). The schema layer checks the rest.
     """
+    if not isinstance(raw, Mapping):
+        return raw
+    known, inner = _LEVELS[level]
     fields: dict[str, Any] = {}
     used: dict[str, str] = {}
-    prefix = f"{where}." if where else ""
     for key, value in raw.items():
-        name = key if key in known else next((k for k in sorted(known) if _fold(key) == k), None)
+        name = key if key in known else next((k for k in known if _fold(key) == k), None)
         if name is None:
-            ignored.append(prefix + key)
+            close = difflib.get_close_matches(_fold(key), known, n=1)
+            ignored.append(where + key + (f" (did you mean {close[0]!r}?)" if close else ""))
             continue
         if name in used:
-            ignored.append(f"{prefix}{used[name]} (overridden by a later {key!r})")
+            ignored.append(f"{where}{used[name]} (overridden by a later {key!r})")
         fields[name], used[name] = value, key
-    return fields
-
-
-def _int(where: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{where}: expected an integer from {low} to {high}, got {value!r}")
-    return value
-
-
-def _str(where: str, value: Any, *, required: bool = False) -> str:
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str) or (required and not value):
-        raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _parse_apqn(where: str, raw: Any, ignored: list[str]) -> ApqnDef:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected an object with adapter and domain, got {raw!r}")
-    raw = _fields(where, raw, _APQN_KEYS, ignored)
-    for key in ("adapter", "domain"):
-        if key not in raw:
-            raise ConfigError(f"{where}.{key}: missing")
-    return ApqnDef(_int(f"{where}.adapter", raw["adapter"], 0, 255),
-                   _int(f"{where}.domain", raw["domain"], 0, 255),
-                   _str(f"{where}.machineid", raw.get("machineid")))
-
-
-def _parse_set(where: str, raw: Any, overcommit: int, livesysfs: bool, ignored: list[str]) -> ConfigSet:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected an object, got {type(raw).__name__}")
-    raw = _fields(where, raw, _SET_KEYS, ignored)
-    setname = _str(f"{where}.setname", raw.get("setname"), required=True)
-    try:
-        check_resource_name(f"{RESOURCE_DOMAIN}/{setname}")
-    except ValidationError as exc:
-        raise ConfigError(f"{where}.setname: {setname!r} cannot name a resource: {exc}") from None
-    where = f"{where} ({setname})"
-    cexmode = _str(f"{where}.cexmode", raw.get("cexmode"))
-    if cexmode and cexmode not in MODES:
-        raise ConfigError(f"{where}.cexmode: expected one of {', '.join(MODES)}, got {cexmode!r}")
-    gen_text = _str(f"{where}.mincexgen", raw.get("mincexgen"))
-    match = _GEN.match(gen_text)
-    if gen_text and (match is None or int(match.group(1)) < 4):
-        raise ConfigError(f"{where}.mincexgen: expected 'cex4', 'cex5', ..., got {gen_text!r}")
-    set_overcommit = raw.get("overcommit")
-    if set_overcommit is not None:
-        if isinstance(set_overcommit, bool) or not isinstance(set_overcommit, int) \
-                or set_overcommit > MAX_SET_OVERCOMMIT:
-            raise ConfigError(f"{where}.overcommit: expected an integer of at most {MAX_SET_OVERCOMMIT} "
-                              f"(dpkit's limit per set; IBM's plugin has none), got {set_overcommit!r}")
-    live_raw = raw.get("livesysfs")
-    if isinstance(live_raw, bool):
-        live = live_raw
-    elif live_raw is None or (isinstance(live_raw, int) and live_raw < 0):
-        live = livesysfs  # absent (or negative, IBM's "not given"): the cluster default, APQN_LIVE_SYSFS
-    elif isinstance(live_raw, int):
-        live = live_raw > 0  # IBM's plugin: any positive number switches it on
-    else:
-        raise ConfigError(f"{where}.livesysfs: expected an integer (0 off, 1 on), got {live_raw!r}")
-    apqns_raw = raw.get("apqns") or []
-    if not isinstance(apqns_raw, list):
-        raise ConfigError(f"{where}.apqns: expected a list, got {type(apqns_raw).__name__}")
-    return ConfigSet(
-        setname=setname,
-        project=_str(f"{where}.project", raw.get("project"), required=True),
-        cexmode=cexmode,
-        mincexgen=int(match.group(1)) if match else None,
-        # absent, 0 or negative: the cluster default (IBM: APQN_OVERCOMMIT_LIMIT)
-        overcommit=set_overcommit if set_overcommit and set_overcommit > 0 else overcommit,
-        livesysfs=live,
-        apqns=tuple(_parse_apqn(f"{where}.apqns[{i}]", a, ignored) for i, a in enumerate(apqns_raw)),
-    )
+    if inner and isinstance(fields.get(inner), list):
+        fields[inner] = [_go_keys(item, f"{where}{inner}[{i}].", ignored, level + 1)
+                         for i, item in enumerate(fields[inner])]
+    return {key: value for key, value in fields.items() if value is not None}
 
 
 @dataclass
@@ -252,16 +225,9 @@ def parse_crypto_config(text: str, source: str, *, overcommit: int = 1, livesysf
         raise ConfigError(f"{source}: JSON nested too deeply (a crypto config set file is 4 levels deep)") from None
     except ValueError as exc:  # anything else json or int() refuses
         raise ConfigError(f"{source}: not valid JSON: {str(exc)[:200]}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: expected a JSON object with 'cryptoconfigsets', got {type(raw).__name__}")
     ignored: list[str] = []
-    sets_raw = _fields("", raw, _TOP_KEYS, ignored).get("cryptoconfigsets") or []
-    if not isinstance(sets_raw, list):
-        raise ConfigError(f"{source}: cryptoconfigsets: expected a list, got {type(sets_raw).__name__}")
-    sets = tuple(_parse_set(f"{source}: cryptoconfigsets[{i}]", s, overcommit, livesysfs, ignored)
-                 for i, s in enumerate(sets_raw))
+    document = load_section(_go_keys(raw, "", ignored), CryptoFile, source=source)
+    sets = tuple(ConfigSet.of(entry, overcommit, livesysfs) for entry in document.cryptoconfigsets)
     names: set[str] = set()
     for config_set in sets:
         if config_set.setname in names:
@@ -269,7 +235,7 @@ def parse_crypto_config(text: str, source: str, *, overcommit: int = 1, livesysf
         names.add(config_set.setname)
     _check_overlaps(sets, source)
     digest = hashlib.sha256(text.encode()).hexdigest()
-    return CryptoConfig(sets, digest, source, tuple(ignored))
+    return CryptoConfig(sets, digest, source, tuple(f"{source}: {key}" for key in ignored))
 
 
 def unreadable(path: str | Path, reason: str) -> str:
