@@ -15,9 +15,9 @@ import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Annotated, Any
 
-from dpkit.core import ConfigError, get_logger, kv
+from dpkit.core import ConfigError, Invalid, Meta, Section, get_logger, kv
 
 log = get_logger("sfc.compat")
 
@@ -80,8 +80,40 @@ _FLAGS = {flag: (setting, kind) for setting, (flag, _, kind) in _SETTINGS.items(
 # flags glog registers on the same command line: accepted, with no effect (dpkit has log_level)
 _GLOG_FLAGS = {"logtostderr": "bool", "alsologtostderr": "bool", "v": "int32", "stderrthreshold": "str",
                "vmodule": "str", "log_dir": "str", "log_backtrace_at": "str"}
-# CR keys that configure the DaemonSet AMD's operator creates, not the plugin
-_CR_DAEMONSET_KEYS = ("imagePullPolicy", "devicePluginImage")
+#: one argument of the command line; a YAML number stands for its text
+Arg = Annotated[str | int | float, Meta(description="a string")]
+NotACrKey = Annotated[None, Meta(description="-needNic=false in vendor.args instead (needNic is a command-line "
+                                             "flag only)")]
+
+
+class DevicePluginSpec(Section, frozen=True):
+    """The Onload CR's ``spec.devicePlugin`` block as written (AMD's ``DevicePluginSpec``); null is an unset field."""
+
+    maxPodsPerNode: int | None = None
+    setPreload: bool | None = None
+    mountOnload: bool | None = None
+    hostOnloadPath: str | None = None
+    baseMountPath: str | None = None
+    binMountPath: str | None = None
+    libMounthPath: str | None = None
+    libMountPath: str | None = None
+    #: configure the DaemonSet AMD's operator creates, not the plugin: warned about
+    imagePullPolicy: str | None = None
+    devicePluginImage: str | None = None
+    needNic: NotACrKey = None
+
+    def __post_init__(self) -> None:
+        if None not in (self.libMounthPath, self.libMountPath) and self.libMounthPath != self.libMountPath:
+            raise Invalid(f"libMounthPath and libMountPath disagree ({self.libMounthPath!r} vs {self.libMountPath!r})",
+                          "libMountPath")
+
+    def settings(self, where: str) -> tuple[dict[str, Any], list[str]]:
+        """(settings, warnings): what the block sets, and the DaemonSet keys it sets to no effect here."""
+        given = {setting: getattr(self, key) for setting, (_, keys, _) in _SETTINGS.items() for key in keys
+                 if getattr(self, key) is not None}
+        return given, [f"{where}.{key}: configures the DaemonSet AMD's operator creates; set it on dpkit's "
+                       "DaemonSet instead (ignored here)" for key in ("imagePullPolicy", "devicePluginImage")
+                       if getattr(self, key) is not None]
 
 
 def go_join(*parts: str) -> str:
@@ -112,23 +144,19 @@ def go_int(text: str, bits: int = 64) -> int | None:
     return value if -(2 ** (bits - 1)) <= value < 2 ** (bits - 1) else None
 
 
-def parse_flags(args: Sequence[Any], where: str) -> tuple[dict[str, Any], list[str]]:
+def parse_flags(args: Sequence[str | int | float], where: str) -> tuple[dict[str, Any], list[str]]:
     """The plugin's command line as Go's ``flag`` package reads it: (settings, warnings).
 
     ``-name=value``, ``--name=value``, ``-name value`` (not for bools), ``-name`` (bools: true);
     parsing stops at ``--`` or at the first argument that is not a flag, and upstream ignores
     the rest, so it is ignored here too, with a warning.
     """
-    if isinstance(args, str) or not isinstance(args, Sequence):
-        raise ConfigError(f"{where}: expected a list of command-line arguments, got {args!r}")
-    items = [str(a) if isinstance(a, int | float) and not isinstance(a, bool) else a for a in args]
+    items = [str(a) for a in args]
     settings: dict[str, Any] = {}
     warnings: list[str] = []
     index = 0
     while index < len(items):
         arg, here = items[index], f"{where}[{index}]"
-        if not isinstance(arg, str):
-            raise ConfigError(f"{here}: expected a string, got {arg!r}")
         if arg == "--":
             index += 1
             break
@@ -149,7 +177,7 @@ def parse_flags(args: Sequence[Any], where: str) -> tuple[dict[str, Any], list[s
         if kind == "bool" and not has_value:
             value = "true"
         elif not has_value:
-            if index >= len(items) or not isinstance(items[index], str):
+            if index >= len(items):
                 raise ConfigError(f"{here}: flag needs an argument: -{name}")
             value, index = items[index], index + 1
         parsed: Any = value
@@ -168,41 +196,6 @@ def parse_flags(args: Sequence[Any], where: str) -> tuple[dict[str, Any], list[s
     if rest:
         warnings.append(f"{where}: arguments after the flags are ignored, as the upstream plugin ignores them: "
                         f"{' '.join(rest)[:200]} (a bool flag takes its value with '=', e.g. -setPreload=false)")
-    return settings, warnings
-
-
-def parse_cr(raw: Any, where: str) -> tuple[dict[str, Any], list[str]]:
-    """The Onload CR's ``spec.devicePlugin`` block as written: (settings, warnings)."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected the Onload CR's spec.devicePlugin mapping, got {raw!r}")
-    keys = {key: setting for setting, (_, names, _) in _SETTINGS.items() for key in names}
-    unknown = sorted(str(k) for k in raw if k not in keys and k not in _CR_DAEMONSET_KEYS)
-    if unknown:
-        known = ", ".join((*keys, *_CR_DAEMONSET_KEYS))
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (the Onload CR's devicePlugin keys: "
-                          f"{known}; needNic is a command-line flag only, see vendor.args)")
-    settings: dict[str, Any] = {}
-    warnings: list[str] = []
-    for key, value in raw.items():
-        if key in _CR_DAEMONSET_KEYS:
-            if not isinstance(value, str):
-                raise ConfigError(f"{where}.{key}: expected a string, got {value!r}")
-            warnings.append(f"{where}.{key}: configures the DaemonSet AMD's operator creates; set it on dpkit's "
-                            "DaemonSet instead (ignored here)")
-            continue
-        setting = keys[key]
-        kind = _SETTINGS[setting][2]
-        if value is None:  # an explicit null is an unset optional field
-            continue
-        if kind == "bool" and not isinstance(value, bool):
-            raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
-        if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{where}.{key}: expected a whole number, got {value!r}")
-        if kind == "str" and not isinstance(value, str):
-            raise ConfigError(f"{where}.{key}: expected a string, got {value!r}")
-        if setting in settings and settings[setting] != value:
-            raise ConfigError(f"{where}: libMounthPath and libMountPath disagree ({settings[setting]!r} vs {value!r})")
-        settings[setting] = value
     return settings, warnings
 
 
@@ -226,13 +219,14 @@ def _checked(config: OnloadPluginConfig, sources: Mapping[str, str]) -> OnloadPl
     return config
 
 
-def onload_plugin_config(device_plugin: Any, args: Any, *, where: str = "vendor") -> OnloadPluginConfig:
+def onload_plugin_config(device_plugin: DevicePluginSpec | None, args: Sequence[str | int | float] | None, *,
+                         where: str = "vendor") -> OnloadPluginConfig:
     """Settings from ``vendor.devicePlugin`` (CR keys) and ``vendor.args`` (flags); both optional.
 
     A setting given in both places must agree: AMD's operator derives the flags from the CR, so
     two different values mean a copy-paste mistake, and guessing which one wins would hide it.
     """
-    from_cr, warnings = parse_cr(device_plugin, f"{where}.devicePlugin") if device_plugin is not None else ({}, [])
+    from_cr, warnings = device_plugin.settings(f"{where}.devicePlugin") if device_plugin is not None else ({}, [])
     from_flags, flag_warnings = parse_flags(args, f"{where}.args") if args is not None else ({}, [])
     for setting in from_cr.keys() & from_flags.keys():
         if from_cr[setting] != from_flags[setting]:

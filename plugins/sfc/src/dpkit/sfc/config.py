@@ -108,8 +108,10 @@ class SfcConfig(Section, frozen=True):
     dev_root: AbsPath = "/dev"
     udev_source: Literal["udev", "kernel"] = "udev"
     resync_interval: Annotated[float, Meta(gt=0, description="a number of seconds")] = 30.0
-    device_plugin: Any = setting(default=None, name="devicePlugin")  # mode onload: the Onload CR's keys
-    args: Any = None  # mode onload: the Onload plugin's flags
+    device_plugin: Annotated[compat.DevicePluginSpec | None, Meta(  # mode onload: the Onload CR's keys
+        description="the Onload CR's spec.devicePlugin mapping")] = setting(default=None, name="devicePlugin")
+    args: Annotated[tuple[compat.Arg, ...] | None, Meta(  # mode onload: the Onload plugin's flags
+        description="a list of command-line arguments")] = None
     onload_plugin: Annotated[compat.OnloadPluginConfig | None, Derived] = None  # from the two above, mode onload
 
 
