@@ -63,12 +63,18 @@ CASES = [(h, "both") for h in PER_RESOURCE_HOOKS] + [(h, m) for h in GLOBAL_RUN_
 KNOWN: dict[tuple[str, str, str], str] = {}  # (test, hook, mode) -> why it fails today; none left
 
 
+# Cases a test cannot observe, left out rather than skipped: close runs after the last scrape (counted,
+# but nobody can see the counter; the log test covers it), and a watch blocks by contract (it hangs only
+# once it ignores stop, which the stop test covers).
+UNOBSERVABLE: dict[str, set[tuple[str, str]]] = {"counted": {("close", "hang"), ("close", "raise"), ("watch", "hang")}}
+
+
 def cases(test: str) -> list[Any]:
     """CASES for ``test``, each known failure marked xfail(strict=True) with its reason."""
     return [pytest.param(hook, mode, id=f"{hook}-{mode}",
                          marks=[pytest.mark.xfail(strict=True, reason=KNOWN[(test, hook, mode)])]
                          if (test, hook, mode) in KNOWN else [])
-            for hook, mode in CASES]
+            for hook, mode in CASES if (hook, mode) not in UNOBSERVABLE.get(test, set())]
 BURST = POOL_SIZE + 8
 KINDS = {"hang": ("timeout",), "raise": ("error",), "both": ("timeout", "error")}
 
@@ -281,10 +287,6 @@ def test_other_resources_are_served(matrix: Any, hook: str, mode: str) -> None:
 def test_failure_is_counted(matrix: Any, hook: str, mode: str) -> None:
     run = matrix(hook, mode)
     assert not run.error, run.error
-    if hook == "close":
-        pytest.skip("close runs after the last scrape: counted, but nobody can see it")
-    if (hook, mode) == ("watch", "hang"):
-        pytest.skip("a watch blocks by contract: it hangs only once it ignores stop (see the stop test)")
     assert run.marks, "the bad hook was never called"
     for kind in KINDS[mode]:
         assert run.call_errors.get((hook, kind), 0) >= 1, run.call_errors
