@@ -19,7 +19,7 @@ import os
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from dpkit.core import (
@@ -56,11 +56,9 @@ Seconds = Annotated[float, Meta(gt=0, description="a number of seconds")]
 ListStrategy = Literal["envvar", "volume-mounts", "cdi-annotations", "cdi-cri"]
 
 
-class VendorSection(Section, frozen=True):
-    """dpkit's own keys in the ``vendor:`` section."""
+class OwnKeys(Section, frozen=True):
+    """dpkit's own keys in the ``vendor:`` section that :class:`Settings` carries as they are."""
 
-    config_file: str = ""  # NVIDIA v1 config file (env CONFIG_FILE works too)
-    config: Any = None  # the same document inline
     nvml_library: str = ""  # explicit libnvidia-ml.so.1 (default: found under nvidiaDriverRoot)
     sysfs_root: str = "/sys"  # NUMA nodes come from <sysfs_root>/bus/pci/devices/<bus>/numa_node
     proc_root: str = "/proc"  # MIG capability minors from <proc_root>/driver/nvidia-caps/mig-minors
@@ -72,6 +70,13 @@ class VendorSection(Section, frozen=True):
     health_interval: Seconds = 5.0  # seconds between the health probe's checks of every GPU
     health_state_file: str = "/run/dpkit/nvidia-health.json"  # keeps XID marks across probe restarts
     mps_container_root: str = MPS_CONTAINER_ROOT  # the host's mpsRoot as this container sees it
+
+
+class VendorSection(OwnKeys, frozen=True):
+    """The ``vendor:`` section: where NVIDIA's document is, and dpkit's own keys."""
+
+    config_file: str = ""  # NVIDIA v1 config file (env CONFIG_FILE works too)
+    config: Any = None  # the same document inline
 
 
 #: NVIDIA's variables that dpkit reads but does not act on, with why; each is warned about once.
@@ -114,9 +119,8 @@ class SharedResource:
     devices: str | int | tuple[str, ...] = "all"  # "all", a count, or indices/UUIDs
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything the vendor acts on, validated."""
+class Settings(OwnKeys, frozen=True, kw_only=True):
+    """Everything the vendor acts on, validated: dpkit's own keys plus what NVIDIA's document and variables say."""
 
     mig_strategy: str = "none"
     fail_on_init_error: bool = True
@@ -136,19 +140,9 @@ class Settings:
     fail_requests_greater_than_one: bool = False
     allocation_policy: str = "distributed"  # sharedDevicesAllocationPolicy
     mps_root: str = ""  # flags.mpsRoot: the host directory holding the daemons' pipe/log dirs
-    mps_container_root: str = MPS_CONTAINER_ROOT
     imex_channel_ids: tuple[int, ...] = ()
     imex_required: bool = False
-    xids: XidPolicy = field(default_factory=XidPolicy)
-    nvml_library: str = ""
-    sysfs_root: str = "/sys"
-    proc_root: str = "/proc"
-    cdi_vendor: str = RESOURCE_PREFIX
-    poll_interval: float = 30.0
-    nvml_timeout: float = 10.0
-    discovery_timeout: float = 60.0
-    health_interval: float = 5.0
-    health_state_file: str = "/run/dpkit/nvidia-health.json"
+    xids: XidPolicy = setting(default_factory=XidPolicy)
     source: str = "<defaults>"
     notes: tuple[str, ...] = ()  # accepted keys that dpkit ignores, said once in the log
     warnings: tuple[str, ...] = ()  # NVIDIA variables dpkit does not act on, warned about once
@@ -455,6 +449,7 @@ def _settings(doc: Document, section: VendorSection, environ: Mapping[str, str],
         notes.append(f"{_said(origin, 'flags.mpsRoot')} is used only with sharing.mps")
     fail_above_one = active.failRequestsGreaterThanOne
     return Settings(
+        **{key: getattr(section, key) for key in OwnKeys.__struct_fields__},
         mig_strategy=flags.migStrategy,
         fail_on_init_error=flags.failOnInitError is not False,
         driver_root=doc.driver_root,
@@ -475,19 +470,9 @@ def _settings(doc: Document, section: VendorSection, environ: Mapping[str, str],
         fail_requests_greater_than_one=strategy == "mps" if fail_above_one is None else fail_above_one,
         allocation_policy=plugin.sharedDevicesAllocationPolicy,
         mps_root=flags.mpsRoot or "",
-        mps_container_root=section.mps_container_root,
         imex_channel_ids=doc.imex.channelIDs,
         imex_required=doc.imex.required,
         xids=policy_from_env(environ),
-        nvml_library=section.nvml_library,
-        sysfs_root=section.sysfs_root,
-        proc_root=section.proc_root,
-        cdi_vendor=section.cdi_vendor,
-        poll_interval=section.poll_interval,
-        nvml_timeout=section.nvml_timeout,
-        discovery_timeout=section.discovery_timeout,
-        health_interval=section.health_interval,
-        health_state_file=section.health_state_file,
         source=source,
         notes=tuple(notes),
         warnings=tuple(warnings),
