@@ -53,6 +53,8 @@ MPS_CONTAINER_ROOT = "/mps"
 MAX_REPLICAS = 1024
 
 Seconds = Annotated[float, Meta(gt=0, description="a number of seconds")]
+#: "" is unset (the default applies)
+HostRoot = Annotated[str, Meta(pattern=r"^(/(?!(.*/)?\.\.(/|$)).*)?$", description="an absolute path without '..'")]
 ListStrategy = Literal["envvar", "volume-mounts", "cdi-annotations", "cdi-cri"]
 
 
@@ -201,37 +203,28 @@ def device_ref_ok(ref: str) -> bool:
     return False
 
 
+REFS = "a GPU index, a MIG index (0:1), GPU-<uuid>, MIG-<uuid> or MIG-GPU-<uuid>/<gi>/<ci>"
+DeviceRef = Annotated[str | Annotated[int, Meta(ge=0)], Meta(description=REFS)]
+
+
 class SharedEntry(Section, frozen=True):
     """One ``sharing.<strategy>.resources`` entry as NVIDIA writes it."""
 
     name: str
     replicas: Annotated[int, Meta(ge=2, le=MAX_REPLICAS, description="a number of replicas per GPU")]
     rename: str = ""
-    devices: Annotated[str | int | list[str | int], Meta(description="'all', a count or a list of devices")] = "all"
+    devices: Annotated[Literal["all"] | Annotated[int, Meta(gt=0)] | tuple[DeviceRef, ...], Meta(
+        description="'all', a count or a list of devices")] = "all"
 
     def __post_init__(self) -> None:
         force_setattr(self, "name", _resource(self.name, "name"))
         if self.rename:
             force_setattr(self, "rename", _resource(self.rename, "rename"))
-        force_setattr(self, "devices", _devices(self.devices))
-
-
-def _devices(value: str | int | list[str | int]) -> str | int | tuple[str, ...]:
-    if isinstance(value, str):
-        if value != "all":
-            raise Invalid(f"expected 'all', a count or a list of devices, got {value!r} (the only valid string is "
-                          "'all')", "devices")
-        return value
-    if isinstance(value, int):
-        if value <= 0:
-            raise Invalid(f"a count of devices must be > 0, got {value}", "devices")
-        return value
-    refs = tuple(str(item) if isinstance(item, int) and item >= 0 else item for item in value)
-    for i, ref in enumerate(refs):
-        if not isinstance(ref, str) or not device_ref_ok(ref):
-            raise Invalid(f"{value[i]!r} is not a GPU index, a MIG index (0:1), GPU-<uuid>, MIG-<uuid> or "
-                          "MIG-GPU-<uuid>/<gi>/<ci>", f"devices[{i}]")
-    return tuple(str(ref) for ref in refs)
+        if isinstance(self.devices, tuple):
+            for i, ref in enumerate(self.devices):
+                if not device_ref_ok(str(ref)):
+                    raise Invalid(f"expected {REFS}, got {ref!r}", f"devices[{i}]")
+            force_setattr(self, "devices", tuple(map(str, self.devices)))
 
 
 class PluginFlags(Section, frozen=True):
@@ -258,12 +251,12 @@ class GfdFlags(Section, frozen=True):
 class Flags(Section, frozen=True):
     migStrategy: Literal["none", "single", "mixed"] = "none"
     failOnInitError: bool | None = None
-    nvidiaDriverRoot: str = ""
-    nvidiaDevRoot: str = ""
+    nvidiaDriverRoot: HostRoot = ""
+    nvidiaDevRoot: HostRoot = ""
     gdsEnabled: bool = False
     mofedEnabled: bool = False
     gdrcopyEnabled: bool = False
-    mpsRoot: str | None = None
+    mpsRoot: HostRoot | None = None
     useNodeFeatureAPI: bool | None = None
     deviceDiscoveryStrategy: Annotated[Literal["auto", "nvml"], Meta(
         description="one of auto, nvml (dpkit discovers GPUs through NVML only)")] = "auto"
@@ -327,10 +320,6 @@ class Document(Section, frozen=True):
             check_annotation_key(self.flags.plugin.cdiAnnotationPrefix + "nvidia-device-plugin_x")
         except ValidationError as exc:
             raise Invalid(str(exc), "flags.plugin.cdiAnnotationPrefix") from None
-        roots = [("nvidiaDriverRoot", self.driver_root), ("nvidiaDevRoot", self.dev_root)]
-        for key, value in roots + ([("mpsRoot", self.flags.mpsRoot)] if self.flags.mpsRoot else []):
-            if not value.startswith("/") or ".." in value.split("/"):
-                raise Invalid(f"expected an absolute path without '..', got {value!r}", f"flags.{key}")
         if self.sharing.mps.resources:
             if self.flags.migStrategy == "mixed":
                 raise Invalid("using migStrategy mixed is not supported with MPS", "flags.migStrategy")
