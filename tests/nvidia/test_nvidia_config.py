@@ -89,6 +89,10 @@ def test_defaults_match_nvidias_plugin():
     ({"sharing": {"timeSlicing": {"resources": [{"name": "gpu"}]}}}, "resources[0].replicas': required"),
     ({"sharing": {"timeSlicing": {"resources": [{"name": "gpu", "replicas": 2, "devices": "some"}]}}},
      "expected 'all', a count or a list of devices"),
+    ({"sharing": {"timeSlicing": {"resources": [{"name": "gpu", "replicas": 2, "devices": ["GPU-UUID"]}]}}},
+     "key 'sharing.timeSlicing.resources[0].devices[0]': expected a GPU index, a MIG index (0:1), GPU-<uuid>, "
+     "MIG-<uuid> or MIG-GPU-<uuid>/<gi>/<ci>, got 'GPU-UUID'"),
+    ({"sharing": {"timeSlicng": {}}}, "key 'sharing.timeSlicng': unknown key (did you mean 'timeSlicing'?)"),
     ({"sharing": {"mps": {"resources": [{"name": "gpu", "replicas": 2}]}}}, "'flags.mpsRoot': using MPS requires"),
     ({"imex": {"channelIDs": [1]}}, "channelIDs must be [] or [0]; found [1]"),
     ({"resources": {"gpus": [{"pattern": "*"}]}}, "'resources.gpus[0].name': required"),

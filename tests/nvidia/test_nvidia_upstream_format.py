@@ -93,7 +93,7 @@ def test_replica_device_selectors_nvidia_accepts(devices):
 
 
 @pytest.mark.parametrize("devices", ["not-all", -2, 2.0, [-1], ["-1"], ["invalid-UUID"], ["GPU-UUID"], ["MIG-UUID"],
-                                     [f"MIG-{GPU_REF}"], [f"MIG-{GPU_REF}/0"], [True]])
+                                     [f"MIG-{GPU_REF}"], [f"MIG-{GPU_REF}/0"], [True], ["0\n"], [f"{GPU_REF}x"]])
 def test_replica_device_selectors_nvidia_rejects(devices):
     with pytest.raises(ConfigError, match=r"sharing\.timeSlicing\.resources\[0\]\.devices"):
         settings({"sharing": {"timeSlicing": {"resources": [{"name": "gpu", "replicas": 2, "devices": devices}]}}})
