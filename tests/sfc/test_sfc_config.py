@@ -68,6 +68,8 @@ def test_full_config() -> None:
     ({"onload": {"preload": 1}}, "vendor.onload.preload"),
     ({"onload": {"library_path": "relative/lib"}}, "vendor.onload.library_path"),
     ({"onload": {"container_library_path": "/opt/../etc"}}, "vendor.onload.container_library_path"),
+    ({"onload": {"container_library_path": "/../etc"}}, "vendor.onload.container_library_path"),
+    ({"onload": {"library_path": "/.."}}, "vendor.onload.library_path"),
     ({"onload": {"env": {"LD_LIBRARY_PATH": "/x"}}}, "vendor.onload.env.LD_LIBRARY_PATH"),
     ({"onload": {"env": {"EF_POLL_USEC": [1]}}}, "vendor.onload.env.EF_POLL_USEC"),
     ({"onload": {"env": {"EF_X": "a\nb"}}}, "vendor.onload.env.EF_X"),
