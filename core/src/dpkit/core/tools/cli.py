@@ -124,6 +124,9 @@ def _resource_count(manager: Any) -> int | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from dpkit.core.support.memory import tune_malloc
+
+    tune_malloc()  # first, before any thread or large buffer (see support/memory.py)
     from dpkit.core.engine.manager import Manager
     from dpkit.core.integrations.observers import attach_observers
     from dpkit.core.support.logs import kv, setup_logging
