@@ -16,6 +16,7 @@ mounts. A device whose edits would be empty is left out too: CDI rejects empty d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -143,6 +144,28 @@ def build_spec(kind: str, specs: Mapping[str, ContainerSpec]) -> tuple[dict[str,
     return document, left_out
 
 
+def spec_text(document: Mapping[str, Any]) -> str:
+    """The file's JSON: keys sorted, one line per key and one per device.
+
+    Each device is encoded alone by the C encoder: ``json.dumps(indent=2)`` runs the pure-Python
+    encoder, which at 100k devices held 211 MB of fragments at once (the process kept much of it).
+    """
+    lines = ["{"]
+    keys = sorted(document)
+    for n, key in enumerate(keys):
+        comma = "," if n < len(keys) - 1 else ""
+        value = document[key]
+        if key == "devices" and isinstance(value, list) and value:
+            lines.append(f"  {json.dumps(key)}: [")
+            lines.extend(f"    {json.dumps(d, sort_keys=True)}," for d in value[:-1])
+            lines.append(f"    {json.dumps(value[-1], sort_keys=True)}")
+            lines.append(f"  ]{comma}")
+        else:
+            lines.append(f"  {json.dumps(key)}: {json.dumps(value, sort_keys=True)}{comma}")
+    lines.append("}\n")
+    return "\n".join(lines)
+
+
 def spec_file_name(vendor: str, resource: str) -> str:
     return f"dpkit-{vendor or 'vendor'}-{re.sub(r'[^A-Za-z0-9.-]', '_', resource)}.json"
 
@@ -162,11 +185,15 @@ class _Written:
 
     path: Path
     kind: str
-    text: str
+    digest: bytes  # of the text in the file, to tell a change (the text itself is 235 bytes a device)
     names: frozenset[str]  # device IDs in the file
     left_out: dict[str, str]  # device ID -> why it is not in the file
     raw_only: frozenset[str]  # left-out devices with device nodes or mounts: CDI cannot give them
     source: tuple[int, tuple[Device, ...]] = (-1, ())  # (vendor generation, devices) it was built from
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
 
 
 def _same_source(a: tuple[int, tuple[Device, ...]], b: tuple[int, tuple[Device, ...]]) -> bool:
@@ -193,8 +220,8 @@ class CdiWriter:
         self._lock = threading.Lock()
         self._stale_checked = False
         # Files that could not be written (full or read-only disk) are retried until they are,
-        # not only at the next device change.
-        self._pending: dict[str, _Written] = {}
+        # not only at the next device change: what each file is to become, and its text.
+        self._pending: dict[str, tuple[_Written, str]] = {}
         self._retry = RetryTimer(self._retry_writes, name="cdi-retry")
 
     # -- observer hooks ------------------------------------------------------------------------
@@ -227,7 +254,8 @@ class CdiWriter:
                 current = self.written.get(resource)
             if current is None:
                 raise ValidationError(f"no CDI spec for {resource}: {self.errors.get(resource, 'not written yet')}")
-            raw = [d.id for d in devices if d.id in current.raw_only or d.id not in {*current.names, *current.left_out}]
+            raw = [d.id for d in devices if d.id in current.raw_only
+                   or (d.id not in current.names and d.id not in current.left_out)]
             if raw:
                 why = "; ".join(f"{i}: {current.left_out.get(i, 'unknown to the CDI spec')}" for i in raw)
                 raise ValidationError(f"cannot be given through CDI ({why}); turn cdi_allocate off for this vendor")
@@ -301,19 +329,21 @@ class CdiWriter:
                 resource=resource, devices=", ".join(sorted(raw_only)),
                 reason=next(left_out[i] for i in sorted(raw_only))))
         names = frozenset(d["name"] for d in document["devices"])
-        text = json.dumps(document, indent=2, sort_keys=True) + "\n" if names else ""
-        if previous is not None and previous.text == text and (not text or path.exists()):
+        text = spec_text(document) if names else ""
+        del document, specs
+        digest = _digest(text)
+        if previous is not None and previous.digest == digest and (not text or path.exists()):
             previous.left_out, previous.raw_only, previous.source = left_out, raw_only, source
             return
-        result = _Written(path, kind, text, names, left_out, raw_only, source)
+        result = _Written(path, kind, digest, names, left_out, raw_only, source)
         try:
             if text:
-                self._write(result)
+                self._write(result.path, text)
             else:  # CDI rejects a spec without devices
                 remove_quietly(path, log)
         except OSError as exc:
             self._fail(resource, path, f"cannot write {path}: {exc.strerror or exc}")
-            self._pending[resource] = result
+            self._pending[resource] = (result, text)
             self._retry.arm()
             return
         self.written[resource] = result
@@ -322,16 +352,16 @@ class CdiWriter:
         log.info("CDI spec written" if text else "CDI spec removed: no device to describe",
                  extra=kv(resource=resource, kind=kind, devices=len(names), left_out=len(left_out), file=str(path)))
 
-    def _write(self, result: _Written) -> None:
+    def _write(self, path: Path, text: str) -> None:
         self.spec_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(result.path, result.text)
+        write_atomic(path, text)
 
     def _retry_writes(self) -> bool:
         """The retry thread's attempt at every file still unwritten; True when none is left."""
         with self._lock:
-            for resource, result in list(self._pending.items()):
+            for resource, (result, text) in list(self._pending.items()):
                 try:
-                    self._write(result)
+                    self._write(result.path, text)
                 except OSError as exc:
                     self.errors[resource] = f"cannot write {result.path}: {exc.strerror or exc}"
                     continue
