@@ -74,6 +74,8 @@ class SimulatedVendor(Vendor):
         raw, self.script, self.where = _load(settings)
         self._lock = threading.Lock()
         self._devices: dict[str, dict[str, Device]] = {}
+        # model -> the attributes map of the first device of that model, shared by the rest
+        self._attributes: dict[str, Mapping[str, str]] = {}
         for resource, entries in raw.items():
             if not isinstance(entries, list):
                 raise ConfigError(f"{self.where}: resources.{resource}: expected a list of devices")
@@ -112,7 +114,8 @@ class SimulatedVendor(Vendor):
             raise ConfigError(f"{self.where}: {where}: expected a mapping with an 'id'")
         try:
             numa = entry.get("numa")
-            return Device(
+            model = str(entry.get("model", "simulated"))
+            device = Device(
                 id=str(entry["id"]),
                 health=Health.HEALTHY if _flag(entry.get("healthy", True), f"{self.where}: {where}.healthy")
                 else Health.UNHEALTHY,
@@ -121,8 +124,10 @@ class SimulatedVendor(Vendor):
                     devices=(DeviceNode(self.device_node, f"/dev/sim/{entry['id']}", "rw"),),
                     env={"SIM_VISIBLE_DEVICES": str(entry["id"])},
                 ),
-                attributes={"model": str(entry.get("model", "simulated"))},
+                attributes=self._attributes.get(model) or {"model": model},
             )
+            self._attributes.setdefault(model, device.attributes)
+            return device
         except (ValidationError, ValueError, TypeError) as exc:
             raise ConfigError(f"{self.where}: {where}: {exc}") from exc
 

@@ -32,6 +32,8 @@ class Health(enum.StrEnum):
 class FrozenMap(dict[str, str]):
     """A read-only, hashable, picklable str -> str mapping (specs travel over the event bus)."""
 
+    __slots__ = ()  # no per-instance __dict__ or weakref slot: two per device, 100k devices
+
     def _readonly(self, *args: object, **kwargs: object) -> None:
         raise TypeError("FrozenMap is read-only")
 
@@ -52,6 +54,26 @@ def _frozen(mapping: Mapping[str, str] | None) -> Mapping[str, str]:
     if isinstance(mapping, FrozenMap):
         return mapping
     return FrozenMap(mapping) if mapping else _EMPTY
+
+
+def _str_map(mapping: Mapping[str, str]) -> Mapping[str, str]:
+    """``mapping`` with str keys and values, frozen; a FrozenMap that already is one is kept, so
+    devices built with one shared attributes map share it."""
+    if isinstance(mapping, FrozenMap) and all(type(k) is str and type(v) is str for k, v in mapping.items()):
+        return mapping
+    return _frozen({str(k): str(v) for k, v in mapping.items()})
+
+
+_NUMA_SETS: dict[tuple[int, ...], tuple[int, ...]] = {}  # one shared tuple per distinct NUMA set
+_NUMA_SETS_MAX = 4096
+
+
+def _numa(nodes: Iterable[int]) -> tuple[int, ...]:
+    """Sorted, checked, and shared between devices: a node has a few distinct sets, not one per device."""
+    key = tuple(sorted({check_numa_node(int(n)) for n in nodes}))
+    if len(_NUMA_SETS) < _NUMA_SETS_MAX:
+        return _NUMA_SETS.setdefault(key, key)
+    return _NUMA_SETS.get(key, key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +147,22 @@ class ContainerSpec:
         return hash((self.devices, self.mounts, tuple(sorted(self.env.items())), self.cdi_devices))
 
 
+def _merged_already(spec: ContainerSpec) -> bool:
+    """True when merging ``spec`` alone would give an equal spec: no container path or CDI name twice."""
+    return (len({n.container_path for n in spec.devices}) == len(spec.devices)
+            and len({m.container_path for m in spec.mounts}) == len(spec.mounts)
+            and len(set(spec.cdi_devices)) == len(spec.cdi_devices))
+
+
 def merge_specs(specs: Iterable[ContainerSpec]) -> ContainerSpec:
-    """Merge many specs in order; see :meth:`ContainerSpec.merge`."""
+    """Merge many specs in order; see :meth:`ContainerSpec.merge`.
+
+    One spec that is merged already is returned as it is (specs are immutable): the CDI writer
+    asks for every device's spec alone, 100k of them at 100k devices.
+    """
+    specs = tuple(specs)
+    if len(specs) == 1 and _merged_already(specs[0]):
+        return specs[0]
     devices: dict[str, DeviceNode] = {}
     mounts: dict[str, Mount] = {}
     env: dict[str, list[str]] = {}
@@ -173,8 +209,8 @@ class Device:
     def __post_init__(self) -> None:
         check_device_id(self.id)
         object.__setattr__(self, "health", Health(self.health))
-        object.__setattr__(self, "numa_nodes", tuple(sorted({check_numa_node(int(n)) for n in self.numa_nodes})))
-        object.__setattr__(self, "attributes", _frozen({str(k): str(v) for k, v in self.attributes.items()}))
+        object.__setattr__(self, "numa_nodes", _numa(self.numa_nodes))
+        object.__setattr__(self, "attributes", _str_map(self.attributes))
 
     @property
     def healthy(self) -> bool:
