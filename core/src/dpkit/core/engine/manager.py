@@ -514,10 +514,23 @@ class Manager:
                                      at_start=not before and source == "discover")
             for gone in set(before) - {d.id for d in devices}:
                 log.info("device removed", extra=kv(resource=resource, device=gone))
-            self.effective[resource] = {d.id: d for d in devices}
+            self.effective[resource] = self._shared_or_new(resource, devices)
             self._changed.add(resource)
             server.update(devices)
         self._observers_dirty = True
+
+    def _shared_or_new(self, resource: str, devices: tuple[Device, ...]) -> dict[str, Device]:
+        """The effective devices by ID: the snapshot's own index while every device is the vendor's
+        record as is (all healthy, nothing laid over them), else a dict of their own.
+
+        At 100k devices the shared index saves one 100k-entry dict; ``_refresh`` copies it before
+        its first change.
+        """
+        index = self._index.get(resource)
+        if index is not None and len(index) == len(devices) and all(
+                e is d for e, d in zip(devices, index.values(), strict=True)):
+            return index
+        return {d.id: d for d in devices}
 
     def _refresh(self, changed: set[tuple[str, str]]) -> None:
         """Recompute only the devices whose marks changed and send only those to their servers."""
@@ -538,6 +551,8 @@ class Manager:
                 if old is not None and old.health == new.health and old.reason == new.reason:
                     continue
                 self._log_transition(resource, old, new, "health report")
+                if effective is index:  # shared with the snapshot's index (see _shared_or_new): copy first
+                    effective = self.effective[resource] = dict(index)
                 effective[device_id] = new
                 updated.append(new)
             server = self.servers.get(resource)
@@ -649,9 +664,11 @@ class Manager:
             serving = Serving(str(server.socket_path), self.link.registered(name),
                               reg.registrations if reg else 0, (reg.last_error if reg else "") or stats.last_error,
                               stats.open_streams, stats.allocations, stats.allocate_errors)
-            devices = (old.devices if old is not None and name not in self._changed
-                       else tuple(self.effective.get(name, {}).values()))
             offered = self.snapshot.get(name, ())
+            effective = self.effective.get(name, {})
+            devices = (old.devices if old is not None and name not in self._changed
+                       else offered if effective is self._index.get(name)  # the vendor's records as they are
+                       else tuple(effective.values()))
             if old is not None and old.devices is devices and old.offered is offered and old.serving == serving:
                 resources[name] = old
             else:
