@@ -19,7 +19,7 @@ from typing import Any
 
 from dpkit.core.support.config import parse_yaml, read_text
 from dpkit.core.support.schema import Section, load_section, show
-from dpkit.core.vendorapi.device import ContainerSpec, Device, DeviceNode, Health, Snapshot, merge_specs
+from dpkit.core.vendorapi.device import ContainerSpec, Device, DeviceNode, Health, Snapshot
 from dpkit.core.vendorapi.errors import ConfigError, ValidationError
 from dpkit.core.vendorapi.vendor import EventSink, Finding, Vendor
 
@@ -120,9 +120,10 @@ class SimulatedVendor(Vendor):
                 health=Health.HEALTHY if _flag(entry.get("healthy", True), f"{self.where}: {where}.healthy")
                 else Health.UNHEALTHY,
                 numa_nodes=() if numa is None else (int(numa),),
-                # SIM_VISIBLE_DEVICES is added by container_spec: an env map on every device costs
-                # about 180 bytes a device (18 MB at 100k) to say what the device ID already says
-                spec=ContainerSpec(devices=(DeviceNode(self.device_node, f"/dev/sim/{entry['id']}", "rw"),)),
+                spec=ContainerSpec(
+                    devices=(DeviceNode(self.device_node, f"/dev/sim/{entry['id']}", "rw"),),
+                    env={"SIM_VISIBLE_DEVICES": str(entry["id"])},
+                ),
                 attributes=self._attributes.get(model) or {"model": model},
             )
             self._attributes.setdefault(model, device.attributes)
@@ -133,11 +134,6 @@ class SimulatedVendor(Vendor):
     def discover(self) -> Snapshot:
         with self._lock:
             return {r: tuple(devs.values()) for r, devs in self._devices.items()}
-
-    def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
-        """The devices' nodes, and ``SIM_VISIBLE_DEVICES`` listing their IDs."""
-        visible = ContainerSpec(env={"SIM_VISIBLE_DEVICES": ",".join(dict.fromkeys(d.id for d in devices))})
-        return merge_specs([*(d.spec for d in devices), visible])
 
     def explain(self) -> Sequence[Finding]:
         return [Finding(subject=self.where, advertised=True, reason="simulated devices, no hardware involved")]
