@@ -22,11 +22,17 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpkit.core.tools.registry import ENTRY_POINT_GROUP, SIM_TARGET, installed_vendors, load_vendor_class
+from dpkit.core.tools.registry import (
+    SIM_TARGET,
+    EntryTarget,
+    entry_points,
+    installed_vendors,
+    load,
+    load_vendor_class,
+)
 from dpkit.core.vendorapi.errors import ConfigError, DpkitError, VendorError
 
 if TYPE_CHECKING:
-    from importlib.metadata import EntryPoint
 
     from dpkit.core.support.config import Config
     from dpkit.core.vendorapi.vendor import Vendor
@@ -351,25 +357,19 @@ def cmd_new_vendor(args: argparse.Namespace) -> int:
 
 
 # -- the parser ----------------------------------------------------------------------------------
-def _command_entry_points() -> dict[str, EntryPoint]:
+def _command_entry_points() -> dict[str, EntryTarget]:
     """Installed extra subcommands; a name a built-in command has is never shadowed."""
-    from importlib.metadata import entry_points
-
-    return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP) if ep.name not in BUILTIN_COMMANDS}
+    return {name: ep for name, ep in entry_points(COMMANDS_GROUP).items() if name not in BUILTIN_COMMANDS}
 
 
-def _described() -> tuple[str, dict[str, EntryPoint]]:
+def _described() -> tuple[str, dict[str, EntryTarget]]:
     """The vendor names and extra commands for the help, from one entry-point scan.
 
     Read here rather than through :mod:`dpkit.core.vendorapi.vendor`, which would load the device model
     for a help text.
     """
-    from importlib.metadata import entry_points
-
-    found = entry_points()
-    vendors = ", ".join(["sim", *sorted(ep.name for ep in found.select(group=ENTRY_POINT_GROUP))])
-    extra = {ep.name: ep for ep in found.select(group=COMMANDS_GROUP) if ep.name not in BUILTIN_COMMANDS}
-    return vendors, extra
+    vendors = ", ".join(["sim", *sorted(installed_vendors())])
+    return vendors, _command_entry_points()
 
 
 def build_parser(describe: bool = False, command: str = "") -> argparse.ArgumentParser:
@@ -439,17 +439,18 @@ def build_parser(describe: bool = False, command: str = "") -> argparse.Argument
     p.set_defaults(func=cmd_new_vendor)
 
     for name, ep in sorted(extra.items()):
-        dist = ep.dist.name if ep.dist is not None else ep.value
-        sub.add_parser(name, help=f"from {dist} ({ep.value}); `dpkit {name} --help` for its options",
+        sub.add_parser(name, help=f"from {ep.distribution} ({ep.value}); `dpkit {name} --help` for its options",
                        add_help=False)
     return parser
 
 
-def _run_entry_point(ep: EntryPoint, argv: list[str]) -> int:
+def _run_entry_point(name: str, ep: EntryTarget, argv: list[str]) -> int:
     try:
-        command = ep.load()
+        command = load(ep.value)
     except Exception as exc:  # an import error in a package must not kill the CLI with a traceback
-        raise DpkitError(f"command {ep.name!r} failed to load from {ep.value}: {exc}") from exc
+        raise DpkitError(f"command {name!r} failed to load from {ep.value}: {exc}") from exc
+    if not callable(command):
+        raise DpkitError(f"command {name!r} entry point {ep.value} is not callable")
     return int(command(argv))
 
 
@@ -460,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if first and not first.startswith("-") and first not in BUILTIN_COMMANDS:
             ep = _command_entry_points().get(first)
             if ep is not None:
-                return _run_entry_point(ep, argv[1:])
+                return _run_entry_point(first, ep, argv[1:])
         describe = first not in BUILTIN_COMMANDS or any(a in ("-h", "--help") for a in argv)
         args = build_parser(describe=describe, command=first).parse_args(argv)
         return int(args.func(args))

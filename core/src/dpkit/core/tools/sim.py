@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from typing import Any
 
 from dpkit.core.support.config import parse_yaml, read_text
@@ -45,6 +44,8 @@ class SimSettings(Section, frozen=True):
 def _load(config: SimSettings) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]], str]:
     path = config.devices_file
     if path is None:
+        from importlib import resources  # only for the embedded node: it loads zipfile and tempfile (1.5 MB)
+
         text = resources.files("dpkit.core.tools").joinpath("data", DEFAULT_FILE).read_text()
         where = f"<embedded {DEFAULT_FILE}>"
     else:
