@@ -106,6 +106,29 @@ def test_a_stream_sends_only_the_newest_list_not_a_backlog(short_tmp):
         server.stop()
 
 
+def test_a_server_keeps_a_borrowed_index_as_is_and_copies_it_before_a_patch(short_tmp):
+    """The manager lends its snapshot index (one 100k-entry dict less); a health patch must change the
+    server's view, never the lender's dict, and the stream must see the change."""
+    from dpkit.core.engine.server import ResourceServer
+
+    devices = tuple(widget(i) for i in range(4))
+    index = {d.id: d for d in devices}
+    server = ResourceServer(RES, ScriptedVendor(), short_tmp / "dp")
+    server.update(devices, index)
+    assert server._devices is index
+    server.start()
+    channel = grpc.insecure_channel(f"unix://{server.socket_path}")
+    try:
+        stream = api_pb2_grpc.DevicePluginStub(channel).ListAndWatch(api_pb2.Empty(), timeout=10)
+        assert [d.health for d in next(stream).devices] == ["Healthy"] * 4
+        assert server.patch([widget(2, health=Health.UNHEALTHY)])
+        assert [d.health for d in next(stream).devices] == ["Healthy", "Healthy", "Unhealthy", "Healthy"]
+        assert index["w2"] is devices[2] and server._devices is not index
+    finally:
+        channel.close()
+        server.stop()
+
+
 def test_extra_streams_are_refused_before_they_starve_allocate(kubelet, run_manager, plugin_dir):
     from dpkit.core.engine.server import MAX_STREAMS
 

@@ -513,9 +513,10 @@ class Manager:
                                      at_start=not before and source == "discover")
             for gone in set(before) - {d.id for d in devices}:
                 log.info("device removed", extra=kv(resource=resource, device=gone))
-            self.effective[resource] = self._shared_or_new(resource, devices)
+            effective = self.effective[resource] = self._shared_or_new(resource, devices)
             self._changed.add(resource)
-            server.update(devices)
+            # the snapshot's index is never changed in place (``_refresh`` copies it first): the server may keep it
+            server.update(devices, effective if effective is self._index.get(resource) else None)
         self._observers_dirty = True
 
     def _shared_or_new(self, resource: str, devices: tuple[Device, ...]) -> dict[str, Device]:

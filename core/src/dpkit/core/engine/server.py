@@ -138,6 +138,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         self.cdi_allocate = cdi_allocate
         self.stats = ServerStats()
         self._devices: dict[str, Device] = {}
+        self._borrowed = False  # _devices is the manager's snapshot index: copied before any change here
         self._entries: dict[str, bytes | None] = {}  # device ID -> encoded_entry; None: to encode
         self._response: bytes | None = None  # the current ListAndWatch response, shared by every stream
         self._version = 0
@@ -157,13 +158,14 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         with self._changed:
             return tuple(self._devices.values())
 
-    def update(self, devices: Sequence[Device]) -> bool:
+    def update(self, devices: Sequence[Device], index: dict[str, Device] | None = None) -> bool:
         """Replace the device list; streams are woken only when something the kubelet sees changed.
 
         Devices whose visible state is unchanged keep their encoded entry, so a rediscovery of an
-        unchanged node re-encodes nothing.
+        unchanged node re-encodes nothing. ``index``: ``devices`` by ID, which the caller never changes
+        afterwards; kept as is rather than built again (one 100k-entry dict less at 100k devices).
         """
-        new = {d.id: d for d in devices}
+        new = index if index is not None else {d.id: d for d in devices}
         with self._changed:
             old = self._devices
             entries: dict[str, bytes | None] = {}
@@ -176,6 +178,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                     entries[device_id] = None
                     changed = True
             self._devices, self._entries = new, entries
+            self._borrowed = index is not None
             if not changed:
                 return False
             self._bump()
@@ -189,6 +192,8 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                 old = self._devices.get(device.id)
                 if old is None:
                     continue  # only a full update adds devices
+                if self._borrowed:
+                    self._devices, self._borrowed = dict(self._devices), False
                 self._devices[device.id] = device
                 if _visible(old) != _visible(device):
                     self._entries[device.id] = None
