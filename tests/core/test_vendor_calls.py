@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from scripted_vendor import RES, ScriptedVendor
+from scripted_vendor import RES, ScriptedVendor, widget
 
 from dpkit.core.engine.manager import Manager
 from dpkit.core.engine.vendor_calls import VendorCalls, VendorTimeout
@@ -188,6 +188,33 @@ def test_adapter_runs_overridden_hooks_on_the_pool_and_defaults_inline() -> None
     assert spy.cdi_kind(RES) == RES  # not overridden: core code, right here
     with pytest.raises(KeyError):  # the vendor's own exception, not a wrapper
         VendorCalls(_Raising(), TIMEOUT).cdi_kind(RES)
+
+
+def test_inline_hooks_run_on_the_callers_thread_and_are_still_counted() -> None:
+    """A vendor's promise that a hook only reads memory saves the hop; only Allocate-path hooks qualify."""
+    seen: list[str] = []
+
+    class Inline(ScriptedVendor):
+        inline_hooks = frozenset({"container_spec", "node_labels"})  # node_labels may not be inline
+
+        def container_spec(self, resource: str, devices: Any) -> ContainerSpec:
+            seen.append(threading.current_thread().name)
+            if not devices:
+                raise RuntimeError("no devices")
+            return super().container_spec(resource, devices)
+
+        def node_labels(self, snapshot: Snapshot) -> Mapping[str, str]:
+            seen.append(threading.current_thread().name)
+            return {}
+
+    calls = VendorCalls(Inline(), TIMEOUT)
+    calls.container_spec(RES, [widget(0)])
+    assert seen == [threading.current_thread().name]
+    with pytest.raises(RuntimeError, match="no devices"):
+        calls.container_spec(RES, [])
+    assert calls.errors == {("container_spec", "error"): 1}
+    calls.node_labels({})
+    assert seen[-1].startswith("vendor-call"), "a hook outside INLINE_HOOKS keeps its deadline"
 
 
 class _Raising(ScriptedVendor):
