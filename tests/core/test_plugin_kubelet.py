@@ -129,6 +129,43 @@ def test_a_server_keeps_a_borrowed_index_as_is_and_copies_it_before_a_patch(shor
         server.stop()
 
 
+def test_a_device_whose_spec_changes_is_answered_with_the_new_spec(short_tmp):
+    """Responses are kept per spec object: the same device with a new spec gets the new answer."""
+    from dpkit.core.engine.server import ResourceServer
+    from dpkit.core.vendorapi.device import ContainerSpec, DeviceNode
+
+    server = ResourceServer(RES, ScriptedVendor(), short_tmp / "dp")
+    server.update([widget(0)])
+    server.start()
+    channel = grpc.insecure_channel(f"unix://{server.socket_path}")
+    request = api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["w0"])])
+    try:
+        stub = api_pb2_grpc.DevicePluginStub(channel)
+        for _ in range(2):  # the second answer comes from the kept response
+            assert stub.Allocate(request, timeout=10).container_responses[0].envs["WIDGETS"] == "w0"
+        changed = Device(id="w0", numa_nodes=(0,), spec=ContainerSpec(
+            devices=(DeviceNode("/dev/null", "/dev/w0-new"),), env={"WIDGETS": "w0-new"}))
+        server.update([changed])
+        answer = stub.Allocate(request, timeout=10).container_responses[0]
+        assert answer.envs["WIDGETS"] == "w0-new" and answer.devices[0].container_path == "/dev/w0-new"
+    finally:
+        channel.close()
+        server.stop()
+
+
+def test_the_sim_keeps_one_devices_spec_and_builds_many(short_tmp):
+    from dpkit.core.tools.sim import SimulatedVendor
+
+    vendor = SimulatedVendor({"script": False})
+    widgets = vendor.discover()["example.com/widget"]
+    one = vendor.container_spec("example.com/widget", widgets[:1])
+    assert vendor.container_spec("example.com/widget", widgets[:1]) is one
+    assert dict(one.env) == {"SIM_VISIBLE_DEVICES": widgets[0].id}
+    two = vendor.container_spec("example.com/widget", widgets[:2])
+    assert two.env["SIM_VISIBLE_DEVICES"] == f"{widgets[0].id},{widgets[1].id}"
+    assert [d.container_path for d in two.devices] == [f"/dev/sim/{d.id}" for d in widgets[:2]]
+
+
 def test_extra_streams_are_refused_before_they_starve_allocate(kubelet, run_manager, plugin_dir):
     from dpkit.core.engine.server import MAX_STREAMS
 

@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +35,7 @@ log = get_logger("server")
 
 WORKERS = 16
 MAX_STREAMS = 8  # the kubelet holds one; the rest are debugging clients and restarts in flight
+MAX_CACHED_RESPONSES = 4096  # container responses kept per server, by the spec they were built from
 MAX_LISTED_IDS = 10  # IDs named in one error message
 SERVICE = "v1beta1.DevicePlugin"  # the kubelet's service name (proto package v1beta1)
 
@@ -44,6 +44,27 @@ class RpcObserver(Protocol):
     """Receives one call per RPC served (the metrics module implements it)."""
 
     def rpc(self, resource: str, method: str, seconds: float, ok: bool) -> None: ...
+
+
+class _Observed:
+    """``with server._observed(method)``: a plain context manager (a generator one costs a frame
+    and a generator object per RPC, on the kubelet's hottest call)."""
+
+    __slots__ = ("method", "server", "started")
+
+    def __init__(self, server: ResourceServer, method: str) -> None:
+        self.server = server
+        self.method = method
+        self.started = 0.0
+
+    def __enter__(self) -> None:
+        if self.server.observer is not None:
+            self.started = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if self.server.observer is not None:
+            self.server.observer.rpc(self.server.resource, self.method, time.perf_counter() - self.started,
+                                     kind is None)
 
 
 @dataclass
@@ -62,20 +83,23 @@ def spec_to_response(spec: ContainerSpec, cdi_only: bool = False) -> api_pb2.Con
     With ``cdi_only`` device nodes and mounts are left to the CDI names; env stays, because CDI
     cannot merge device-list variables across devices (see :mod:`dpkit.core.integrations.cdi`).
     """
-    response = api_pb2.ContainerAllocateResponse()
-    response.cdi_devices.extend(api_pb2.CDIDevice(name=n) for n in spec.cdi_devices)
-    response.annotations.update(spec.annotations)
-    response.envs.update(spec.env)
+    # Empty parts are skipped: this runs on every Allocate, and most specs have no CDI names,
+    # annotations or mounts.
+    response = api_pb2.ContainerAllocateResponse(envs=spec.env or None, annotations=spec.annotations or None)
+    if spec.cdi_devices:
+        response.cdi_devices.extend(api_pb2.CDIDevice(name=n) for n in spec.cdi_devices)
     if cdi_only:
         return response
-    response.mounts.extend(
-        api_pb2.Mount(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
-        for m in spec.mounts
-    )
-    response.devices.extend(
-        api_pb2.DeviceSpec(container_path=d.container_path, host_path=d.host_path, permissions=d.permissions)
-        for d in spec.devices
-    )
+    if spec.mounts:
+        response.mounts.extend(
+            api_pb2.Mount(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
+            for m in spec.mounts
+        )
+    if spec.devices:
+        response.devices.extend(
+            api_pb2.DeviceSpec(container_path=d.container_path, host_path=d.host_path, permissions=d.permissions)
+            for d in spec.devices
+        )
     return response
 
 
@@ -140,6 +164,9 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         self._devices: dict[str, Device] = {}
         self._borrowed = False  # _devices is the manager's snapshot index: copied before any change here
         self._entries: dict[str, bytes | None] = {}  # device ID -> encoded_entry; None: to encode
+        # id(spec) -> (spec, its response): specs are immutable, and the default container_spec hands
+        # back a device's own spec object, so a device allocated again costs no rebuilt response
+        self._responses: dict[int, tuple[ContainerSpec, api_pb2.ContainerAllocateResponse]] = {}
         self._response: bytes | None = None  # the current ListAndWatch response, shared by every stream
         self._version = 0
         self._changed = threading.Condition()
@@ -299,16 +326,9 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         return self.socket_path.exists()
 
     # -- RPCs ----------------------------------------------------------------------------
-    @contextmanager
-    def _observed(self, method: str) -> Iterator[None]:
+    def _observed(self, method: str) -> _Observed:
         """Time one RPC for the observer; it failed when anything (an abort too) leaves the block."""
-        started = time.perf_counter()
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            self._observe(method, started, ok)
+        return _Observed(self, method)
 
     def _observe(self, method: str, started: float, ok: bool) -> None:
         if self.observer is not None:
@@ -370,7 +390,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{self.resource}: unknown device ID(s) {_listing(unknown)}",
             )
-        if len(set(ids)) != len(ids):
+        if len(ids) > 1 and len(set(ids)) != len(ids):
             duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -403,7 +423,7 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                         self.calls.report("container_spec", exc, "vendor container_spec failed", traceback=True,
                                           resource=self.resource)
                         self._fail(context, grpc.StatusCode.INTERNAL, f"{self.resource}: vendor failed: {exc}")
-                    response.container_responses.append(spec_to_response(spec, cdi_only=self.cdi_allocate))
+                    response.container_responses.append(self._container_response(spec))
                     now = time.time()
                     for d in devices:
                         self.stats.allocated_ids[d.id] = now
@@ -412,6 +432,18 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                 raise
             self.stats.allocations += 1
             return response
+
+    def _container_response(self, spec: ContainerSpec) -> api_pb2.ContainerAllocateResponse:
+        """``spec`` as the kubelet gets it, built once per spec object (the answer is copied into the
+        response, so the cached message is never changed)."""
+        hit = self._responses.get(id(spec))
+        if hit is not None and hit[0] is spec:  # the spec is held by the entry: its id is not reused
+            return hit[1]
+        built = spec_to_response(spec, cdi_only=self.cdi_allocate)
+        if len(self._responses) >= MAX_CACHED_RESPONSES:
+            self._responses.clear()
+        self._responses[id(spec)] = (spec, built)
+        return built
 
     def _container_spec(self, devices: list[Device]) -> ContainerSpec:
         """The vendor's spec (plus CDI names), under the deadline when vendor or file code runs.

@@ -23,6 +23,7 @@ from dpkit.core.vendorapi.errors import ConfigError, ValidationError
 from dpkit.core.vendorapi.vendor import EventSink, Finding, Vendor
 
 DEFAULT_FILE = "demo.yaml"
+MAX_KEPT_SPECS = 100_000  # one-device specs the sim keeps (see container_spec)
 
 
 def _flag(value: Any, where: str) -> bool:
@@ -78,6 +79,7 @@ class SimulatedVendor(Vendor):
         self._devices: dict[str, dict[str, Device]] = {}
         # model -> the attributes map of the first device of that model, shared by the rest
         self._attributes: dict[str, Mapping[str, str]] = {}
+        self._specs: dict[str, ContainerSpec] = {}  # one device's spec, made on its first Allocate
         for resource, entries in raw.items():
             if not isinstance(entries, list):
                 raise ConfigError(f"{self.where}: resources.{resource}: expected a list of devices")
@@ -136,10 +138,21 @@ class SimulatedVendor(Vendor):
             return {r: tuple(devs.values()) for r, devs in self._devices.items()}
 
     def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
-        """Each device's node ``/dev/sim/<id>`` and ``SIM_VISIBLE_DEVICES`` listing the IDs."""
+        """Each device's node ``/dev/sim/<id>`` and ``SIM_VISIBLE_DEVICES`` listing the IDs.
+
+        A one-device spec is kept once made: a device is allocated again and again over a node's
+        life, and the memory then grows with the devices allocated, not with every device offered.
+        """
+        if len(devices) == 1 and (known := self._specs.get(devices[0].id)) is not None:
+            return known
         ids = list(dict.fromkeys(d.id for d in devices))
-        return ContainerSpec(devices=tuple(DeviceNode(self.device_node, f"/dev/sim/{i}", "rw") for i in ids),
+        spec = ContainerSpec(devices=tuple(DeviceNode(self.device_node, f"/dev/sim/{i}", "rw") for i in ids),
                              env={"SIM_VISIBLE_DEVICES": ",".join(ids)})
+        if len(devices) == 1:
+            if len(self._specs) >= MAX_KEPT_SPECS:  # IDs of long-gone hotplugged devices: start over
+                self._specs.clear()
+            self._specs[devices[0].id] = spec
+        return spec
 
     def explain(self) -> Sequence[Finding]:
         return [Finding(subject=self.where, advertised=True, reason="simulated devices, no hardware involved")]

@@ -87,7 +87,7 @@ def _check_path(path: str, what: str) -> str:
         raise ValidationError(f"{what} {path!r} must be an absolute path")
     if "\x00" in path or "\n" in path:
         raise ValidationError(f"{what} {path!r} contains a control character")
-    if any(part == ".." for part in path.split("/")):
+    if ".." in path and ".." in path.split("/"):
         raise ValidationError(f"{what} {path!r} must not contain '..'")
     return path
 
