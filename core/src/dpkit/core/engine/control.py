@@ -11,6 +11,7 @@ zmq is imported by :func:`query` and :class:`ControlServer` only: ``dpkit discov
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -28,7 +29,6 @@ log = get_logger("control")
 
 MAX_KEPT_TEXT = 500  # characters of one kept error message or field
 MAX_CONTROL_REQUEST = 4096  # bytes; a control request is a few dozen
-POLL_MS = 100  # how often the control thread looks at its stop flag
 
 
 def clip(text: str, limit: int = MAX_KEPT_TEXT) -> str:
@@ -98,6 +98,7 @@ class ControlServer:
         self._status = status
         self._ping = ping
         self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()  # stop() writes here: the thread sleeps until a request or this
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
 
     def start(self) -> None:
@@ -106,17 +107,24 @@ class ControlServer:
     def stop(self, timeout: float = 5.0) -> None:
         """End the thread, which closes the socket (it alone may touch it)."""
         self._stop.set()
+        os.write(self._wake_w, b"x")
         if self._thread.is_alive():
             self._thread.join(timeout)
         else:
             self._socket.close(0)
+        if not self._thread.is_alive():
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
 
     def _run(self) -> None:
         import zmq
 
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if self._socket.poll(POLL_MS, zmq.POLLIN):
+                if self._socket in dict(poller.poll()):  # no timeout: an idle plugin never wakes here
                     self._answer(self._socket.recv())
         except zmq.ZMQError:
             if not self._stop.is_set():
