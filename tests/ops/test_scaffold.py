@@ -7,7 +7,9 @@ dry run) is tests/ops/test_first_hour.py; this one runs in well under a second.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -79,3 +81,36 @@ def test_the_lint_finds_every_package_of_this_checkout() -> None:
     assert {"dpkit.core", "dpkit.nvidia", "dpkit.sfc", "dpkit.kvm_vfio", "dpkit.cex"} <= found.keys()
     assert sorted(found) == sorted(["dpkit.core", *(f"dpkit.{p.parent.name}"
                                                     for p in (ROOT / "plugins").glob("*/pyproject.toml"))])
+
+
+def test_the_scaffolded_vendor_serves_and_declares_its_config(checkout: Path) -> None:
+    """The template's vendor runs as made, and its config section goes through the core's schema layer."""
+    scaffold("acme", checkout)
+    code = """
+from dpkit.acme.vendor import AcmeVendor
+from dpkit.core import ConfigError
+print(*(len(next(iter(AcmeVendor(c).discover().values()))) for c in ({"devices": 3}, None)))
+for bad in ({"devices": -1}, {"devicez": 1}, {"devices": "x"}):
+    try:
+        AcmeVendor(bad)
+    except ConfigError as exc:
+        print(exc)
+"""
+    env = {**os.environ, "PYTHONPATH": str(checkout / "plugins" / "acme" / "src")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "3 2",  # the devices asked for, then the default
+        "vendor.devices: expected a whole number from 0 to 1024, got -1",
+        "vendor.devicez: unknown key (did you mean 'devices'?)",
+        "vendor.devices: expected a whole number, got str 'x'",
+    ]
+
+
+@pytest.mark.parametrize("name", ["acme", "zeta"])  # sorting before and after "core"
+def test_what_new_vendor_writes_is_ruff_clean_whatever_the_name(checkout: Path, name: str) -> None:
+    made = scaffold(name, checkout)
+    python_files = [str(p) for p in made.created if p.suffix == ".py"]
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--config", str(ROOT / "pyproject.toml"),
+                             *python_files], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
