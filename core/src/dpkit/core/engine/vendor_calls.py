@@ -153,8 +153,10 @@ class VendorCalls:
 
     def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
         vendor = self.vendor
+        if not vendor.overrides("container_spec"):  # Allocate's path: the default merge, right here
+            return vendor.container_spec(resource, devices)
         return self._hook("container_spec", lambda: vendor.container_spec(resource, devices), resource=resource,
-                          call=tuple(d.id for d in devices))
+                          call=tuple(d.id for d in devices) if "container_spec" not in vendor.inline_hooks else ())
 
     def preferred_allocation(self, resource: str, available: Sequence[Device], must_include: Sequence[Device],
                              size: int) -> Sequence[str] | None:
