@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import stat
 import tempfile
 import threading
@@ -43,7 +42,7 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     """
     directory = os.open(path.parent, _DIR_FLAGS)
     try:
-        tmp = f".{path.name}.{secrets.token_hex(8)}.tmp"
+        tmp = f".{path.name}.{os.urandom(8).hex()}.tmp"  # what secrets.token_hex does, without loading hashlib
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=directory)
         try:
