@@ -111,3 +111,11 @@ def test_loading_an_installed_vendor_does_not_import_importlib_metadata() -> Non
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["KvmVfioVendor", "[]"]
+
+
+def test_an_entry_point_with_extras_loads_as_importlib_does() -> None:
+    """`name = module:object [extra]` is PyPA's form for an entry point that needs an extra."""
+    from dpkit.core.tools import registry
+
+    assert registry.load("json:dumps [speedups]") is json.dumps
+    assert registry.load("os.path:join") is os.path.join

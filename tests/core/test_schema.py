@@ -146,3 +146,21 @@ def test_cheap_commands_do_not_load_the_config_library(tmp_path: Path, args: tup
     result = subprocess.run([sys.executable, "-c", RUNNER, *argv], capture_output=True, text=True, timeout=60)
     modules = json.loads(result.stderr.strip().splitlines()[-1])
     assert not [m for m in modules if m == "msgspec" or m.startswith("msgspec.")]
+
+
+class Flags(Section, frozen=True):
+    strategy: str = "none"
+    other: str = ""
+
+
+class WithFlags(Section, frozen=True):
+    flags: Flags = Flags()
+
+
+def test_a_variable_never_hides_a_broken_part_of_the_file() -> None:
+    """Setting flags.strategy from the environment must not turn a list under `flags` into {}."""
+    env = {"STRATEGY": "flags.strategy"}
+    with pytest.raises(ConfigError, match=r"f\.yaml: key 'flags'"):
+        load_section({"flags": ["strategy: mixed"]}, WithFlags, source="f.yaml", environ={"STRATEGY": "x"}, env=env)
+    kept = load_section({"flags": {"other": "y"}}, WithFlags, source="f.yaml", environ={"STRATEGY": "x"}, env=env)
+    assert kept.flags == Flags("x", "y")

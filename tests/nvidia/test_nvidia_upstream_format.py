@@ -205,3 +205,12 @@ def test_mps_refuses_mig_devices_as_nvidia_does(host, vendors, short_tmp):
     vendor = vendors(host.vendor_config(document=document, mps_container_root=str(short_tmp)))
     devices = vendor.discover()["nvidia.com/gpu"]
     assert devices and all("sharing using MPS is not supported for MIG devices" in d.reason for d in devices)
+
+
+def test_a_key_left_empty_inside_a_list_item_reads_as_absent_as_nvidias_loader():
+    """A Helm-rendered `rename:` or `devices:` with no value is not set, in list items too."""
+    shared = settings({"sharing": {"timeSlicing": {"resources": [
+        {"name": "nvidia.com/gpu", "replicas": 4, "rename": None, "devices": None}]}}}).shared[0]
+    assert (shared.replicas, shared.rename, shared.devices) == (4, "", "all")
+    with pytest.raises(ConfigError, match="deviceListStrategy"):  # a null list item itself stays an error
+        settings({"flags": {"plugin": {"deviceListStrategy": ["envvar", None]}}})

@@ -91,3 +91,9 @@ def test_vendor_constructor_rejects_bad_config() -> None:
     """The core builds vendors from the vendor section and expects a ConfigError, not a crash."""
     with pytest.raises(ConfigError, match=r"vendor\.slots"):
         SfcVendor({"slots": "many", "sys_root": "/nonexistent"})
+
+
+@pytest.mark.parametrize("path", ["/opt\n/../../etc", "/opt/lib\n", "/x\x00y"])
+def test_paths_with_a_control_character_are_refused_before_any_check_is_fooled(path):
+    with pytest.raises(ConfigError, match="vendor.onload.library_path"):
+        parse_config({"onload": {"library_path": path}})

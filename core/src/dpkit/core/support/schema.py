@@ -76,8 +76,10 @@ def load_section(raw: Any, kind: type[T], *, source: str = "", root: str = "",
         if value is not None:
             if not isinstance(document, Mapping):
                 break  # the shape error below names the file
-            document = _set(document, path, value)
-            origin[path] = name
+            placed = _set(document, path, value)
+            if placed is not None:
+                document = placed
+                origin[path] = name
     where = _Where(source, root, origin)
     _check_keys(document, info, "", where)
     try:
@@ -285,13 +287,20 @@ def _join(path: str, key: str) -> str:
     return f"{path}{key}" if key.startswith("[") or not key else f"{path}.{key}"
 
 
-def _set(document: Mapping[str, Any], path: str, value: Any) -> dict[str, Any]:
-    """A copy of ``document`` with ``value`` at the dotted ``path`` (mappings made on the way as needed)."""
+def _set(document: Mapping[str, Any], path: str, value: Any) -> dict[str, Any] | None:
+    """A copy of ``document`` with ``value`` at the dotted ``path`` (missing mappings made on the way);
+    None when the file has something else than a mapping on the way: its own error must show, not
+    vanish under a variable (with the keys beside it)."""
     head, _, rest = path.partition(".")
     out = dict(document)
     if rest:
         inner = out.get(head)
-        out[head] = _set(inner if isinstance(inner, Mapping) else {}, rest, value)
+        if inner is not None and not isinstance(inner, Mapping):
+            return None
+        placed = _set(inner or {}, rest, value)
+        if placed is None:
+            return None
+        out[head] = placed
     else:
         out[head] = value
     return out

@@ -29,6 +29,7 @@ from dpkit.core.tools.registry import (
     installed_vendors,
     load,
     load_vendor_class,
+    metadata_entry_points,
 )
 from dpkit.core.vendorapi.errors import ConfigError, DpkitError, VendorError
 
@@ -459,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         first = argv[0] if argv else ""
         if first and not first.startswith("-") and first not in BUILTIN_COMMANDS:
-            ep = _command_entry_points().get(first)
+            # importlib.metadata only for a name the entry_points.txt scan does not know (a zipped egg, say)
+            ep = _command_entry_points().get(first) or metadata_entry_points(COMMANDS_GROUP).get(first)
             if ep is not None:
                 return _run_entry_point(first, ep, argv[1:])
         describe = first not in BUILTIN_COMMANDS or any(a in ("-h", "--help") for a in argv)

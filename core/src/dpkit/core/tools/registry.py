@@ -40,7 +40,7 @@ def load_vendor_class(name: str) -> type[Vendor]:
         from dpkit.core.tools.sim import SimulatedVendor
 
         return SimulatedVendor
-    found = entry_points(ENTRY_POINT_GROUP).get(name) or _metadata_entry_points(ENTRY_POINT_GROUP).get(name)
+    found = entry_points(ENTRY_POINT_GROUP).get(name) or metadata_entry_points(ENTRY_POINT_GROUP).get(name)
     if found is None:
         known = ", ".join(sorted(installed_vendors())) or "none installed"
         raise VendorError(f"unknown vendor {name!r} (installed: {known}; built in: sim)")
@@ -57,8 +57,8 @@ def load_vendor_class(name: str) -> type[Vendor]:
 
 
 def load(value: str) -> object:
-    """The object an entry point's ``module:object`` value names (imports the module)."""
-    module, _, attribute = value.partition(":")
+    """The object an entry point's ``module:object [extras]`` value names (imports the module)."""
+    module, _, attribute = value.partition("[")[0].partition(":")
     obj: object = importlib.import_module(module.strip())
     for part in filter(None, attribute.strip().split(".")):
         obj = getattr(obj, part)
@@ -72,7 +72,7 @@ def entry_points(group: str) -> dict[str, EntryTarget]:
     order with the first distribution of a name winning as ``importlib.metadata`` does, spares the
     serving process importlib.metadata and the email parser it loads for package metadata: 2.7 MB
     resident of a plugin that otherwise needs about 45 MB. A layout this scan does not know (a
-    zipped egg, say) still resolves through :func:`_metadata_entry_points`.
+    zipped egg, say) still resolves through :func:`metadata_entry_points`.
     """
     import configparser
 
@@ -103,7 +103,7 @@ def entry_points(group: str) -> dict[str, EntryTarget]:
     return found
 
 
-def _metadata_entry_points(group: str) -> dict[str, EntryTarget]:
+def metadata_entry_points(group: str) -> dict[str, EntryTarget]:
     from importlib import metadata
 
     return {ep.name: EntryTarget(ep.value, ep.dist.name if ep.dist is not None else ep.value)

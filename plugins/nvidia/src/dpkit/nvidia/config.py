@@ -352,6 +352,8 @@ def _without_nulls(value: Any) -> Any:
     """NVIDIA's loader reads a key left empty (``null``) as absent; so does this one."""
     if isinstance(value, Mapping):
         return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):  # inside list items too (sharing.*.resources[]); a null item stays an error
+        return [_without_nulls(v) for v in value]
     return value
 
 

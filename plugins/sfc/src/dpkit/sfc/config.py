@@ -41,7 +41,8 @@ _ONLOAD_PLUGIN_KEYS = ("devicePlugin", "args")
 
 Name = Annotated[str, Meta(min_length=1)]
 Slots = Annotated[int, Meta(ge=1, le=MAX_SLOTS, description="a whole number of slots")]
-AbsPath = Annotated[str, Meta(pattern=r"^/(?!(.*/)?\.\.(/|$))", description="an absolute path without '..'")]
+AbsPath = Annotated[str, Meta(pattern=r"^/(?!(?s:.*/)?\.\.(?:/|\Z))[^\x00\n]*\Z",
+                              description="an absolute path without '..' or control characters")]
 VendorId = Annotated[str, Meta(pattern="^0[xX][0-9a-fA-F]{4}$", description="a PCI vendor ID like '0x1924'")]
 
 
