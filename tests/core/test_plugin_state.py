@@ -195,3 +195,73 @@ def test_the_seam_has_no_any_and_no_hasattr() -> None:
     assert "hasattr" not in calls, "the manager picks no observer by its attributes"
     for path in (CORE / "integrations").glob("*.py"):
         assert "engine.manager" not in path.read_text(), f"{path.name} depends on the state, not the manager"
+
+
+def test_a_state_asked_for_during_start_up_is_never_built_beside_it(short_tmp) -> None:
+    """A metrics scrape while start() applies the first snapshot must not build a state from half-made
+    lists (it cleared the changed marks, and the resource kept an empty device list for good)."""
+    from dpkit.core.engine.manager import Manager
+    from dpkit.core.support.config import Config
+    from dpkit.core.vendorapi.device import Device
+    from dpkit.core.vendorapi.errors import DpkitError
+    from dpkit.core.vendorapi.vendor import Vendor
+
+    asked: list[object] = []
+
+    class Scraped(Vendor):
+        name = "scraped"
+        poll_interval = 0.0
+
+        def discover(self):  # runs while start() is in progress: a scrape arrives now
+            def scrape() -> None:
+                try:
+                    asked.append(manager.current_state(timeout=1))
+                except DpkitError as exc:
+                    asked.append(exc)
+
+            thread = threading.Thread(target=scrape)
+            thread.start()
+            thread.join(10)
+            return {"example.com/a": tuple(Device(id=f"a{i}") for i in range(3))}
+
+    manager = Manager(Scraped(), Config(plugin_dir=str(short_tmp / "dp"), state_dir=str(short_tmp / "st"),
+                                        cdi_dir="", nfd_features_dir=""))
+    manager.start()
+    try:
+        assert len(asked) == 1 and isinstance(asked[0], DpkitError), asked
+        assert len(manager.current_state(timeout=5).resources["example.com/a"].devices) == 3
+    finally:
+        manager.stop()
+
+
+def test_what_a_start_up_slower_than_stop_makes_is_removed_when_it_ends(short_tmp) -> None:
+    """stop() waits 2 s for start-up; a step no interrupt reaches (a huge snapshot) may outlast that.
+    What start-up makes after stop() tore down (servers, sockets, CDI files, threads) must go too."""
+    from dpkit.core.engine.manager import Manager
+    from dpkit.core.integrations.observers import attach_observers
+    from dpkit.core.support.config import Config
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(Manager):
+        def _apply_snapshot(self, source, snapshot):  # type: ignore[no-untyped-def]
+            if source == "discover":
+                entered.set()
+                release.wait(10)
+            super()._apply_snapshot(source, snapshot)
+
+    config = Config(plugin_dir=str(short_tmp / "dp"), state_dir=str(short_tmp / "st"), cdi_dir=str(short_tmp / "cdi"),
+                    nfd_features_dir="")
+    manager = Slow(ScriptedVendor(), config)
+    attach_observers(manager)
+    starter = threading.Thread(target=manager.start)
+    starter.start()
+    assert entered.wait(10)
+    manager.stop()  # gives start-up 2 s, then tears down what exists
+    release.set()
+    starter.join(10)
+    assert not starter.is_alive()
+    assert not list((short_tmp / "dp").glob("dpkit-*.sock")), "a server start-up made after stop() is left"
+    assert not list((short_tmp / "cdi").glob("*.json")), "a CDI spec start-up wrote after stop() is left"
+    left = [t.name for t in threading.enumerate() if t.name.startswith(("observer-", "vendor-watch", "manager-loop"))]
+    assert left == []

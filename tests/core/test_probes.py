@@ -42,6 +42,19 @@ def test_hung_probe_marks_devices_unhealthy_and_is_restarted(kubelet, run_manage
     assert status["restarts"] >= 1 and status["silent"] is False
 
 
+def test_a_probe_that_cannot_start_is_retried_and_its_devices_go_unhealthy(kubelet, run_manager, caplog):
+    """A config that is not JSON (a vendor bug) or no process left to fork: start-up and the loop go on, status
+    answers, and the devices the probe watches are not advertised healthy meanwhile."""
+    probe = Probe("broken", "scripted_vendor:reporting_probe", {"path": Path("/x")}, heartbeat_timeout=0.5)
+    manager = run_manager(ProbedVendor(probe=probe))  # start() does not raise
+    assert kubelet.wait_for(lambda k: len(k.devices(RES)) == 4 and k.allocatable(RES) == 0, 15)
+    assert manager.current_state(timeout=5).version >= 1, "the loop answers while the probe cannot start"
+    state = manager.probes.probes["broken"]
+    assert state.process is None and state.failures >= 1 and state.silent
+    assert "could not start: TypeError" in state.history[-1]
+    assert any(r.getMessage() == "probe could not start; trying again" for r in caplog.records)
+
+
 def test_probe_health_reports_reach_the_kubelet(kubelet, run_manager):
     probe = Probe("xid-watch", "scripted_vendor:reporting_probe", heartbeat_timeout=5)
     manager = run_manager(ProbedVendor(probe=probe))

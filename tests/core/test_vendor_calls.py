@@ -303,3 +303,52 @@ def test_a_forked_child_gets_a_pool_of_its_own() -> None:
         time.sleep(0.05)
     with os.fdopen(read) as pipe:
         assert pipe.read() == "ok"
+
+
+def test_the_pool_grows_past_stuck_workers_even_after_it_ran_a_queued_job() -> None:
+    """A worker that finished a job and took a queued one once left a stray permit: the next call then
+    waited behind two stuck workers for its whole deadline instead of getting a new worker."""
+    from dpkit.core.engine.vendor_calls import _DaemonPool
+
+    pool = _DaemonPool(2)
+    gate, hang = threading.Event(), threading.Event()
+    try:
+        first = pool.submit(gate.wait, 10)
+        stuck = [pool.submit(hang.wait, 10), pool.submit(hang.wait, 10)]  # the second waits in the queue
+        gate.set()
+        assert first.result(timeout=5)
+        deadline = time.monotonic() + 5
+        while not all(f.running() for f in stuck):  # the freed worker took the queued job
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for future in stuck:
+            pool.abandon(future)
+        assert pool.submit(lambda: "answer").result(timeout=2) == "answer"
+    finally:
+        hang.set()
+
+
+def test_a_hung_close_of_a_reloaded_vendor_does_not_block_closing_the_new_one() -> None:
+    release = threading.Event()
+    closed: list[str] = []
+
+    class Closing(ScriptedVendor):
+        def __init__(self, label: str, hang: bool) -> None:
+            super().__init__()
+            self.label, self.hang = label, hang
+
+        def close(self) -> None:
+            if self.hang:
+                release.wait(30)
+            closed.append(self.label)
+
+    old, new = Closing("old", hang=True), Closing("new", hang=False)
+    calls = VendorCalls(old, TIMEOUT)
+    try:
+        calls.vendor = new  # a reload swaps the vendor, then closes the one it replaced
+        with pytest.raises(VendorTimeout):
+            calls.close(old)
+        calls.close()  # stop: the current vendor's own close runs
+        assert closed == ["new"]
+    finally:
+        release.set()

@@ -143,6 +143,8 @@ class Manager:
         self._started = threading.Event()  # start() returned (or never ran): stop() waits for it
         self._started.set()
         self._lifecycle = threading.Lock()  # orders a start beginning against a stop from another thread
+        self._stopped_early = False  # stop() did not wait for start-up to end: start-up tears down what it made
+        self._starter: threading.Thread | None = None  # the thread in start(): it alone builds states then
         self.reloads = 0
 
     @property
@@ -163,11 +165,29 @@ class Manager:
         with self._lifecycle:
             if self._stop.is_set():  # stopped before it began
                 return
+            self._starter = threading.current_thread()
             self._started.clear()
         try:
             self._start()
         finally:
-            self._started.set()
+            with self._lifecycle:
+                self._started.set()
+                late = self._stopped_early
+            if late:
+                self._teardown_late()
+
+    def _teardown_late(self) -> None:
+        """A start-up that outlived stop()'s wait (a slow step no interrupt reaches): what it made
+        after stop() tore down goes now (servers and their sockets, observers and their files, the watch)."""
+        try:
+            self._stop_vendor_threads()
+            for resource in list(self.servers):
+                self._remove_resource(resource)
+            if self._publisher is not None:
+                self._publisher.close()
+                self._publisher = None
+        except Exception:
+            log.exception("late teardown after a slow start-up failed")
 
     def _start(self) -> None:
         logging.getLogger("dpkit").addHandler(self.errors)
@@ -185,7 +205,9 @@ class Manager:
         if self._stop.is_set():
             return
         self._apply_snapshot("discover", snapshot)
-        self._publisher = Publisher(self.observers)
+        if self._stop.is_set():
+            return
+        publisher = self._publisher = Publisher(self.observers)  # a stop may clear the attribute meanwhile
         self._notify_observers()  # the first state, built before the loop runs
         self._start_vendor_threads()
         if self._stop.is_set():
@@ -196,7 +218,7 @@ class Manager:
         # The side doors get a bounded moment for their first look (CDI files, labels) while the
         # loop already serves the kubelet; a hung one is left behind on its own thread.
         end = time.monotonic() + self.config.vendor_call_timeout + 1.0
-        while not self._publisher.wait_idle(min(0.1, end - time.monotonic())):
+        while not publisher.wait_idle(min(0.1, end - time.monotonic())):
             if self._stop.is_set():
                 return
             if time.monotonic() >= end:
@@ -213,7 +235,9 @@ class Manager:
             self._stop.set()
         self.calls.interrupt()  # a vendor call in flight (a start-up scan, a hung hook) is not waited for
         if not self._started.wait(2.0):
-            log.warning("start-up still running; stopping anyway")
+            with self._lifecycle:
+                self._stopped_early = not self._started.is_set()
+            log.warning("start-up still running; stopping anyway (it removes what it makes from now on)")
         with self._asks:
             self._asks.notify_all()  # nobody waits for a loop that is going away
         if self._loop is not None:  # the loop first, or it would restart the probes we stop
@@ -225,6 +249,7 @@ class Manager:
             self._remove_resource(resource)
         if self._publisher is not None:
             self._publisher.close()
+            self._publisher = None
         if self._control is not None:  # before the bus: its context ends only once every socket is closed
             self._control.stop()
             remove_own_socket(self._control_path)
@@ -259,7 +284,7 @@ class Manager:
                 self.calls.report("probes", exc, "vendor probes() failed; running without probes")
             probes = []
         self.silenced = {}
-        self.probes.set_probes(probes)
+        self.probes.set_probes(probes)  # a probe that cannot start is retried by check(), never raised
 
     def _stop_vendor_threads(self) -> None:
         self._watch_stop.set()
@@ -345,10 +370,14 @@ class Manager:
                 self._retry_servers()
                 if self._observers_dirty and time.monotonic() >= self._observers_due:
                     self._notify_observers()
-                if self._asked > self._answered:
-                    self._answer_asks()
             except Exception:
                 log.exception("manager loop step failed; continuing")
+            finally:
+                if self._asked > self._answered:  # status and liveness get their answer whatever failed
+                    try:
+                        self._answer_asks()
+                    except Exception:
+                        log.exception("manager could not answer a state request; continuing")
 
     def _next_timer(self) -> float | None:
         """The earliest of: observers due, a resource server to retry."""
@@ -704,8 +733,13 @@ class Manager:
     def current_state(self, timeout: float = STATE_WAIT) -> PluginState:
         """A state built now, by the loop; from another thread, the last one if the loop does not
         answer within ``timeout`` (or is not running)."""
+        if self._loop is None and not self._started.is_set() and threading.current_thread() is not self._starter:
+            # start-up is changing what a state is built from (a scrape during start): the last one
+            if self._state is None:
+                raise DpkitError("the manager has not published a state yet")
+            return self._state
         if self._loop is None or threading.current_thread() is self._loop:
-            return self._build_state()  # before the loop starts, nothing else changes what it reads
+            return self._build_state()  # the loop's own, or before start/after it: nothing else changes it
         if not self._ask_loop(timeout) and self._state is None:
             raise DpkitError("the manager has not published a state yet")
         assert self._state is not None

@@ -78,10 +78,23 @@ class ProbeSupervisor:
             self._spawn(state)
 
     def _spawn(self, state: ProbeState) -> None:
+        """Start the probe; one that cannot start (no process left to fork, a config that is not JSON)
+        is tried again with the restart backoff, and its devices go Unhealthy after one timeout."""
         probe = state.probe
-        args = [sys.executable, "-m", "dpkit.core.engine.probe_child", str(os.getpid()), self.address, probe.name,
-                probe.target, json.dumps(dict(probe.config))]
-        state.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        now = time.monotonic()
+        try:
+            args = [sys.executable, "-m", "dpkit.core.engine.probe_child", str(os.getpid()), self.address,
+                    probe.name, probe.target, json.dumps(dict(probe.config))]
+            state.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        except (OSError, TypeError, ValueError) as exc:
+            state.failures += 1
+            state.next_start = now + backoff(state.failures)
+            state.last_beat = state.last_beat or now
+            why = f"could not start: {type(exc).__name__}: {exc}"
+            state.history = ([*state.history, why])[-5:]
+            log.error("probe could not start; trying again", extra=kv(probe=probe.name, error=why,
+                                                                      retry_in=round(state.next_start - now, 1)))
+            return
         state.started = time.monotonic()
         state.last_beat = state.started  # the first heartbeat is due within one timeout
         log.info("probe started", extra=kv(probe=probe.name, pid=state.process.pid))
@@ -116,6 +129,11 @@ class ProbeSupervisor:
             if proc is None:
                 if now >= state.next_start:
                     self._spawn(state)
+                if state.process is None and not state.silent and now - state.last_beat > state.timeout:
+                    state.silent = True  # never started: its devices must not look healthy
+                    newly_silent.append(state)
+                    log.error("probe silent; marking its devices Unhealthy", extra=kv(
+                        probe=state.probe.name, why=state.history[-1] if state.history else "not started"))
                 continue
             if not (dead or late):
                 continue
@@ -137,7 +155,12 @@ class ProbeSupervisor:
     def next_deadline(self) -> float | None:
         deadlines = []
         for state in self.probes.values():
-            deadlines.append(state.next_start if state.process is None else state.last_beat + state.timeout)
+            if state.process is not None:
+                deadlines.append(state.last_beat + state.timeout)
+            else:  # waiting to (re)start; one that never started is also due to be marked silent
+                deadlines.append(state.next_start)
+                if not state.silent and state.last_beat:
+                    deadlines.append(state.last_beat + state.timeout)
         return min(deadlines) if deadlines else None
 
     @staticmethod

@@ -56,18 +56,20 @@ class _DaemonPool:
         self._size = size
         self._stuck = 0  # workers held by calls past their deadline: the pool grows by as many
         self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
         self._threads = 0
+        self._idle = 0  # workers waiting for a job
+        self._queued = 0  # jobs no worker has taken yet
 
     def submit(self, func: Callable[..., _T], *args: Any) -> Future[_T]:
         future: Future[_T] = Future()
-        self._jobs.put((future, func, args))
-        if not self._idle.acquire(blocking=False):
-            with self._lock:
-                if self._threads < self._size + self._stuck:
-                    self._threads += 1
-                    threading.Thread(target=self._work, name=f"vendor-call-{self._threads}", daemon=True).start()
+        with self._lock:
+            self._queued += 1
+            self._jobs.put((future, func, args))
+            # counted, not a semaphore: a permit left by a finished job must not stand in for a worker
+            if self._queued > self._idle and self._threads < self._size + self._stuck:
+                self._threads += 1
+                threading.Thread(target=self._work, name=f"vendor-call-{self._threads}", daemon=True).start()
         return future
 
     def abandon(self, future: Future[Any]) -> None:
@@ -82,7 +84,12 @@ class _DaemonPool:
 
     def _work(self) -> None:
         while True:
+            with self._lock:
+                self._idle += 1
             future, func, args = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+                self._queued -= 1
             if future.set_running_or_notify_cancel():
                 try:
                     result = func(*args)
@@ -91,7 +98,6 @@ class _DaemonPool:
                 else:
                     future.set_result(result)
             del future, func, args
-            self._idle.release()
 
 
 _pool: _DaemonPool | None = None
@@ -203,7 +209,7 @@ class VendorCalls:
         """Close ``vendor`` (default: the current one; a reload closes the one it replaced)."""
         closing = vendor if vendor is not None else self.vendor
         if closing.overrides("close"):
-            self._run("close", lambda: closing.close(), interruptible=False)
+            self._run("close", lambda: closing.close(), interruptible=False, owner=closing)
 
     def interrupt(self) -> None:
         """Stopping: every call waiting on the vendor gives up now (``VendorTimeout``), and so does
@@ -248,11 +254,14 @@ class VendorCalls:
         return self._run(hook, func, timeout=timeout, resource=resource, call=call)
 
     def _run(self, hook: str, func: Callable[..., _T], *args: Any, timeout: float | None = None,
-             resource: str = "", call: tuple[str, ...] = (), interruptible: bool = True) -> _T:
+             resource: str = "", call: tuple[str, ...] = (), interruptible: bool = True,
+             owner: Vendor | None = None) -> _T:
         # A nested call (a CDI rewrite asking the vendor) hops again rather than running inline:
         # its own deadline then bounds how long the outer call holds any lock it took.
         deadline = self.timeout if timeout is None else timeout
-        place = (id(self.vendor), hook, resource)  # the stuck call keeps its vendor alive: ids stay unique
+        # keyed by the vendor called (a reload closes the old one while the new one is current); the stuck
+        # call keeps its vendor alive, so ids stay unique
+        place = (id(owner if owner is not None else self.vendor), hook, resource)
         key = (*place, call)
         with self._lock:
             stuck = key in self._stuck or sum(k[:3] == place for k in self._stuck) >= MAX_STUCK

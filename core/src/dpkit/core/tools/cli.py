@@ -172,8 +172,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 _log().info("stopping during start-up", extra=kv(signal=signal.Signals(info.si_signo).name))
                 if "manager" in started:
                     started["manager"].stop()
+                    starter.join(5)  # a start-up past stop()'s wait removes what it made, then ends
                 return 0
         if "error" in started:
+            if "manager" in started:  # a half-started manager: its sockets and threads go first
+                started["manager"].stop()
             raise started["error"]
         manager = started["manager"]
         if reload_asked:
