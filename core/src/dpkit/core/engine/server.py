@@ -62,9 +62,7 @@ class _Observed:
             self.started = time.perf_counter()
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        if self.server.observer is not None:
-            self.server.observer.rpc(self.server.resource, self.method, time.perf_counter() - self.started,
-                                     kind is None)
+        self.server._observe(self.method, self.started, kind is None)
 
 
 @dataclass
