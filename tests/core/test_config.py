@@ -139,3 +139,19 @@ def test_sim_script_steps_are_checked_at_load(tmp_path):
     path.write_text("resources: {example.com/w: [{id: a}]}\nscript:\n  - {at: 1, helth: {resource: x, id: a}}\n")
     with pytest.raises(ConfigError, match=r"script\[0\]: expected one of health, add, remove"):
         SimulatedVendor({"devices_file": str(path)})
+
+
+def test_sim_keeps_only_recent_one_device_specs(tmp_path):
+    """The CDI writer asks for every device's spec: keeping them all cost about 240 bytes a device."""
+    from dpkit.core.tools import sim
+
+    lines = ["resources:", "  example.com/many:"] + [f"  - id: d{i}" for i in range(sim.MAX_KEPT_SPECS * 3)]
+    (tmp_path / "devices.yaml").write_text("\n".join(lines) + "\n")
+    vendor = SimulatedVendor({"devices_file": str(tmp_path / "devices.yaml"), "script": False})
+    devices = vendor.discover()["example.com/many"]
+    specs = [vendor.container_spec("example.com/many", [d]) for d in devices]
+    assert len(vendor._specs) == sim.MAX_KEPT_SPECS
+    last = devices[-1]
+    assert vendor.container_spec("example.com/many", [last]) is specs[-1], "a recent one is answered from memory"
+    assert vendor.container_spec("example.com/many", [devices[0]]) == specs[0], "an old one is made again, equal"
+    assert specs[0].env["SIM_VISIBLE_DEVICES"] == "d0"

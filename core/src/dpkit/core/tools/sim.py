@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from dpkit.core.vendorapi.errors import ConfigError, ValidationError
 from dpkit.core.vendorapi.vendor import EventSink, Finding, Vendor
 
 DEFAULT_FILE = "demo.yaml"
-MAX_KEPT_SPECS = 100_000  # one-device specs the sim keeps (see container_spec)
+MAX_KEPT_SPECS = 256  # one-device specs the sim keeps, most recently asked first (see container_spec)
 
 
 def _flag(value: Any, where: str) -> bool:
@@ -79,7 +80,8 @@ class SimulatedVendor(Vendor):
         self._devices: dict[str, dict[str, Device]] = {}
         # model -> the attributes map of the first device of that model, shared by the rest
         self._attributes: dict[str, Mapping[str, str]] = {}
-        self._specs: dict[str, ContainerSpec] = {}  # one device's spec, made on its first Allocate
+        self._specs: OrderedDict[str, ContainerSpec] = OrderedDict()  # recent one-device specs
+        self._specs_lock = threading.Lock()
         for resource, entries in raw.items():
             if not isinstance(entries, list):
                 raise ConfigError(f"{self.where}: resources.{resource}: expected a list of devices")
@@ -140,18 +142,23 @@ class SimulatedVendor(Vendor):
     def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
         """Each device's node ``/dev/sim/<id>`` and ``SIM_VISIBLE_DEVICES`` listing the IDs.
 
-        A one-device spec is kept once made: a device is allocated again and again over a node's
-        life, and the memory then grows with the devices allocated, not with every device offered.
+        The last MAX_KEPT_SPECS one-device specs are kept: the server keeps its encoded answer per
+        spec object, so a device allocated again is answered from memory. Only recent ones: the CDI
+        writer asks for every device's spec, and keeping them all cost about 240 bytes a device.
         """
-        if len(devices) == 1 and (known := self._specs.get(devices[0].id)) is not None:
-            return known
+        if len(devices) == 1:
+            with self._specs_lock:  # RPC threads and the CDI writer ask at once
+                if (known := self._specs.get(devices[0].id)) is not None:
+                    self._specs.move_to_end(devices[0].id)
+                    return known
         ids = list(dict.fromkeys(d.id for d in devices))
         spec = ContainerSpec(devices=tuple(DeviceNode(self.device_node, f"/dev/sim/{i}", "rw") for i in ids),
                              env={"SIM_VISIBLE_DEVICES": ",".join(ids)})
         if len(devices) == 1:
-            if len(self._specs) >= MAX_KEPT_SPECS:  # IDs of long-gone hotplugged devices: start over
-                self._specs.clear()
-            self._specs[devices[0].id] = spec
+            with self._specs_lock:
+                self._specs[devices[0].id] = spec
+                if len(self._specs) > MAX_KEPT_SPECS:
+                    self._specs.popitem(last=False)
         return spec
 
     def explain(self) -> Sequence[Finding]:
