@@ -17,25 +17,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from inotify_simple import INotify
-from inotify_simple import flags as inflags
 
 from dpkit.core.api.v1beta1 import api_pb2, api_pb2_grpc
 from dpkit.core.engine.server import ResourceServer
+from dpkit.core.support import dirwatch
+from dpkit.core.support.dirwatch import DirWatch
 from dpkit.core.support.logs import get_logger, kv
 
 log = get_logger("registration")
 
 VERSION = "v1beta1"
 _WATCH = (
-    inflags.CREATE
-    | inflags.DELETE
-    | inflags.MOVED_TO
-    | inflags.MOVED_FROM
-    | inflags.DELETE_SELF
-    | inflags.MOVE_SELF
-    | inflags.ATTRIB
+    dirwatch.CREATE
+    | dirwatch.DELETE
+    | dirwatch.MOVED_TO
+    | dirwatch.MOVED_FROM
+    | dirwatch.DELETE_SELF
+    | dirwatch.MOVE_SELF
+    | dirwatch.ATTRIB
 )
+_GONE = dirwatch.DELETE_SELF | dirwatch.MOVE_SELF | dirwatch.IGNORED  # the watch no longer sees the directory
 SAFETY_INTERVAL = 5.0  # a cheap reconcile even without events, in case inotify is not delivered
 
 
@@ -203,10 +204,10 @@ class KubeletLink:
             except OSError:
                 pass
 
-    def _watch(self, inotify: INotify) -> int | None:
+    def _watch(self, inotify: DirWatch) -> int | None:
         try:
             self.plugin_dir.mkdir(parents=True, exist_ok=True)
-            return int(inotify.add_watch(str(self.plugin_dir), _WATCH))
+            return inotify.add_watch(self.plugin_dir, _WATCH)
         except OSError as exc:
             log.warning("cannot watch plugin directory", extra=kv(dir=str(self.plugin_dir), error=str(exc)))
             return None
@@ -214,7 +215,7 @@ class KubeletLink:
     def _run(self) -> None:
         import select
 
-        with INotify() as inotify:
+        with DirWatch() as inotify:
             wd = self._watch(inotify)
             while not self._stop.is_set():
                 try:
@@ -228,8 +229,7 @@ class KubeletLink:
                 if self._kick_r in readable:
                     os.read(self._kick_r, 4096)
                 if inotify.fileno() in readable:
-                    events = inotify.read(timeout=0)
-                    if any(e.mask & (inflags.DELETE_SELF | inflags.MOVE_SELF | inflags.IGNORED) for e in events):
+                    if any(mask & _GONE for mask in inotify.read()):
                         log.warning("plugin directory removed; recreating it and watching again")
                         wd = None
                 if wd is None:
