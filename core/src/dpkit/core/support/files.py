@@ -14,10 +14,10 @@ plugin of the node), the CDI and NFD directories, and a state_dir that may be a 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -60,6 +60,23 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
             raise
     finally:
         os.close(directory)
+
+
+def _make_private_dir(parent: Path, prefix: str, attempts: int = 100) -> Path:
+    """A new 0700 directory ``<prefix><random>`` in ``parent``, created exclusively; its absolute path.
+
+    What ``tempfile.mkdtemp`` guarantees, without importing tempfile (and random, shutil, bz2, lzma)
+    into the serving process. A name someone planted first is skipped, never reused.
+    """
+    for _ in range(attempts):
+        path = os.path.abspath(os.path.join(parent, f"{prefix}{os.urandom(8).hex()}"))
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        return Path(path)
+    raise FileExistsError(errno.EEXIST, f"no free name for a private directory after {attempts} tries",
+                          os.path.join(parent, prefix))
 
 
 def remove_quietly(path: Path, logger: logging.Logger | None = None) -> None:
@@ -155,7 +172,7 @@ def staging_dir(parent: Path, prefix: str = STAGING_PREFIX) -> Iterator[Path]:
 
     On exit our own sockets left inside (a failed start) are removed, then the directory.
     """
-    private = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    private = _make_private_dir(parent, prefix)
     try:
         yield private
     finally:
@@ -223,7 +240,7 @@ def private_state_dir(state_dir: str | Path, create: bool = True) -> Path:
     except FileExistsError:
         log.warning("state_dir subdirectory name taken by something dpkit did not make; using a new one",
                     extra=kv(path=str(first)))
-        return Path(tempfile.mkdtemp(prefix=f"dpkit-{euid}.", dir=base))
+        return _make_private_dir(base, f"dpkit-{euid}.")
 
 
 # -- retries -----------------------------------------------------------------------------------
