@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import zmq
 from scripted_vendor import RES, ProbedVendor, ScriptedVendor, widget
 
 from dpkit.core.engine.control import query
@@ -186,6 +186,20 @@ def test_rate_limiter_counts_what_it_drops() -> None:
     assert limiter.allow()
 
 
+def _read_reply(sock: socket.socket) -> bytes:
+    """Everything the server sent; a reset after the reply (our request left partly unread) ends it."""
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @pytest.mark.parametrize("payload", [
     b"[" * 200_000,                      # RecursionError in json.loads
     b'{"cmd": ' * 5000 + b'"status"' + b"}" * 5000,
@@ -196,20 +210,56 @@ def test_rate_limiter_counts_what_it_drops() -> None:
 def test_control_socket_answers_hostile_requests_and_keeps_serving(run_manager, make_config, payload):
     config = make_config(cdi_dir="", nfd_features_dir="")
     run_manager(ScriptedVendor(), config)
-    context: zmq.Context = zmq.Context()
-    sock = context.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 10_000)
-    try:
-        sock.connect(f"ipc://{Path(config.state_dir) / 'control.sock'}")
-        sock.send(payload)
-        reply = json.loads(sock.recv())
-    finally:
-        sock.close(0)
-        context.term()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(Path(config.state_dir) / "control.sock"))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        reply = json.loads(_read_reply(sock))
     assert reply["ok"] is False and len(json.dumps(reply)) < 1000
     for _ in range(3):  # and the liveness probe still gets its answer
         assert query(config.state_dir, "status")["status"]["resources"][0]["capacity"] == 4
+
+
+def test_silent_and_crowding_control_clients_delay_nobody(run_manager, make_config):
+    """Clients that connect and send nothing, more of them than are served at once: a status query
+    is still answered at once, and a silent client gets its error when its time is up."""
+    from dpkit.core.engine import control
+
+    config = make_config(cdi_dir="", nfd_features_dir="")
+    run_manager(ScriptedVendor(), config)
+    path = str(Path(config.state_dir) / "control.sock")
+    silent = []
+    try:
+        for _ in range(control.MAX_CLIENTS + 8):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(path)
+            silent.append(sock)
+        started = time.monotonic()
+        assert query(config.state_dir, "status", timeout=5)["status"]["resources"][0]["capacity"] == 4
+        assert time.monotonic() - started < control.REQUEST_TIMEOUT, "not queued behind the silent ones"
+        reply = json.loads(_read_reply(silent[-1]))  # the newest silent one is still served
+        assert reply == {"ok": False, "error": f"request not complete within {control.REQUEST_TIMEOUT:g}s"}
+        assert _read_reply(silent[0]) == b"", "the oldest was dropped to make room"
+    finally:
+        for sock in silent:
+            sock.close()
+    assert query(config.state_dir, "ping")["ok"] is True
+
+
+def test_query_explains_a_socket_nobody_listens_on(short_tmp):
+    """A killed run leaves its control socket: the client says so instead of waiting out its timeout."""
+    from dpkit.core.vendorapi.errors import DpkitError
+
+    state = short_tmp / "dead"
+    state.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(state / "control.sock"))  # bound, never listening: what a killed run leaves
+    started = time.monotonic()
+    with pytest.raises(DpkitError, match="nothing listens on the control socket"):
+        query(state, "ping", timeout=5)
+    assert time.monotonic() - started < 1
 
 
 def test_a_resource_server_that_cannot_start_is_retried(kubelet, run_manager, make_config, plugin_dir):

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from scripted_vendor import RES, BadPreferenceVendor, PreStartVendor, ScriptedVendor, widget
+from scripted_vendor import RES, BadPreferenceVendor, PreStartVendor, ProbedVendor, ScriptedVendor, widget
 
 from dpkit.core.api.v1beta1 import api_pb2, api_pb2_grpc
 from dpkit.core.tools.kubelet import Kubelet
 from dpkit.core.vendorapi.device import Device, Health
+from dpkit.core.vendorapi.vendor import Probe
 
 
 def registered(kubelet: Kubelet, resource: str = RES, allocatable: int | None = None):  # type: ignore[no-untyped-def]
@@ -416,13 +417,22 @@ def test_server_runs_concurrent_allocations(kubelet, run_manager):
     assert not errors
 
 
-def test_state_dir_and_control_socket_are_private(run_manager, short_tmp: Path):
-    run_manager(ScriptedVendor())
+def test_state_dir_and_control_socket_are_private(run_manager, short_tmp: Path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # the probe's module
+    manager = run_manager(ProbedVendor(probe=Probe("p", "scripted_vendor:reporting_probe")))
     state = short_tmp / "st"
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert manager.bus.ipc_path == state / "events.sock", "a vendor with a probe opens the probes' endpoint"
     for name in ("control.sock", "events.sock"):
         assert stat.S_IMODE((state / name).stat().st_mode) == 0o600
     assert os.stat(state / "control.sock").st_uid == os.getuid()
+
+
+def test_a_vendor_without_probes_opens_no_probe_endpoint(run_manager, short_tmp: Path):
+    """The endpoint (and zmq) only once a probe needs it: about 2 MB of a serving process."""
+    manager = run_manager(ScriptedVendor())
+    assert (short_tmp / "st" / "control.sock").exists()
+    assert not (short_tmp / "st" / "events.sock").exists() and manager.bus.ipc_address == ""
 
 
 def test_plugin_dir_removed_entirely_then_kubelet_returns(kubelet, run_manager, plugin_dir):

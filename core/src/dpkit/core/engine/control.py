@@ -4,31 +4,33 @@ The manager answers on its own thread (:class:`ControlServer`), so rendering a s
 asks observers such as the pod view, who may ask the kubelet) never runs on the manager's loop.
 The document is rendered from one :class:`~dpkit.core.engine.state.PluginState`.
 
-zmq is imported by :func:`query` and :class:`ControlServer` only: ``dpkit discover`` uses
-:func:`collapse` and should not pay for it.
+The transport is a plain unix stream socket: one JSON request, one JSON reply, per connection.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import selectors
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dpkit.core.engine.state import PluginState, ResourceState
 from dpkit.core.support.logs import get_logger
 from dpkit.core.vendorapi.errors import DpkitError
 
-if TYPE_CHECKING:
-    import zmq
-
 log = get_logger("control")
 
 MAX_KEPT_TEXT = 500  # characters of one kept error message or field
 MAX_CONTROL_REQUEST = 4096  # bytes; a control request is a few dozen
+MAX_CONTROL_REPLY = 1 << 30  # bytes a client takes; a status of 100k devices is about 15 MB
+MAX_CLIENTS = 32  # connections served at once; one more drops the oldest
+REQUEST_TIMEOUT = 2.0  # seconds a client has to send its request
+REPLY_TIMEOUT = 10.0  # seconds a client has to take its reply
 
 
 def clip(text: str, limit: int = MAX_KEPT_TEXT) -> str:
@@ -85,21 +87,44 @@ def _resource(resource: ResourceState, holders: object) -> dict[str, Any]:
 
 
 class ControlServer:
-    """Answers ``status`` and ``ping`` on a REP socket, on its own thread.
+    """Answers ``status`` and ``ping`` on a unix stream socket, on its own thread.
 
-    A REP socket must send exactly one reply per request received, whatever the request holds, or
-    it would never answer again (the liveness probe uses it). ``ping`` returns an error text when
-    the manager's loop does not answer, so a wedged loop still fails the liveness probe.
+    One request per connection: the client sends one JSON object (at most MAX_CONTROL_REQUEST
+    bytes, ended by a newline or by closing its side) and gets one JSON reply, then the connection
+    closes. Every connection that sends anything gets exactly one reply, whatever it holds: the
+    liveness probe uses this socket. ``ping`` returns an error text when the manager's loop does
+    not answer, so a wedged loop still fails the liveness probe.
+
+    Plain sockets, not zmq: a vendor without probes then never loads zmq (about 2 MB of a serving
+    process; docs/performance.md). Clients are served side by side, each bounded in time
+    (REQUEST_TIMEOUT to send its request, REPLY_TIMEOUT to take the reply) and in number
+    (MAX_CLIENTS, the oldest dropped first), so a silent or slow client delays nobody for long.
     """
 
-    def __init__(self, socket: zmq.Socket[Any], status: Callable[[], dict[str, Any]],
+    def __init__(self, listener: socket.socket, path: Path, status: Callable[[], dict[str, Any]],
                  ping: Callable[[], str]) -> None:
-        self._socket = socket
+        self._listener = listener
+        self.path = path
         self._status = status
         self._ping = ping
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()  # stop() writes here: the thread sleeps until a request or this
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
+
+    @classmethod
+    def bind(cls, path: Path, status: Callable[[], dict[str, Any]], ping: Callable[[], str]) -> ControlServer:
+        """Listen on ``path.name`` in the private state directory of ``path.parent`` (mode 0600)."""
+        from dpkit.core.engine.events import bind_private
+
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            bound = bind_private(listener.bind, path)
+            listener.listen(MAX_CLIENTS)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        return cls(listener, bound, status, ping)
 
     def start(self) -> None:
         self._thread.start()
@@ -111,42 +136,88 @@ class ControlServer:
         if self._thread.is_alive():
             self._thread.join(timeout)
         else:
-            self._socket.close(0)
+            self._listener.close()
         if not self._thread.is_alive():
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
 
     def _run(self) -> None:
-        import zmq
-
-        poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        clients: dict[socket.socket, _Client] = {}
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)
         try:
             while not self._stop.is_set():
-                if self._socket in dict(poller.poll()):  # no timeout: an idle plugin never wakes here
-                    self._answer(self._socket.recv())
-        except zmq.ZMQError:
+                deadline = min((c.deadline for c in clients.values()), default=None)
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                for key, _ in selector.select(timeout):  # no timeout while idle: an idle plugin never wakes here
+                    if key.fileobj is self._listener:
+                        self._accept(selector, clients)
+                    elif key.fileobj in clients:
+                        conn = key.fileobj
+                        assert isinstance(conn, socket.socket)
+                        client = clients[conn]
+                        if client.receive(conn):
+                            self._finish(selector, clients, conn, client.request)
+                now = time.monotonic()
+                for conn, client in list(clients.items()):
+                    if client.deadline <= now:
+                        self._finish(selector, clients, conn, None)
+        except Exception:
             if not self._stop.is_set():
                 log.exception("control socket failed; `dpkit status` will not answer")
         finally:
-            self._socket.close(0)
+            for conn in clients:
+                conn.close()
+            selector.close()
+            self._listener.close()
 
-    def _answer(self, raw: bytes) -> None:
+    def _accept(self, selector: selectors.BaseSelector, clients: dict[socket.socket, _Client]) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        if len(clients) >= MAX_CLIENTS:  # the oldest, which has had the longest to send its request
+            oldest = min(clients, key=lambda c: clients[c].deadline)
+            selector.unregister(oldest)
+            del clients[oldest]
+            oldest.close()
+        conn.setblocking(False)
+        clients[conn] = _Client(time.monotonic() + REQUEST_TIMEOUT)
+        selector.register(conn, selectors.EVENT_READ)
+
+    def _finish(self, selector: selectors.BaseSelector, clients: dict[socket.socket, _Client],
+                conn: socket.socket, request: bytes | None) -> None:
+        """Reply to one client (``request`` None: it did not finish sending in time) and close."""
+        selector.unregister(conn)
+        del clients[conn]
+        with conn:
+            if request is None:
+                reply = {"ok": False, "error": f"request not complete within {REQUEST_TIMEOUT:g}s"}
+                data = json.dumps(reply).encode()
+            else:
+                data = self._answer(request)
+            try:
+                conn.settimeout(REPLY_TIMEOUT)  # for the whole reply (sendall's timeout is its total)
+                conn.sendall(data)
+            except OSError:  # gone or not reading: its loss alone
+                pass
+
+    def _answer(self, raw: bytes) -> bytes:
         reply: dict[str, Any]
         try:
             reply = self.reply(raw)
         except Exception as exc:  # including RecursionError from a hostile document
             reply = {"ok": False, "error": f"bad request: {clip(type(exc).__name__ + ': ' + str(exc), 200)}"}
         try:
-            data = json.dumps(reply, default=str).encode()
+            return json.dumps(reply, default=str).encode()
         except Exception as exc:
-            data = json.dumps({"ok": False, "error": f"cannot encode reply: {clip(str(exc), 200)}"}).encode()
-        self._socket.send(data)
+            return json.dumps({"ok": False, "error": f"cannot encode reply: {clip(str(exc), 200)}"}).encode()
 
     def reply(self, raw: bytes) -> dict[str, Any]:
         if len(raw) > MAX_CONTROL_REQUEST:
-            return {"ok": False, "error": f"request of {len(raw)} bytes; the limit is {MAX_CONTROL_REQUEST}"}
+            return {"ok": False, "error": f"request of over {MAX_CONTROL_REQUEST} bytes; the limit is "
+                                          f"{MAX_CONTROL_REQUEST}"}
         request = json.loads(raw)
         command = request.get("cmd") if isinstance(request, dict) else None
         if command == "status":
@@ -157,31 +228,76 @@ class ControlServer:
         return {"ok": False, "error": "read-only control socket: commands are 'status' and 'ping'"}
 
 
+class _Client:
+    """One connection's request as it arrives."""
+
+    __slots__ = ("buffer", "deadline")
+
+    def __init__(self, deadline: float) -> None:
+        self.buffer = bytearray()
+        self.deadline = deadline
+
+    def receive(self, conn: socket.socket) -> bool:
+        """Read what is there; True once the request is complete (a newline, the peer's end of
+        sending, or more than the limit, which is answered without reading the rest)."""
+        try:
+            chunk = conn.recv(MAX_CONTROL_REQUEST + 1 - len(self.buffer))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # reset: the reply goes nowhere, but the connection is done
+        self.buffer += chunk
+        return not chunk or b"\n" in self.buffer or len(self.buffer) > MAX_CONTROL_REQUEST
+
+    @property
+    def request(self) -> bytes:
+        return bytes(self.buffer.partition(b"\n")[0]) if len(self.buffer) <= MAX_CONTROL_REQUEST else bytes(self.buffer)
+
+
 def query(state_dir: str | Path, command: str = "status", timeout: float = 3.0) -> dict[str, Any]:
     """Ask a running manager; raises DpkitError when nothing answers in ``timeout`` seconds."""
-    import zmq
-
     from dpkit.core.support.files import private_state_dir
 
     path = private_state_dir(state_dir, create=False) / "control.sock"  # where the manager bound it
     if not path.exists():
         raise DpkitError(f"no control socket at {path}: is `dpkit run` running with this state_dir?")
-    context: zmq.Context[Any] = zmq.Context()
-    sock = context.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
-    sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps({"cmd": command}).encode() + b"\n")
+            sock.shutdown(socket.SHUT_WR)
+            received = 0
+            while True:
+                try:
+                    chunk = sock.recv(1 << 16)
+                except ConnectionResetError:  # the server closed with our request partly unread
+                    if not chunks:
+                        raise
+                    break
+                if not chunk:
+                    break
+                received += len(chunk)
+                if received > MAX_CONTROL_REPLY:
+                    raise DpkitError(f"the manager at {path} sent a reply of over {MAX_CONTROL_REPLY} bytes")
+                chunks.append(chunk)
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+        except TimeoutError:
+            raise DpkitError(f"the manager at {path} did not answer within {timeout:g}s") from None
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise DpkitError(f"nothing listens on the control socket {path}: `dpkit run` is not running "
+                             "(a killed run leaves its socket behind)") from None
+        except OSError as exc:
+            raise DpkitError(f"control socket {path}: {exc.strerror or exc}") from None
     try:
-        sock.connect(f"ipc://{path}")
-        sock.send(json.dumps({"cmd": command}).encode())
-        reply: dict[str, Any] = json.loads(sock.recv())
-    except zmq.Again:
-        raise DpkitError(f"the manager at {path} did not answer within {timeout:g}s") from None
-    finally:
-        sock.close(0)
-        context.term()
-    if not reply.get("ok"):
-        raise DpkitError(str(reply.get("error", "control request failed")))
+        reply: dict[str, Any] = json.loads(b"".join(chunks))
+    except ValueError:
+        raise DpkitError(f"the manager at {path} closed the connection without a complete answer") from None
+    if not isinstance(reply, dict) or not reply.get("ok"):
+        raise DpkitError(str(reply.get("error", "control request failed") if isinstance(reply, dict)
+                             else "control request failed"))
     return reply
 
 

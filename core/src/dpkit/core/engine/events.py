@@ -3,7 +3,8 @@
 * In-process vendor watchers (trusted, same process) write to the
   :class:`~dpkit.core.engine.health.HealthBoard`: the latest report per device and source wins.
 * Out-of-process probes push small JSON messages over a pyzmq ``ipc`` PULL socket of mode 0600
-  in a 0700 state directory; each message is size-capped and validated field by field.
+  in a 0700 state directory; each message is size-capped and validated field by field. The socket,
+  and zmq, exist only once the vendor has a probe.
 
 Probe messages are tuples once decoded: ``("health", source, resource, device_id, Health,
 reason)`` and ``("heartbeat", probe_name)``.
@@ -13,12 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
-
-import zmq
+from typing import TYPE_CHECKING, Any
 
 from dpkit.core.engine.health import HealthBoard
 from dpkit.core.support import files
@@ -33,6 +33,9 @@ MAX_PROBE_MESSAGES_PER_PASS = 10_000
 MAX_PROBE_MESSAGE = 64 * 1024  # bytes; a health message is about 200
 
 Event = tuple[Any, ...]
+
+if TYPE_CHECKING:
+    import zmq
 
 
 def private_dir(path: str | Path) -> Path:
@@ -57,19 +60,20 @@ def connect_error(path: str | Path, timeout: float) -> str:
     return ""
 
 
-def bind_private(socket: zmq.Socket[Any], path: Path) -> str:
-    """Bind an ipc socket named ``path.name`` in :func:`private_dir` of ``path.parent``; its address.
+def bind_private(bind: Callable[[str], object], path: Path) -> Path:
+    """Bind a unix socket named ``path.name`` in :func:`private_dir` of ``path.parent``; its path.
 
-    It is bound in a fresh 0700 staging directory, made 0600 and renamed into place, so it is
-    never reachable with looser permissions whatever the umask and the directory's mode.
+    ``bind`` binds the caller's socket (a plain one or zmq's) to the path it is given. That path
+    is in a fresh 0700 staging directory; the socket is made 0600 there and renamed into place,
+    so it is never reachable with looser permissions whatever the umask and the directory's mode.
     """
     target = private_dir(path.parent) / path.name
     with files.staging_dir(target.parent) as staging:
         staged = staging / "s.sock"
-        socket.bind(f"ipc://{staged}")
+        bind(str(staged))
         os.chmod(staged, 0o600)
         os.replace(staged, target)  # over a killed run's socket, if any
-    return f"ipc://{target}"
+    return target
 
 
 class BusSink:
@@ -127,30 +131,46 @@ def decode_probe_message(raw: bytes, known_probes: Mapping[str, Any], limiter: R
 
 
 class EventBus:
-    """Owns the zmq context, the probes' PULL endpoint and the health board; the manager's loop polls it.
+    """The probes' PULL endpoint and the health board; the manager's loop waits on it.
 
     In-process watchers write to :attr:`board`; the board and :meth:`wake` make the manager's
-    poll return through a self-pipe, which is safe from any thread and from a signal handler.
+    wait return through a self-pipe, which is safe from any thread and from a signal handler.
+    The probes' endpoint (and zmq with it) exists only once a probe needs it
+    (:meth:`probe_endpoint`): a vendor without probes never loads zmq (about 2 MB resident).
     """
 
     def __init__(self, state_dir: str | Path) -> None:
         self.state_dir = Path(state_dir)
-        self.context: zmq.Context[Any] = zmq.Context()
         self.ipc_path = self.state_dir / "events.sock"
         self.ipc_address = ""
-        self._ipc = self.context.socket(zmq.PULL)
-        self._ipc.setsockopt(zmq.MAXMSGSIZE, MAX_PROBE_MESSAGE)  # a larger message drops its sender
+        self._zmq: _ProbeEndpoint | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.board = HealthBoard(self.wake)
         self._garbage_log = RateLimiter(burst=10, interval=60.0)  # a peer decides how often it happens
-        self.poller = zmq.Poller()
+        self._poll = select.poll()
+        self._poll.register(self._wake_r, select.POLLIN)
 
     def start(self) -> None:
         private_dir(self.state_dir)
-        self.ipc_address = bind_private(self._ipc, self.ipc_path)
-        self.ipc_path = Path(self.ipc_address.removeprefix("ipc://"))  # in private_dir(state_dir)
-        self.poller.register(self._ipc, zmq.POLLIN)
-        self.poller.register(self._wake_r, zmq.POLLIN)
+
+    def probe_endpoint(self) -> str:
+        """The address probes push to, bound on first use; raises OSError when it cannot be.
+
+        Called by the thread that also waits on the bus (start-up before the loop runs, then the
+        loop), so the wait never races the endpoint's creation.
+        """
+        if self._zmq is None:
+            self._zmq = _ProbeEndpoint(self.ipc_path, self._wake_r)
+            self.ipc_path = self._zmq.path  # in private_dir(state_dir)
+            self.ipc_address = f"ipc://{self.ipc_path}"
+        return self.ipc_address
+
+    def wait(self, timeout: float) -> set[object]:
+        """Sleep until something arrived or ``timeout`` seconds passed; what is ready (for :meth:`drain`)."""
+        ms = int(timeout * 1000) + 1
+        if self._zmq is not None:
+            return self._zmq.poll(ms)
+        return {fd for fd, _ in self._poll.poll(ms)}
 
     def wake(self) -> None:
         """Make the consumer's poll return at once; safe from any thread."""
@@ -164,7 +184,7 @@ class EventBus:
     def sink(self, source: str) -> BusSink:
         return BusSink(self.board, source)
 
-    def drain(self, ready: Mapping[Any, int], known_probes: Mapping[str, Any],
+    def drain(self, ready: Collection[object], known_probes: Mapping[str, Any],
               limit: int = MAX_PROBE_MESSAGES_PER_PASS) -> list[Event]:
         """Read the probes' messages waiting (at most ``limit``, so one flooding probe cannot
         starve the control socket; the rest wait for the next pass) and clear the wake pipe."""
@@ -175,20 +195,16 @@ class EventBus:
             except BlockingIOError:
                 pass
         events: list[Event] = []
-        if self._ipc in ready:
-            for _ in range(limit):
-                try:
-                    raw = self._ipc.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
+        if self._zmq is not None and self._zmq.socket in ready:
+            for raw in self._zmq.receive(limit):
                 event = decode_probe_message(raw, known_probes, self._garbage_log)
                 if event is not None:
                     events.append(event)
         return events
 
     def close(self) -> None:
-        self._ipc.close(0)
-        self.context.term()
+        if self._zmq is not None:
+            self._zmq.close()
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -196,6 +212,46 @@ class EventBus:
                 pass
         if self.ipc_address:
             files.remove_own_socket(self.ipc_path)  # never a file someone else put at that name
+
+
+class _ProbeEndpoint:
+    """The zmq side of the bus: a PULL socket in the private state directory, and a poller over it
+    and the wake pipe."""
+
+    def __init__(self, path: Path, wake_fd: int) -> None:
+        import zmq
+
+        self._zmq = zmq
+        self.context: zmq.Context[Any] = zmq.Context()
+        self.socket: zmq.Socket[Any] = self.context.socket(zmq.PULL)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_PROBE_MESSAGE)  # a larger message drops its sender
+        try:
+            self.path = bind_private(lambda staged: self.socket.bind(f"ipc://{staged}"), path)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise OSError(exc.errno, f"cannot bind the probes' endpoint: {exc}") from exc
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
+        self.poller.register(wake_fd, zmq.POLLIN)
+
+    def poll(self, ms: int) -> set[object]:
+        try:
+            return set(dict(self.poller.poll(ms)))
+        except self._zmq.ZMQError as exc:  # the context ended under a stopping loop
+            raise OSError(exc.errno, str(exc)) from exc
+
+    def receive(self, limit: int) -> list[bytes]:
+        messages: list[bytes] = []
+        for _ in range(limit):
+            try:
+                messages.append(self.socket.recv(self._zmq.NOBLOCK))
+            except self._zmq.Again:
+                break
+        return messages
+
+    def close(self) -> None:
+        self.socket.close(0)
+        self.context.term()
 
 
 def validate_snapshot(snapshot: Any, check_resource: Any) -> tuple[dict[str, tuple[Device, ...]], list[str]]:

@@ -24,15 +24,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import zmq
-
 from dpkit.core.engine.control import ControlServer, clip, status_document
-from dpkit.core.engine.events import BusSink, EventBus, bind_private, connect_error, validate_snapshot
+from dpkit.core.engine.events import BusSink, EventBus, connect_error, validate_snapshot
 from dpkit.core.engine.probes import ProbeSupervisor
 from dpkit.core.engine.publisher import Publisher
 from dpkit.core.engine.registration import KubeletLink
@@ -192,12 +190,9 @@ class Manager:
     def _start(self) -> None:
         logging.getLogger("dpkit").addHandler(self.errors)
         self.bus.start()
-        control = self.bus.context.socket(zmq.REP)
-        control.setsockopt(zmq.LINGER, 0)
-        control.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # larger: the peer is dropped unread
-        self._control_path = Path(bind_private(control, self.state_dir / "control.sock").removeprefix("ipc://"))
-        self._control = ControlServer(control, self.status, self._ping)
-        self.probes = ProbeSupervisor(self.bus.ipc_address, self.config.probe_heartbeat_timeout,
+        self._control = ControlServer.bind(self.state_dir / "control.sock", self.status, self._ping)
+        self._control_path = self._control.path
+        self.probes = ProbeSupervisor(self.bus.probe_endpoint, self.config.probe_heartbeat_timeout,
                                       on_event=self._probe_event)
         self._remove_stale_sockets()
         self.link.start()
@@ -250,7 +245,7 @@ class Manager:
         if self._publisher is not None:
             self._publisher.close()
             self._publisher = None
-        if self._control is not None:  # before the bus: its context ends only once every socket is closed
+        if self._control is not None:
             self._control.stop()
             remove_own_socket(self._control_path)
         self.bus.close()
@@ -353,8 +348,8 @@ class Manager:
                 if due is not None:
                     timeout = max(0.0, min(timeout, due - time.monotonic()))
             try:
-                ready = dict(self.bus.poller.poll(int(timeout * 1000) + 1))
-            except zmq.ZMQError:
+                ready = self.bus.wait(timeout)
+            except OSError:
                 if self._stop.is_set():
                     return
                 raise
@@ -386,7 +381,7 @@ class Manager:
             dues.append(self._observers_due)
         return min(dues) if dues else None
 
-    def _pass(self, ready: Mapping[Any, int]) -> None:
+    def _pass(self, ready: Collection[object]) -> None:
         """Take everything that arrived (board and probe socket) and publish it once."""
         assert self.probes is not None
         # A burst is taken in passes at most MIN_PASS_INTERVAL apart, so the kubelet sees at most

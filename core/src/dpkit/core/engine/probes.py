@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,8 +64,10 @@ class ProbeState:
 class ProbeSupervisor:
     """Starts probes, watches their heartbeats and restarts silent or dead ones."""
 
-    def __init__(self, address: str, default_timeout: float, on_event: Any = None,
+    def __init__(self, address: str | Callable[[], str], default_timeout: float, on_event: Any = None,
                  healthy_reset: float = HEALTHY_RESET) -> None:
+        # where probes push: the bus binds it on the first probe's start (a callable), so a vendor
+        # without probes never opens it
         self.address = address
         self.default_timeout = default_timeout
         self.healthy_reset = healthy_reset
@@ -83,7 +86,8 @@ class ProbeSupervisor:
         probe = state.probe
         now = time.monotonic()
         try:
-            args = [sys.executable, "-m", "dpkit.core.engine.probe_child", str(os.getpid()), self.address,
+            address = self.address() if callable(self.address) else self.address
+            args = [sys.executable, "-m", "dpkit.core.engine.probe_child", str(os.getpid()), address,
                     probe.name, probe.target, json.dumps(dict(probe.config))]
             state.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         except (OSError, TypeError, ValueError) as exc:
