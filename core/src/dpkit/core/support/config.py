@@ -109,41 +109,123 @@ def _at(mark: Any) -> str:
     return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
 
 
-def _check_shape(text: str, where: str) -> None:
-    """Refuse, from the parser's events alone, a document too deep or whose aliases expand too far.
+class _NotPlain(Exception):
+    """The document uses what :class:`_PlainBuilder` leaves to the loader."""
+
+
+class _PlainBuilder:
+    """Builds a document from the parser's events as they pass, for plain YAML: no anchors, aliases,
+    explicit tags or merge keys, as configs and devices files are written; anything else raises
+    :class:`_NotPlain` and the loader builds it.
+
+    Why: the loader first builds a node tree, each node with two marks, about five times the data at
+    once (2.3 MB for a 1,000-device file), and a serving process keeps the memory a peak touched
+    (docs/performance.md). Scalars are resolved and constructed by the loader's own resolver and
+    constructors, so the result is what ``yaml.load`` returns (tests/core/test_bounded_config.py).
+    """
+
+    _PLAIN_KEY_TAGS = frozenset({"tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"})
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+        self._stack: list[tuple[Any, list[Any]]] = []  # (open dict or list, [pending key]) innermost last
+        self._documents = 0
+        self.result: Any = None
+
+    def feed(self, event: Any) -> None:
+        if isinstance(event, yaml.ScalarEvent):
+            self._add(self._scalar(event), is_key_ok=True)
+        elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            if event.anchor is not None or event.tag is not None:
+                raise _NotPlain
+            self._stack.append(({} if isinstance(event, yaml.MappingStartEvent) else [], []))
+        elif isinstance(event, yaml.CollectionEndEvent):
+            container, _ = self._stack.pop()
+            self._add(container, is_key_ok=False)
+        elif isinstance(event, yaml.AliasEvent):
+            raise _NotPlain
+        elif isinstance(event, yaml.DocumentStartEvent):
+            self._documents += 1
+            if self._documents > 1:
+                raise _NotPlain  # the loader says why a second document is refused
+
+    def _scalar(self, event: Any) -> Any:
+        if event.anchor is not None or event.tag not in (None, "!"):
+            raise _NotPlain
+        tag = self._loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+        construct = self._loader.yaml_constructors.get(tag)
+        if construct is None or tag in self._PLAIN_KEY_TAGS:
+            raise _NotPlain
+        try:
+            return construct(self._loader, yaml.ScalarNode(tag, event.value, style=event.style))
+        except yaml.YAMLError:
+            raise _NotPlain from None  # the loader's error names the line
+
+    def _add(self, value: Any, *, is_key_ok: bool) -> None:
+        if not self._stack:
+            self.result = value
+            return
+        container, pending = self._stack[-1]
+        if isinstance(container, list):
+            container.append(value)
+        elif pending:
+            container[pending.pop()] = value
+        elif is_key_ok:
+            pending.append(value)
+        else:
+            raise _NotPlain  # a mapping or list as a key: the loader refuses it
+
+
+def _read_document(text: str, where: str) -> Any:
+    """Refuse, from the parser's events alone, a document too deep or whose aliases expand too far;
+    return the document when it is plain YAML (see :class:`_PlainBuilder`), else raise _NotPlain.
 
     Aliases are not copied by the loader, but every consumer that walks or prints the result
     expands them (a 655-byte "billion laughs" file becomes gigabytes), so the expanded size is
-    what is bounded. This pass builds no objects and stops at the first excess.
+    what is bounded. The pass stops at the first excess.
     """
     sizes: dict[str, int] = {}  # anchor -> nodes it expands to
     stack: list[list[Any]] = []  # [anchor, nodes so far] of each open mapping or list
     total = 0
-    for event in yaml.parse(text, Loader=_LOADER):
-        if isinstance(event, yaml.CollectionStartEvent):
-            if len(stack) >= MAX_DEPTH:
-                raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels{_at(event.start_mark)}")
-            stack.append([event.anchor, 1])
-            continue
-        if isinstance(event, yaml.CollectionEndEvent):
-            anchor, size = stack.pop()
-        elif isinstance(event, yaml.ScalarEvent):
-            anchor, size = event.anchor, 1
-        elif isinstance(event, yaml.AliasEvent):
-            anchor, size = None, sizes.get(event.anchor or "", 1)
-        else:
-            continue
-        if anchor is not None:
-            sizes[anchor] = size
-        if stack:
-            stack[-1][1] += size
-            current = stack[-1][1]
-        else:
-            total += size
-            current = total
-        if current > MAX_NODES:
-            raise ConfigError(f"{where}: more than {MAX_NODES} values once aliases are expanded"
-                              f"{_at(event.start_mark)}; write the values out or use fewer aliases")
+    loader = _LOADER(text)
+    builder: _PlainBuilder | None = _PlainBuilder(loader)
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if builder is not None:
+                try:
+                    builder.feed(event)
+                except _NotPlain:
+                    builder = None  # the bounds are still checked to the end
+            if isinstance(event, yaml.CollectionStartEvent):
+                if len(stack) >= MAX_DEPTH:
+                    raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels{_at(event.start_mark)}")
+                stack.append([event.anchor, 1])
+                continue
+            if isinstance(event, yaml.CollectionEndEvent):
+                anchor, size = stack.pop()
+            elif isinstance(event, yaml.ScalarEvent):
+                anchor, size = event.anchor, 1
+            elif isinstance(event, yaml.AliasEvent):
+                anchor, size = None, sizes.get(event.anchor or "", 1)
+            else:
+                continue
+            if anchor is not None:
+                sizes[anchor] = size
+            if stack:
+                stack[-1][1] += size
+                current = stack[-1][1]
+            else:
+                total += size
+                current = total
+            if current > MAX_NODES:
+                raise ConfigError(f"{where}: more than {MAX_NODES} values once aliases are expanded"
+                                  f"{_at(event.start_mark)}; write the values out or use fewer aliases")
+    finally:
+        loader.dispose()
+    if builder is None:
+        raise _NotPlain
+    return builder.result
 
 
 def parse_yaml(text: str, where: str) -> Any:
@@ -151,8 +233,10 @@ def parse_yaml(text: str, where: str) -> Any:
     if len(text) > MAX_FILE_BYTES:
         raise ConfigError(f"{where}: larger than {MAX_FILE_BYTES // 1024} KiB; refusing to read it")
     try:
-        _check_shape(text, where)
-        return yaml.load(text, Loader=_LOADER)  # _LOADER is a safe loader
+        try:
+            return _read_document(text, where)
+        except _NotPlain:
+            return yaml.load(text, Loader=_LOADER)  # _LOADER is a safe loader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise ConfigError(clip(f"{where}: not valid YAML{_at(mark)}: {getattr(exc, 'problem', None) or exc}")) from exc
