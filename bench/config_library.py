@@ -19,9 +19,10 @@ def rss_kib() -> int:
     return 0
 
 # what `dpkit run` loads besides the config library (dpkit.core.engine itself now imports msgspec)
+import ctypes  # noqa: E402, F401  # support/dirwatch's inotify (inotify_simple is no longer loaded)
+
 import google.protobuf  # noqa: E402, F401
 import grpc  # noqa: E402, F401
-import inotify_simple  # noqa: E402, F401
 import prometheus_client  # noqa: E402, F401
 import yaml  # noqa: E402, F401
 import zmq  # noqa: E402, F401

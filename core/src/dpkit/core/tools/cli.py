@@ -376,14 +376,47 @@ def _described() -> tuple[str, dict[str, EntryTarget]]:
     return vendors, _command_entry_points()
 
 
+def _columns() -> int:
+    """The terminal width as ``shutil.get_terminal_size`` gives it: ``$COLUMNS``, the terminal's, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0 and sys.__stdout__ is not None:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter with the width from :func:`_columns`.
+
+    argparse's own imports shutil for the width, on every ``add_argument``: that brings shutil,
+    bz2, lzma and fnmatch into every ``dpkit run`` process, which never prints help.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser formatting with :class:`_Formatter` unless told otherwise; subparsers are one too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(describe: bool = False, command: str = "") -> argparse.ArgumentParser:
     """The parser of the built-in commands. ``describe``: also list the installed vendors and extra
     commands in the help (an entry-point scan, done only when help is shown). ``command``: the
     subcommand given; ``kubelet`` gets its full parser only then, since building it imports grpc."""
     vendors, extra = _described() if describe else ("see `dpkit vendors`", {})
     epilog = f"vendors: {vendors}" if describe else None
-    parser = argparse.ArgumentParser(prog="dpkit", description="Kubernetes device plugins for many vendors.",
-                                     epilog=epilog)
+    parser = _Parser(prog="dpkit", description="Kubernetes device plugins for many vendors.", epilog=epilog)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     vendor_help = f"vendor to use: sim (built in, simulated devices) or an installed vendor package ({vendors})"
 
