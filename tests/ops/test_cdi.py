@@ -286,3 +286,26 @@ def test_stale_cleanup_removes_only_our_regular_files(kubelet, run_ops, short_tm
     run_ops(ScriptedVendor(), cdi_dir=str(cdi_dir))
     assert target.read_text() == "{}" and link.is_symlink(), "a link is not ours to remove"
     assert (cdi_dir / spec_file_name("scripted", "example.com/dir")).is_dir()
+
+
+def test_a_thousand_device_spec_is_rendered_one_device_at_a_time():
+    """The whole document as objects was about 700 bytes a device at once (issue 13: a serving
+    process keeps what a peak touched); rendered device by device the peak is about the text."""
+    import tracemalloc
+
+    from dpkit.core.integrations.cdi import render_spec
+
+    specs = {f"dev-{i:06d}": ContainerSpec(devices=(DeviceNode("/dev/null", f"/dev/sim/dev-{i:06d}"),),
+                                          env={"SIM_VISIBLE_DEVICES": f"dev-{i:06d}"}) for i in range(1000)}
+    render_spec("example.com/sim", specs)  # warm: caches and imports out of the figure
+    tracemalloc.start()
+    try:
+        text, names, left_out = render_spec("example.com/sim", specs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    document = json.loads(text)
+    assert_valid_cdi(document)
+    assert len(names) == len(document["devices"]) == 1000 and left_out == {}
+    assert "env" not in document["devices"][0]["containerEdits"], "per-allocation env stays out"
+    assert peak < 4 * len(text), f"peak {peak} bytes for a {len(text)}-byte file"

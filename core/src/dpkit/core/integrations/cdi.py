@@ -100,32 +100,41 @@ def allocation_env(specs: Mapping[str, ContainerSpec]) -> frozenset[str]:
     return frozenset(name for name, seen in values.items() if len(seen) > 1)
 
 
-def minimum_version(document: Mapping[str, Any]) -> str:
-    """The oldest CDI spec version that can express ``document`` (older runtimes accept it).
+_VERSIONS = ("0.3.0", "0.5.0", "0.6.0")  # the ones these rules pick, oldest first
 
-    0.5.0 added ``hostPath`` on device nodes and names starting with a digit; 0.6.0 allowed
-    dots in the class part of the kind.
-    """
-    cls = str(document["kind"]).partition("/")[2]
-    if "." in cls:
-        return "0.6.0"
-    for device in document["devices"]:
-        if device["name"][:1].isdigit():
-            return "0.5.0"
-        if any("hostPath" in n for n in device["containerEdits"].get("deviceNodes", ())):
-            return "0.5.0"
+
+def _kind_version(kind: str) -> str:
+    return "0.6.0" if "." in kind.partition("/")[2] else "0.3.0"  # 0.6.0 allowed dots in the class part
+
+
+def _device_version(device: Mapping[str, Any]) -> str:
+    """0.5.0 added names starting with a digit and ``hostPath`` on device nodes."""
+    if device["name"][:1].isdigit() or any("hostPath" in n for n in device["containerEdits"].get("deviceNodes", ())):
+        return "0.5.0"
     return "0.3.0"
 
 
-def build_spec(kind: str, specs: Mapping[str, ContainerSpec]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The CDI document for one resource, and the devices left out with the reason for each.
+def minimum_version(document: Mapping[str, Any]) -> str:
+    """The oldest CDI spec version that can express ``document`` (older runtimes accept it)."""
+    return max([_kind_version(str(document["kind"])), *map(_device_version, document["devices"])],
+               key=_VERSIONS.index)
 
-    ``specs`` maps device ID to the single-device container spec. Raises ValidationError when
+
+def render_spec(kind: str, specs: Mapping[str, ContainerSpec]) -> tuple[str, frozenset[str], dict[str, str]]:
+    """The CDI file for one resource ("" when no device can be described), the device names in it,
+    and the devices left out with the reason for each.
+
+    ``specs`` maps device ID to the single-device container spec. One device's entry exists at a
+    time, encoded alone by the C JSON encoder: the whole document as objects was about 700 bytes a
+    device at once, and a serving process keeps what such a peak touched (docs/performance.md).
+    The text has its keys sorted, one line per key and one per device. Raises ValidationError when
     the kind itself is invalid.
     """
     check_kind(kind)
     skip_env = allocation_env(specs)
-    devices: list[dict[str, Any]] = []
+    version = _kind_version(kind)
+    lines: list[str] = []
+    names: list[str] = []
     left_out: dict[str, str] = {}
     for device_id, spec in specs.items():
         try:
@@ -137,32 +146,22 @@ def build_spec(kind: str, specs: Mapping[str, ContainerSpec]) -> tuple[dict[str,
         if not edits:
             left_out[device_id] = "nothing for CDI to inject (only per-allocation env)"
             continue
-        devices.append({"name": device_id, "containerEdits": edits})
-    document: dict[str, Any] = {"cdiVersion": "", "kind": kind, "devices": devices}
-    document["cdiVersion"] = minimum_version(document)
+        entry = {"containerEdits": edits, "name": device_id}
+        version = max(version, _device_version(entry), key=_VERSIONS.index)
+        lines.append(f"    {json.dumps(entry, sort_keys=True)},")
+        names.append(device_id)
+    if not lines:
+        return "", frozenset(), left_out
+    lines[-1] = lines[-1][:-1]  # no comma after the last device
+    head = f'{{\n  "cdiVersion": {json.dumps(version)},\n  "devices": [\n'
+    return head + "\n".join(lines) + f"\n  ],\n  \"kind\": {json.dumps(kind)}\n}}\n", frozenset(names), left_out
+
+
+def build_spec(kind: str, specs: Mapping[str, ContainerSpec]) -> tuple[dict[str, Any], dict[str, str]]:
+    """:func:`render_spec`'s document as objects (what a CDI runtime reads), and the devices left out."""
+    text, _, left_out = render_spec(kind, specs)
+    document = json.loads(text) if text else {"cdiVersion": _kind_version(kind), "kind": kind, "devices": []}
     return document, left_out
-
-
-def spec_text(document: Mapping[str, Any]) -> str:
-    """The file's JSON: keys sorted, one line per key and one per device.
-
-    Each device is encoded alone by the C encoder: ``json.dumps(indent=2)`` runs the pure-Python
-    encoder, which at 100k devices held 211 MB of fragments at once (the process kept much of it).
-    """
-    lines = ["{"]
-    keys = sorted(document)
-    for n, key in enumerate(keys):
-        comma = "," if n < len(keys) - 1 else ""
-        value = document[key]
-        if key == "devices" and isinstance(value, list) and value:
-            lines.append(f"  {json.dumps(key)}: [")
-            lines.extend(f"    {json.dumps(d, sort_keys=True)}," for d in value[:-1])
-            lines.append(f"    {json.dumps(value[-1], sort_keys=True)}")
-            lines.append(f"  ]{comma}")
-        else:
-            lines.append(f"  {json.dumps(key)}: {json.dumps(value, sort_keys=True)}{comma}")
-    lines.append("}\n")
-    return "\n".join(lines)
 
 
 def spec_file_name(vendor: str, resource: str) -> str:
@@ -313,7 +312,7 @@ class CdiWriter:
         try:
             kind = self.calls.cdi_kind(resource)
             specs, broken = self._device_specs(resource, devices)
-            document, left_out = build_spec(kind, specs)
+            text, names, left_out = render_spec(kind, specs)
         except Exception as exc:  # an invalid kind or a vendor bug must not stop the plugin
             if isinstance(exc, VendorTimeout):
                 self._timed_out[resource] = source
@@ -329,9 +328,7 @@ class CdiWriter:
             log.warning("devices left out of the CDI spec", extra=kv(
                 resource=resource, devices=", ".join(sorted(raw_only)),
                 reason=next(left_out[i] for i in sorted(raw_only))))
-        names = frozenset(d["name"] for d in document["devices"])
-        text = spec_text(document) if names else ""
-        del document, specs
+        del specs
         digest = _digest(text)
         if previous is not None and previous.digest == digest and (not text or path.exists()):
             previous.left_out, previous.raw_only, previous.source = left_out, raw_only, source
