@@ -45,7 +45,8 @@ def test_without_the_setting_glibc_moves_large_blocks_into_the_heap() -> None:
 
 
 def test_the_fixed_threshold_keeps_large_blocks_out_of_the_heap() -> None:
-    assert _probe("tune") == {"applied": {"MALLOC_MMAP_THRESHOLD": MMAP_THRESHOLD}, "in_heap": False}
+    assert _probe("tune") == {"applied": {"MALLOC_MMAP_THRESHOLD": MMAP_THRESHOLD, "MALLOC_ARENA_MAX": 1},
+                              "in_heap": False}
 
 
 @pytest.mark.parametrize("env", [{"MALLOC_MMAP_THRESHOLD_": str(16 << 20)},
@@ -53,13 +54,66 @@ def test_the_fixed_threshold_keeps_large_blocks_out_of_the_heap() -> None:
                                  {"DPKIT_MALLOC_TUNING": "0"}])
 def test_the_environment_overrides_the_default(env: dict[str, str]) -> None:
     # a threshold of 16 MiB set by the operator (or no tuning at all) puts the 512 KiB block in the heap
-    assert _probe("tune", **env) == {"applied": {}, "in_heap": True}
+    result = _probe("tune", **env)
+    assert result["in_heap"] is True and "MALLOC_MMAP_THRESHOLD" not in result["applied"]  # type: ignore[operator]
 
 
 def test_tune_reads_the_mapping_it_is_given() -> None:
     assert tune_malloc({"DPKIT_MALLOC_TUNING": "off"}) == {}
-    assert tune_malloc({"MALLOC_MMAP_THRESHOLD_": "131072"}) == {}
+    assert tune_malloc({"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "4"}) == {}
+    assert tune_malloc({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072:glibc.malloc.arena_max=4"}) == {}
 
 
 def test_release_free_memory_runs() -> None:
     assert release_free_memory() in (True, False)
+
+
+ARENAS = r"""
+import ctypes, json, sys, threading
+from dpkit.core.support.memory import tune_malloc
+applied = tune_malloc() if sys.argv[1] == "tune" else {}
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+blocks, started, done = [], threading.Barrier(4), threading.Event()
+def work():
+    started.wait(10)  # all four at once, so each would get an arena of its own
+    blocks.append(libc.malloc(4096))
+    done.wait(10)
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+while len(blocks) < 4: pass
+# a thread's arena is a heap glibc reserves 64 MiB for, aligned: its used part, then the rest
+# reserved (---p) up to the 64 MiB end; count those
+anon = {}
+for line in open("/proc/self/maps"):
+    fields = line.split()
+    if len(fields) == 5:
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        anon[lo] = (hi, fields[1])
+size = 64 << 20
+heaps = [lo for lo, (hi, perms) in anon.items()
+         if lo % size == 0 and perms.startswith("rw") and (hi - lo == size or anon.get(hi) == (lo + size, "---p"))]
+done.set()
+for t in threads: t.join(10)
+print(json.dumps({"applied": applied, "thread_heaps": len(heaps)}))
+"""
+
+
+def _arenas(mode: str, **env: str) -> dict[str, object]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "DPKIT_MALLOC", "GLIBC_TUNABLES"))}
+    out = subprocess.run([sys.executable, "-c", ARENAS, mode], env={**clean, **env}, capture_output=True, text=True,
+                         timeout=60, check=True)
+    result: dict[str, object] = json.loads(out.stdout)
+    return result
+
+
+def test_threads_share_one_arena() -> None:
+    """Each thread's own arena kept what gRPC's and the streams' large messages left (0.6 MB at 1k devices
+    after the benchmark's health flips): one arena for all (docs/performance.md)."""
+    plain = _arenas("plain")
+    assert plain["thread_heaps"] >= 2  # glibc's default: threads that allocate at once get arenas of their own
+    tuned = _arenas("tune")
+    assert tuned["thread_heaps"] == 0 and tuned["applied"] == {"MALLOC_MMAP_THRESHOLD": MMAP_THRESHOLD,
+                                                               "MALLOC_ARENA_MAX": 1}
+    assert _arenas("tune", MALLOC_ARENA_MAX="8")["thread_heaps"] >= 2  # the operator's setting wins

@@ -4,10 +4,15 @@ glibc raises its mmap threshold to the size of the largest block freed (up to 32
 start-up has built and dropped a few large buffers (a 100k-device CDI document, the first device
 list) every later large block comes from the heap, where freed memory stays in the process.
 Fixing the threshold at glibc's own default keeps large blocks in their own mappings, handed back
-to the kernel when freed: measured 265 -> 231 MB at 100k devices, no change at 1k. A fixed
-M_ARENA_MAX (2) saved under 0.5 MB at every size and is not set.
+to the kernel when freed: measured 265 -> 231 MB at 100k devices, no change at 1k.
 
-A standard glibc variable (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or the
+glibc also gives each thread that allocates its own arena, up to eight per core. gRPC's threads
+and the streams' large messages then leave free memory in each: one arena for all (M_ARENA_MAX 1)
+kept 0.6 MB less at 1k devices after the benchmark's health flips, with no change to Allocate's
+latency against the floor (docs/performance.md). Python objects are unaffected: they come from
+Python's own allocator, under the GIL.
+
+A standard glibc variable (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_ARENA_MAX``, or the
 ``GLIBC_TUNABLES`` names) already set in the environment wins: glibc applied it at start and it
 is left alone. ``DPKIT_MALLOC_TUNING=0`` turns every setting here off. On a C library without
 ``mallopt`` (musl) nothing happens.
@@ -20,11 +25,14 @@ import os
 from collections.abc import Mapping
 
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, now kept: blocks this large get their own mapping
+ARENA_MAX = 1  # one malloc arena for every thread
 
 # mallopt parameter -> (value, the glibc variable and tunable that override it)
 _SETTINGS: dict[int, tuple[int, str, str]] = {
     M_MMAP_THRESHOLD: (MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
+    M_ARENA_MAX: (ARENA_MAX, "MALLOC_ARENA_MAX", "glibc.malloc.arena_max"),
 }
 
 
