@@ -130,6 +130,33 @@ def test_a_server_keeps_a_borrowed_index_as_is_and_copies_it_before_a_patch(shor
         server.stop()
 
 
+def test_a_one_device_allocate_waits_for_no_list_update_and_sends_the_kept_answer(short_tmp):
+    """The kubelet's hottest call (issue 13): one container, one device. It reads the device map
+    without the list's lock, so a long update in progress never holds it up, and answers with the
+    message kept for that spec object rather than building one per call."""
+    from dpkit.core.engine.server import ResourceServer
+
+    server = ResourceServer(RES, ScriptedVendor(), short_tmp / "dp")
+    server.update([widget(i) for i in range(4)])
+    server.start()
+    channel = grpc.insecure_channel(f"unix://{server.socket_path}")
+    one = api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["w1"])])
+    try:
+        stub = api_pb2_grpc.DevicePluginStub(channel)
+        first = stub.Allocate(one, timeout=5)
+        with server._changed:  # what a list update holds while it runs
+            assert stub.Allocate(one, timeout=5) == first
+        assert first.container_responses[0].envs["WIDGETS"] == "w1"
+        assert server.Allocate(one, None) is server.Allocate(one, None), "one kept answer per spec"
+        two = api_pb2.AllocateRequest(container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=["w1"]),
+                                                          api_pb2.ContainerAllocateRequest(devices_ids=["w2"])])
+        assert [r.envs["WIDGETS"] for r in stub.Allocate(two, timeout=5).container_responses] == ["w1", "w2"]
+        assert server.stats.allocations == 5
+    finally:
+        channel.close()
+        server.stop()
+
+
 def test_a_device_whose_spec_changes_is_answered_with_the_new_spec(short_tmp):
     """Responses are kept per spec object: the same device with a new spec gets the new answer."""
     from dpkit.core.engine.server import ResourceServer

@@ -26,7 +26,7 @@ from dpkit.core.engine.vendor_calls import VendorTimeout as VendorTimeout  # whe
 from dpkit.core.support.files import remove_own_socket, staging_dir
 from dpkit.core.support.logs import get_logger, kv
 from dpkit.core.vendorapi.allocation import is_valid_choice, pack_numa
-from dpkit.core.vendorapi.device import ContainerSpec, Device
+from dpkit.core.vendorapi.device import ContainerSpec, Device, Health
 from dpkit.core.vendorapi.errors import AllocationError, ValidationError
 from dpkit.core.vendorapi.validation import socket_name_for
 from dpkit.core.vendorapi.vendor import Vendor
@@ -164,7 +164,8 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
         self._entries: dict[str, bytes | None] = {}  # device ID -> encoded_entry; None: to encode
         # id(spec) -> (spec, its response): specs are immutable, and the default container_spec hands
         # back a device's own spec object, so a device allocated again costs no rebuilt response
-        self._responses: dict[int, tuple[ContainerSpec, api_pb2.ContainerAllocateResponse]] = {}
+        self._responses: dict[int, tuple[ContainerSpec, api_pb2.ContainerAllocateResponse,
+                                         api_pb2.AllocateResponse]] = {}
         self._response: bytes | None = None  # the current ListAndWatch response, shared by every stream
         self._version = 0
         self._changed = threading.Condition()
@@ -379,6 +380,10 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
 
     def _lookup(self, ids: Sequence[str], context: grpc.ServicerContext, *, need_healthy: bool) -> list[Device]:
         """The devices named in a request, checked: cost grows with the request, not the resource."""
+        if len(ids) == 1:  # the usual request: one reference read needs no lock (a patch swaps entries whole)
+            device = self._devices.get(ids[0])
+            if device is not None and (device.health is Health.HEALTHY or not need_healthy):
+                return [device]
         with self._changed:
             current = self._devices
             devices = [current.get(i) for i in ids]
@@ -405,11 +410,11 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
     def Allocate(self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext) -> api_pb2.AllocateResponse:
         with self._observed("Allocate"):
             try:
-                response = api_pb2.AllocateResponse()
+                specs: list[ContainerSpec] = []
                 for container in request.container_requests:
-                    devices = self._lookup(list(container.devices_ids), context, need_healthy=True)
+                    devices = self._lookup(container.devices_ids, context, need_healthy=True)
                     try:
-                        spec = self._container_spec(devices)
+                        specs.append(self._container_spec(devices))
                     except VendorTimeout as exc:
                         self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.resource}: {exc}")
                     except AllocationError as exc:
@@ -421,27 +426,31 @@ class ResourceServer(api_pb2_grpc.DevicePluginServicer):
                         self.calls.report("container_spec", exc, "vendor container_spec failed", traceback=True,
                                           resource=self.resource)
                         self._fail(context, grpc.StatusCode.INTERNAL, f"{self.resource}: vendor failed: {exc}")
-                    response.container_responses.append(self._container_response(spec))
                     now = time.time()
                     for d in devices:
                         self.stats.allocated_ids[d.id] = now
+                if len(specs) == 1:  # one container, as the kubelet asks: the whole answer is kept too
+                    response = self._answers(specs[0])[1]
+                else:
+                    response = api_pb2.AllocateResponse(container_responses=[self._answers(s)[0] for s in specs])
             except BaseException:
                 self.stats.allocate_errors += 1
                 raise
             self.stats.allocations += 1
             return response
 
-    def _container_response(self, spec: ContainerSpec) -> api_pb2.ContainerAllocateResponse:
-        """``spec`` as the kubelet gets it, built once per spec object (the answer is copied into the
-        response, so the cached message is never changed)."""
+    def _answers(self, spec: ContainerSpec) -> tuple[api_pb2.ContainerAllocateResponse, api_pb2.AllocateResponse]:
+        """``spec`` as the kubelet gets it, alone and as a one-container answer, built once per spec
+        object; neither message is changed once built, so every RPC thread may send them."""
         hit = self._responses.get(id(spec))
         if hit is not None and hit[0] is spec:  # the spec is held by the entry: its id is not reused
-            return hit[1]
+            return hit[1], hit[2]
         built = spec_to_response(spec, cdi_only=self.cdi_allocate)
+        whole = api_pb2.AllocateResponse(container_responses=[built])
         if len(self._responses) >= MAX_CACHED_RESPONSES:
             self._responses.clear()
-        self._responses[id(spec)] = (spec, built)
-        return built
+        self._responses[id(spec)] = (spec, built, whole)
+        return built, whole
 
     def _container_spec(self, devices: list[Device]) -> ContainerSpec:
         """The vendor's spec (plus CDI names), under the deadline when vendor or file code runs.

@@ -123,6 +123,24 @@ def _forget_pool_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
+_SPEC_PLANS: dict[type[Vendor], str] = {}
+
+
+def _spec_plan(kind: type[Vendor]) -> str:
+    """How ``container_spec`` of a vendor class runs: "here" (the base class's merge), "inline"
+    (the vendor's promise that it answers from memory) or "guarded" (on the pool, under the deadline)."""
+    plan = _SPEC_PLANS.get(kind)
+    if plan is None:
+        if not kind.overrides("container_spec"):
+            plan = "here"
+        elif "container_spec" in kind.inline_hooks and "container_spec" in INLINE_HOOKS:
+            plan = "inline"
+        else:
+            plan = "guarded"
+        _SPEC_PLANS[kind] = plan
+    return plan
+
+
 class VendorCalls:
     """One vendor's hooks, each under ``timeout`` seconds when the vendor implements it.
 
@@ -158,11 +176,20 @@ class VendorCalls:
         return self._hook("probes", lambda: list(vendor.probes()), self.scan_timeout)
 
     def container_spec(self, resource: str, devices: Sequence[Device]) -> ContainerSpec:
+        # Allocate's path, so the plan is read once per vendor class: the default merge and an
+        # inline hook run right here (no closure, no thread hop); any other hook under its deadline
         vendor = self.vendor
-        if not vendor.overrides("container_spec"):  # Allocate's path: the default merge, right here
+        plan = _spec_plan(type(vendor))
+        if plan == "here":
             return vendor.container_spec(resource, devices)
-        return self._hook("container_spec", lambda: vendor.container_spec(resource, devices), resource=resource,
-                          call=tuple(d.id for d in devices) if "container_spec" not in vendor.inline_hooks else ())
+        if plan == "inline":
+            try:
+                return vendor.container_spec(resource, devices)
+            except Exception:
+                self._count("container_spec", "error")
+                raise
+        return self._run("container_spec", vendor.container_spec, resource, devices, resource=resource,
+                         call=tuple(d.id for d in devices))
 
     def preferred_allocation(self, resource: str, available: Sequence[Device], must_include: Sequence[Device],
                              size: int) -> Sequence[str] | None:
