@@ -318,3 +318,68 @@ def test_a_stopping_watchers_last_snapshot_does_not_undo_a_reload(kubelet, run_m
     assert kubelet.wait_for(lambda k: k.devices(RES).get("w1") is not None
                             and k.devices(RES)["w1"].health == "Unhealthy", 10), kubelet.devices(RES)
     assert kubelet.capacity(RES) == 4, "the old watcher's stale one-device snapshot replaced the reload's"
+
+
+EMFILE_CHILD = r"""
+import json, logging, os, sys, threading
+from pathlib import Path
+from dpkit.core.engine.control import ControlServer
+refused, died = threading.Event(), threading.Event()
+class Seen(logging.Handler):
+    def emit(self, record):
+        text = record.getMessage()
+        if "cannot accept a connection" in text:
+            refused.set()
+        if "control socket failed" in text:
+            died.set()
+logging.getLogger("dpkit").addHandler(Seen())
+path = Path(sys.argv[1])
+server = ControlServer.bind(path, lambda: {"ok": True}, lambda: "")
+server.start()
+fillers = []
+try:
+    while True:
+        fillers.append(os.open("/dev/null", os.O_RDONLY))  # every descriptor taken: accept() gets EMFILE
+except OSError:
+    pass
+print("full", flush=True)
+sys.stdin.readline()  # the test has connected
+print("refused" if refused.wait(10) else "never refused", flush=True)
+for fd in fillers:
+    os.close(fd)  # the descriptors come back
+sys.stdin.readline()
+server.stop()
+print("died" if died.is_set() else "served on", flush=True)
+"""
+
+
+def test_control_socket_survives_running_out_of_file_descriptors(short_tmp):
+    """accept() failing with EMFILE is logged and retried, not the end of the control thread (whose
+    death would fail every liveness probe from then on)."""
+    import subprocess
+    import sys
+
+    state = short_tmp / "emfile"
+    state.mkdir(mode=0o700)
+    child = subprocess.Popen([sys.executable, "-c", EMFILE_CHILD, str(state / "control.sock")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "full"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as early:
+            early.settimeout(10)
+            early.connect(str(state / "control.sock"))  # queued in the backlog: accept() cannot take it yet
+            early.sendall(b'{"cmd": "ping"}\n')
+            child.stdin.write("connected\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "refused"
+            assert json.loads(_read_reply(early)) == {"ok": True}, "taken once descriptors were free again"
+        assert query(state, "ping", timeout=5)["ok"] is True
+        child.stdin.write("stop\n")
+        child.stdin.flush()
+        out, err = child.communicate(timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate(timeout=10)
+    assert child.returncode == 0, err
+    assert out.strip() == "served on"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dpkit.core.engine.state import PluginState, ResourceState
-from dpkit.core.support.logs import get_logger
+from dpkit.core.support.logs import RateLimiter, get_logger, kv
 from dpkit.core.vendorapi.errors import DpkitError
 
 log = get_logger("control")
@@ -110,6 +110,7 @@ class ControlServer:
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()  # stop() writes here: the thread sleeps until a request or this
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
+        self._accept_errors = RateLimiter(burst=3, interval=60.0)
 
     @classmethod
     def bind(cls, path: Path, status: Callable[[], dict[str, Any]], ping: Callable[[], str]) -> ControlServer:
@@ -176,6 +177,12 @@ class ControlServer:
         try:
             conn, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:  # out of file descriptors, say: keep serving those already connected
+            if self._accept_errors.allow():
+                log.warning("control socket cannot accept a connection; retrying",
+                            extra=kv(error=exc.strerror or str(exc), suppressed=self._accept_errors.suppressed()))
+            self._stop.wait(0.1)  # the listener stays readable: do not spin on it
             return
         if len(clients) >= MAX_CLIENTS:  # the oldest, which has had the longest to send its request
             oldest = min(clients, key=lambda c: clients[c].deadline)
