@@ -32,12 +32,17 @@ print(json.dumps({"applied": applied, "in_heap": any(lo <= block < hi for lo, hi
 """
 
 
-def _probe(mode: str, **env: str) -> dict[str, object]:
+def _run(script: str, mode: str, **env: str) -> dict[str, object]:
+    """``script`` in a fresh interpreter whose environment has only ``env``'s malloc settings."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "DPKIT_MALLOC", "GLIBC_TUNABLES"))}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], env={**clean, **env}, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", script, mode], env={**clean, **env}, capture_output=True, text=True,
                          timeout=60, check=True)
     result: dict[str, object] = json.loads(out.stdout)
     return result
+
+
+def _probe(mode: str, **env: str) -> dict[str, object]:
+    return _run(PROBE, mode, **env)
 
 
 def test_without_the_setting_glibc_moves_large_blocks_into_the_heap() -> None:
@@ -101,11 +106,7 @@ print(json.dumps({"applied": applied, "thread_heaps": len(heaps)}))
 
 
 def _arenas(mode: str, **env: str) -> dict[str, object]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "DPKIT_MALLOC", "GLIBC_TUNABLES"))}
-    out = subprocess.run([sys.executable, "-c", ARENAS, mode], env={**clean, **env}, capture_output=True, text=True,
-                         timeout=60, check=True)
-    result: dict[str, object] = json.loads(out.stdout)
-    return result
+    return _run(ARENAS, mode, **env)
 
 
 def test_threads_share_one_arena() -> None:
