@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from scripted_vendor import RES, ProbedVendor
+from scripted_vendor import RES, ProbedVendor, ScriptedVendor
 
 from dpkit.core.engine.events import decode_probe_message
 from dpkit.core.vendorapi.vendor import Probe
@@ -133,6 +133,30 @@ def test_reload_during_a_probe_silence_does_not_leave_devices_unhealthy(kubelet,
         assert manager.silenced == {}
     finally:
         manager.stop()
+
+
+def test_a_probe_that_first_appears_on_reload_opens_the_endpoint_and_is_heard(kubelet, make_config, short_tmp,
+                                                                               monkeypatch):
+    """The probes' endpoint is bound on the first probe (a probe-less vendor never loads zmq): a
+    vendor that gains a probe on SIGHUP gets it then, on the loop's own thread, and the loop,
+    which waited on its wake pipe alone, now hears the probe too."""
+    from dpkit.core.engine.manager import Manager
+
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    config = make_config()
+    probe = Probe("xid", "scripted_vendor:reporting_probe", heartbeat_timeout=10)
+    manager = Manager(ScriptedVendor(), config, vendor_factory=lambda section: ProbedVendor(section, probe=probe))
+    manager.start()
+    try:
+        assert kubelet.wait_for(lambda k: k.allocatable(RES) == 4, 15)
+        assert manager.bus.ipc_address == "" and not (Path(config.state_dir) / "events.sock").exists()
+        manager.request_reload()
+        assert kubelet.wait_for(lambda k: k.allocatable(RES) == 3, 15), "the new probe's report never arrived"
+        assert manager.bus.ipc_path == Path(config.state_dir) / "events.sock" and manager.bus.ipc_path.exists()
+        assert kubelet.wait_for(lambda k: manager.probes.probes["xid"].beats > 2, 15)
+    finally:
+        manager.stop()
+    assert not (Path(config.state_dir) / "events.sock").exists(), "its socket goes with the bus"
 
 
 HEAVY = ("grpc", "google.protobuf", "yaml", "dpkit.core.vendorapi.vendor", "dpkit.core.engine.manager",
