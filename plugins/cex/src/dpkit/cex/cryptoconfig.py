@@ -23,8 +23,6 @@ to tens of thousands of machines).
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -150,6 +148,8 @@ def _go_keys(raw: Any, where: str, ignored: list[str], level: int = 0) -> Any:
     for key, value in raw.items():
         name = key if key in known else next((k for k in known if _fold(key) == k), None)
         if name is None:
+            import difflib  # only for a mistake in the file: a serving process never needs it
+
             close = difflib.get_close_matches(_fold(key), known, n=1)
             ignored.append(where + key + (f" (did you mean {close[0]!r}?)" if close else ""))
             continue
@@ -234,8 +234,7 @@ def parse_crypto_config(text: str, source: str, *, overcommit: int = 1, livesysf
             raise ConfigError(f"{source}: setname {config_set.setname!r} is used by more than one set")
         names.add(config_set.setname)
     _check_overlaps(sets, source)
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    return CryptoConfig(sets, digest, source, tuple(f"{source}: {key}" for key in ignored))
+    return CryptoConfig(sets, _digest(text.encode()), source, tuple(f"{source}: {key}" for key in ignored))
 
 
 def unreadable(path: str | Path, reason: str) -> str:
@@ -263,10 +262,17 @@ def read_crypto_config(path: str | Path, *, overcommit: int = 1, livesysfs: bool
     return parse_crypto_config(text, str(path), overcommit=overcommit, livesysfs=livesysfs)
 
 
+def _digest(data: bytes) -> str:
+    """The file's length and its keyed 64-bit hash (SipHash, keyed per process): enough to notice a
+    change within this process, which is all it is for. Not sha256: hashlib starts OpenSSL's digest
+    provider, about 0.6 MB resident for every node's serving process (docs/performance.md)."""
+    return f"{len(data)}-{hash(data) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
 def file_digest(path: str | Path) -> str | None:
     """The digest :func:`parse_crypto_config` would record, or None when unreadable."""
     try:
-        return hashlib.sha256(_read_bounded(path)).hexdigest()
+        return _digest(_read_bounded(path))
     except OSError:
         return None
 

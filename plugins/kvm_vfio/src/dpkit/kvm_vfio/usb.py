@@ -14,7 +14,6 @@ devices' sysfs port paths (``usb-1-1.4``), stable while the devices stay in thei
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -117,6 +116,8 @@ def unit_id(unit: Sequence[UsbDevice]) -> str:
     name = "usb-" + "_".join(d.sysname for d in unit)
     if len(name) <= MAX_DEVICE_ID:
         return name
+    import hashlib  # only for such long names: hashlib starts OpenSSL's digests (about 0.6 MB resident)
+
     return "usb-" + hashlib.sha256(name.encode()).hexdigest()[:32]
 
 
