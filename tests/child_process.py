@@ -37,3 +37,16 @@ def processes_mentioning(text: str) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def loaded_after(code: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` (or their submodules) a fresh interpreter holds once it has run ``code``."""
+    import json
+    import sys
+
+    report = (f"\nimport json as _j, sys as _s\nprint(_j.dumps(sorted(m for m in _s.modules "
+              f"if any(m == x or m.startswith(x + '.') for x in {modules!r}))))")
+    result = subprocess.run([sys.executable, "-c", code + report], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    found: list[str] = json.loads(result.stdout.strip().splitlines()[-1])
+    return found

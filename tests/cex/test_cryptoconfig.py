@@ -218,15 +218,12 @@ def test_machine_id_comes_from_sysinfo(tmp_path: Path) -> None:
 def test_the_digest_notices_changes_and_the_vendor_loads_no_hashlib_or_difflib(tmp_path: Path) -> None:
     """hashlib starts OpenSSL's digest provider (about 0.6 MB resident in every node's serving process)
     and difflib is only for a mistake in the file: neither is loaded by the vendors' modules."""
-    import subprocess
-    import sys
+    from child_process import loaded_after
 
     path = tmp_path / "cex_resources.json"
     path.write_text(IBM_SAMPLE)
     first = file_digest(path)
     path.write_text(IBM_SAMPLE.replace("1", "2", 1))  # same length, one byte changed
     assert file_digest(path) != first and file_digest(path) == file_digest(path)
-    probe = ("import sys, dpkit.core.engine.manager, dpkit.cex.vendor, dpkit.kvm_vfio.vendor, dpkit.sfc.vendor; "
-             "print(sorted(m for m in ('hashlib', '_hashlib', 'difflib') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == "[]"
+    code = "import dpkit.core.engine.manager, dpkit.cex.vendor, dpkit.kvm_vfio.vendor, dpkit.sfc.vendor"
+    assert loaded_after(code, ("hashlib", "_hashlib", "difflib")) == []

@@ -115,12 +115,7 @@ def test_a_missing_path_raises_enoent(tmp_path: Path, watch: DirWatch) -> None:
 
 
 def test_loading_it_imports_neither_ctypes_util_nor_its_stdlib_chain() -> None:
-    import subprocess
-    import sys
+    from child_process import loaded_after
 
-    code = ("import sys, dpkit.core.support.dirwatch as d; w = d.DirWatch(); w.close(); "
-            "print(sorted(m for m in ('ctypes.util', 'shutil', 'tempfile', 'subprocess', 'termios') "
-            "if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    code = "import dpkit.core.support.dirwatch as d; w = d.DirWatch(); w.close()"
+    assert loaded_after(code, ("ctypes.util", "shutil", "tempfile", "subprocess", "termios")) == []

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -46,7 +44,6 @@ def test_gives_up_after_a_bounded_number_of_taken_names(tmp_path: Path, monkeypa
 
 
 def test_files_does_not_import_tempfile() -> None:
-    code = "import sys, dpkit.core.support.files; print('tempfile' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    from child_process import loaded_after
+
+    assert loaded_after("import dpkit.core.support.files", ("tempfile",)) == []
